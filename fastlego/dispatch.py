@@ -1,0 +1,276 @@
+"""The dispatch layer: every op LegoBackbone runs goes through `call(op, ...)`.
+
+Each op has backends in priority order. A backend declares what it supports through
+`not_supported_reasons(*args)`, an empty list meaning "I take this call" (xformers' fmha
+convention). `auto` takes the first backend with no reasons; a forced backend that cannot take a
+call raises with every reason. In `auto`, a backend that fails at run time is retired for the
+rest of the process with one warning, and the call falls back to the next backend, ending at the
+reference op, so the answer stays correct.
+
+Backends are declared here by import path and loaded on first use, so `import fastlego` needs
+neither triton nor flash-attn nor xformers: a backend whose module cannot be imported is simply
+refused with the import error as its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MODES = ("auto", "reference", "triton", "flash_attn", "xformers")
+ENV_VAR = "FASTLEGO_BACKEND"
+
+
+class BackendNotSupported(RuntimeError):
+    """A forced backend cannot take a call (or no backend can): the message lists every reason."""
+
+
+@dataclass
+class Backend:
+    """One implementation of an op: `module:function` plus an optional `module:reasons` function."""
+
+    op: str
+    name: str
+    target: str
+    reasons_target: Optional[str] = None
+    _fn: Optional[Callable] = field(default=None, repr=False)
+    _reasons: Optional[Callable] = field(default=None, repr=False)
+    _load_error: Optional[str] = field(default=None, repr=False)
+    _runtime_error: Optional[str] = field(default=None, repr=False)
+
+    def _load(self) -> None:
+        if self._fn is not None or self._load_error is not None:
+            return
+        try:
+            self._fn = _resolve(self.target)
+            self._reasons = _resolve(self.reasons_target) if self.reasons_target else None
+        except Exception as exc:  # ImportError, or triton failing to initialise
+            self._load_error = f"{self.target.split(':')[0]} could not be loaded ({type(exc).__name__}: {exc})"
+
+    def not_supported_reasons(self, *args, **kwargs) -> List[str]:
+        self._load()
+        if self._load_error is not None:
+            return [self._load_error]
+        reasons = [f"failed at run time earlier in this process: {self._runtime_error}"] if self._runtime_error else []
+        if self._reasons is not None:
+            reasons += list(self._reasons(*args, **kwargs))
+        return reasons
+
+    def __call__(self, *args, **kwargs):
+        self._load()
+        if self._fn is None:
+            raise BackendNotSupported(self._load_error)
+        return self._fn(*args, **kwargs)
+
+
+def _resolve(path: str) -> Callable:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# op name -> backends, highest priority first. The reference backend is always last in `auto`.
+_REGISTRY: Dict[str, List[Backend]] = {}
+
+
+def register(op: str, name: str, target: str, reasons: Optional[str] = None, priority: Optional[int] = None) -> Backend:
+    """Declare a backend of `op` (insert at `priority`, default: before the reference backend)."""
+    backends = _REGISTRY.setdefault(op, [])
+    backend = Backend(op, name, target, reasons)
+    backends[:] = [b for b in backends if b.name != name]
+    if priority is None:
+        priority = len(backends) if name == "reference" else next(
+            (i for i, b in enumerate(backends) if b.name == "reference"), len(backends))
+    backends.insert(priority, backend)
+    return backend
+
+
+def backends(op: str) -> List[Backend]:
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}: expected one of {', '.join(_REGISTRY)}")
+    return list(_REGISTRY[op])
+
+
+def ops() -> List[str]:
+    return list(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# Which backend: a global mode, per-op overrides, a context manager, an environment variable
+# --------------------------------------------------------------------------------------------
+
+class _Config(threading.local):
+    def __init__(self):
+        self.mode = _mode_from_env()
+        self.overrides: Dict[str, str] = {}
+
+
+def _mode_from_env() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r} is not a backend: expected one of {', '.join(MODES)}")
+    return mode
+
+
+_config = _Config()
+
+
+def current_mode(op: Optional[str] = None) -> str:
+    if op is not None and op in _config.overrides:
+        return _config.overrides[op]
+    return _config.mode
+
+
+@contextlib.contextmanager
+def use_backend(mode: Optional[str] = None, **per_op: str):
+    """Choose backends inside a `with` block: `use_backend("triton")`, `use_backend("auto",
+    global_attention="xformers")`. Modes: auto (fastest supported), reference, triton,
+    flash_attn, xformers. The default comes from the FASTLEGO_BACKEND environment variable."""
+    for name, value in [("mode", mode)] + list(per_op.items()):
+        if value is not None and value not in MODES:
+            raise ValueError(f"backend {value!r} for {name} is not one of {', '.join(MODES)}")
+    unknown = [op for op in per_op if op not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}: per-op overrides take {', '.join(_REGISTRY)}")
+    saved = (_config.mode, dict(_config.overrides))
+    if mode is not None:
+        _config.mode = mode
+    _config.overrides.update(per_op)
+    try:
+        yield
+    finally:
+        _config.mode, _config.overrides = saved
+
+
+def set_backend(mode: str = "auto", **per_op: str) -> None:
+    """Set the backend choice for the rest of the process (see `use_backend`)."""
+    cm = use_backend(mode, **per_op)
+    cm.__enter__()  # keep the new settings: the saved ones are dropped with the generator
+
+
+# --------------------------------------------------------------------------------------------
+# Calling an op
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    op: str
+    site: str
+    chosen: str
+    refused: Dict[str, List[str]]
+
+
+_recorder: Optional[List[Decision]] = None
+_site: List[str] = []
+
+
+def choose(op: str, *args, **kwargs):
+    """(backend, refused) for this call: the backend that takes it and why the others do not."""
+    mode = current_mode(op)
+    candidates = backends(op)
+    refused: Dict[str, List[str]] = {}
+    if mode != "auto":
+        forced = [b for b in candidates if b.name == mode]
+        if not forced:
+            raise BackendNotSupported(
+                f"fastlego op {op!r} has no {mode!r} backend (it has {', '.join(b.name for b in candidates)}); "
+                f"use use_backend('auto') or a per-op override such as use_backend({mode!r}, {op}='auto')")
+        reasons = forced[0].not_supported_reasons(*args, **kwargs)
+        if reasons:
+            raise BackendNotSupported(
+                f"fastlego op {op!r}: backend {mode!r} was forced but cannot take this call:\n  - "
+                + "\n  - ".join(reasons)
+                + f"\nuse use_backend('auto') to let fastlego pick a backend that can")
+        return forced[0], {b.name: ["not chosen: backend forced to " + mode] for b in candidates if b is not forced[0]}
+    for b in candidates:
+        reasons = b.not_supported_reasons(*args, **kwargs)
+        if not reasons:
+            return b, refused
+        refused[b.name] = reasons
+    raise BackendNotSupported(
+        f"no backend of fastlego op {op!r} can take this call:\n"
+        + "\n".join(f"  {name}: {'; '.join(r)}" for name, r in refused.items()))
+
+
+def call(op: str, *args, **kwargs):
+    """Run `op` on the backend the current mode picks (see the module docstring)."""
+    backend, refused = choose(op, *args, **kwargs)
+    if _recorder is not None:
+        _recorder.append(Decision(op, _site[-1] if _site else "", backend.name, refused))
+    if current_mode(op) != "auto" or backend.name == "reference":
+        return backend(*args, **kwargs)
+    try:
+        return backend(*args, **kwargs)
+    except Exception as exc:  # a kernel that fails at run time: retire it, fall back, warn once
+        backend._runtime_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"fastlego: the {backend.name!r} backend of op {op!r} failed at run time "
+            f"({backend._runtime_error}); falling back for the rest of this process",
+            RuntimeWarning, stacklevel=2)
+        return call(op, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def record(site_modules: Optional[torch.nn.Module] = None):
+    """Collect a `Decision` per op call inside the block; sites are named after the modules
+    of `site_modules` whose forward is running (hooks are removed on exit)."""
+    global _recorder
+    saved, _recorder = _recorder, []
+    handles = []
+    if site_modules is not None:
+        for name, module in site_modules.named_modules():
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _site.append(n)))
+            handles.append(module.register_forward_hook(lambda m, a, o: _site.pop()))
+    try:
+        yield _recorder
+    finally:
+        for h in handles:
+            h.remove()
+        _recorder = saved
+
+
+@contextlib.contextmanager
+def site(name: str):
+    """Name the call site of the ops inside the block (used by `explain`)."""
+    _site.append(name)
+    try:
+        yield
+    finally:
+        _site.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared support checks for kernels
+# --------------------------------------------------------------------------------------------
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> List[str]:
+    """Reasons a Triton kernel cannot take these tensors: device, dtype, mixed devices/dtypes."""
+    reasons = []
+    ts = [t for t in tensors if t is not None]
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        reasons.append(f"tensors on several devices {sorted(map(str, devices))}")
+    for dev in devices:
+        if dev.type == "cpu" and not triton_interpreting():
+            reasons.append("tensors are on the CPU: Triton kernels need a CUDA device "
+                           "(or TRITON_INTERPRET=1, Triton's interpreter, for testing)")
+        elif dev.type not in ("cuda", "cpu"):
+            reasons.append(f"device {dev} is not supported (CUDA only)")
+    bad = sorted({str(t.dtype) for t in ts if t.dtype not in dtypes})
+    if bad:
+        reasons.append(f"dtype {', '.join(bad)} not supported (expected one of {', '.join(str(d) for d in dtypes)})")
+    if ts and any(t.dtype != ts[0].dtype for t in ts):
+        reasons.append(f"mixed dtypes {sorted({str(t.dtype) for t in ts})}: the kernel takes one dtype")
+    if ts and ts[0].dtype == torch.bfloat16 and triton_interpreting():
+        reasons.append("bfloat16 under Triton's interpreter: its tl.dot returns wrong results for bf16 operands")
+    return reasons

@@ -1,0 +1,76 @@
+"""EDM preconditioning (Karras et al. 2022) around a LegoBackbone, as the release's EDMPrecondLEGO."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .model import LegoBackbone
+from .presets import get_preset
+
+
+class EDMPrecond(nn.Module):
+    """`D(x) = c_skip x + c_out F(c_in x, log(sigma) / 4)`, sigma_data 0.5; the backbone is `.model`,
+    so state-dict keys are the release's (`model.model.{i}...`)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
+                 model_type: str = "lego_XL_U_32", **model_kwargs):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+        self.model_type = model_type
+        get_preset(model_type)  # clear error for an unknown name
+        self.model = LegoBackbone.from_preset(model_type, in_channels=img_channels, label_dim=label_dim, **model_kwargs)
+
+    def preconditioning(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) for sigma of shape (B, 1, 1, 1)."""
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
+                cfg_scale: Optional[float] = None, return_stage_idx: Optional[int] = None,
+                force_fp32: bool = False, skip_bricks=None, **model_kwargs):
+        """The denoiser D(x; sigma). Returns a list (one per brick) when the backbone trains its
+        intermediate stages. `use_fp16` runs the backbone under fp16 autocast on CUDA (the
+        release's cast to fp16 without converting the weights fails; this one works)."""
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if sigma.shape[0] == 1 and x.shape[0] > 1:
+            sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
+        elif torch.is_floating_point(class_labels):
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
+        inp = (c_in * x).to(self.model.dtype) if not torch.is_autocast_enabled(x.device.type) and not fp16 else c_in * x
+        with autocast:
+            if cfg_scale is None:
+                F_x = self.model(inp, c_noise.flatten(), class_labels=class_labels,
+                                 return_stage_idx=return_stage_idx, skip_bricks=skip_bricks, **model_kwargs)
+            else:
+                F_x = self.model.forward_with_cfg(inp, c_noise.flatten(), class_labels, cfg_scale,
+                                                  return_stage_idx=return_stage_idx, skip_bricks=skip_bricks,
+                                                  **model_kwargs)
+        if isinstance(F_x, list):
+            return [c_skip * x + c_out * f.to(torch.float32) for f in F_x]
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)

@@ -1,0 +1,375 @@
+"""LegoBackbone: the LEGO diffusion backbone, exact to the released checkpoints.
+
+One class per concept, named and laid out as the release's `training/lego_models.py` so that its
+state dicts load with `strict=True`: `model.{i}` are the bricks, each with `x_embedder.proj`,
+`pos_embed`, `blocks.{j}` and `final_layer`; `t_embedder`, `y_embedder`, `map_augment` make the
+conditioning. Every computation runs through `fastlego.ops`, i.e. through the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .presets import BRICK_TYPES, get_preset
+from .reference import adaln_modulation, sincos_pos_embed
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D (a strided conv; timm's PatchEmbed keys)."""
+
+    def __init__(self, in_channels: int, width: int, patch: int):
+        super().__init__()
+        self.patch_size = patch
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch, bias=True)
+
+
+class Attention(nn.Module):
+    """qkv Linear(D, 3D) and output projection Linear(D, D) (timm's Attention keys)."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not a multiple of the head count {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)
+        self.proj = nn.Linear(width, width, bias=True)
+
+
+class Mlp(nn.Module):
+    """fc1 Linear(D, 4D) -> tanh-GELU -> fc2 Linear(4D, D) (timm's Mlp keys)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden, bias=True)
+        self.fc2 = nn.Linear(hidden, width, bias=True)
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning; the conditioning is computed once per image."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(width, num_heads)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width, bias=True))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        lin = self.adaLN_modulation[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, lin.weight, lin.bias).chunk(6, dim=1)
+        qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
+        a = ops.attention(qkv, self.attn.num_heads)
+        h = ops.linear_gated_residual(a, self.attn.proj.weight, self.attn.proj.bias, gate1, h)
+        m = ops.modulated_linear(h, shift2, scale2, self.mlp.fc1.weight, self.mlp.fc1.bias, "gelu_tanh")
+        return ops.linear_gated_residual(m, self.mlp.fc2.weight, self.mlp.fc2.bias, gate2, h)
+
+
+class FinalLayer(nn.Module):
+    """LN + adaLN modulate + Linear(D, p*p*C), folded back into the image."""
+
+    def __init__(self, width: int, patch: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(width, patch * patch * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width, bias=True))
+
+    def forward(self, h, c, region: int, image_shape) -> torch.Tensor:
+        lin = self.adaLN_modulation[1]
+        shift, scale = adaln_modulation(c, lin.weight, lin.bias).chunk(2, dim=1)
+        return ops.final_layer(h, shift, scale, self.linear.weight, self.linear.bias, region, image_shape)
+
+
+class Brick(nn.Module):
+    """One LEGO brick (the release's LEGO_module): regions of r x r pixels, each an independent
+    sequence of (r/p)^2 patch tokens run through `depth` DiT blocks."""
+
+    def __init__(self, region: int, in_channels: int, out_channels: int, width: int, patch: int,
+                 num_heads: int, depth: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if region % patch:
+            raise ValueError(f"region size {region} is not a multiple of the patch size {patch}")
+        self.region, self.patch, self.width, self.num_heads = region, patch, width, num_heads
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.x_embedder = PatchEmbed(in_channels, width, patch)
+        grid = region // patch
+        self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid), requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch, out_channels)
+        self.initialize_weights()
+
+    @property
+    def tokens_per_region(self) -> int:
+        return (self.region // self.patch) ** 2
+
+    def initialize_weights(self) -> None:
+        """adaLN-Zero: Xavier-uniform Linears and patch conv, zero biases, zero modulation and output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        for p in (self.final_layer.adaLN_modulation[1].weight, self.final_layer.adaLN_modulation[1].bias,
+                  self.final_layer.linear.weight, self.final_layer.linear.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
+        proj = self.x_embedder.proj
+        h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final_layer(h, c, self.region, x.shape)
+
+
+class TimestepEmbedder(nn.Module):
+    """256 sinusoidal features `[cos(t f), sin(t f)]`, f_k = 10000^(-k/128), then an MLP."""
+
+    def __init__(self, width: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, width), nn.SiLU(), nn.Linear(width, width))
+
+    @staticmethod
+    def timestep_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+        half = dim // 2
+        freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float().ger(freqs)
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        w = self.mlp[0].weight
+        return self.mlp(self.timestep_features(t, self.frequency_embedding_size).to(w.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Linear(label_dim, D) on a float label vector; labels zeroed with probability p in training."""
+
+    def __init__(self, label_dim: int, width: int, dropout_prob: float):
+        super().__init__()
+        self.label_dim, self.dropout_prob = label_dim, dropout_prob
+        self.embedding_table = nn.Linear(label_dim, width)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                drop = torch.rand([labels.shape[0], 1], device=labels.device) < self.dropout_prob
+            else:
+                drop = force_drop_ids.reshape(labels.shape[0], 1) == 1
+            labels = torch.where(drop, torch.zeros((), dtype=labels.dtype, device=labels.device), labels)
+        return self.embedding_table(labels)
+
+
+class LegoBackbone(nn.Module):
+    """The LEGO backbone: a drop-in for the release's `LEGO` (same arguments, keys and outputs).
+
+    Beyond the release: any H, W that are multiples of every region size (non-square too, with
+    rows normalised by H-1 and columns by W-1); real brick skipping (`return_stage_idx` stops after
+    that brick, `skip_bricks` leaves chosen bricks out), also in `forward_with_cfg`; the adaLN
+    conditioning computed once per image; integer class ids accepted besides one-hot vectors.
+    """
+
+    def __init__(self, img_resolution: Sequence[int], in_channels: int, label_dim: int = 1000,
+                 class_dropout_prob: float = 0.1, learn_sigma: bool = False, augment_dim: int = 0,
+                 model_type: Sequence[str] = ("lego_S_2", "lego_S_8", "lego_S_2"),
+                 depths: Sequence[int] = (2, 4, 6), train_intermediate_stages: bool = False,
+                 use_fp16: bool = False, mlp_ratio: float = 4.0, **kwargs):
+        super().__init__()
+        if learn_sigma:
+            raise ValueError("learn_sigma=True is not supported: the LEGO checkpoints predict C channels "
+                             "(the release's fold breaks with 2C); pass learn_sigma=False")
+        if kwargs:
+            raise TypeError(f"LegoBackbone got unexpected arguments {sorted(kwargs)}")
+        img_resolution, model_type, depths = list(img_resolution), list(model_type), list(depths)
+        if not (len(img_resolution) == len(model_type) == len(depths)) or not img_resolution:
+            raise ValueError(f"img_resolution, model_type and depths must be lists of one length "
+                             f"(one entry per brick); got {len(img_resolution)}, {len(model_type)}, {len(depths)}")
+        unknown = [t for t in model_type if t not in BRICK_TYPES]
+        if unknown:
+            raise ValueError(f"unknown brick type(s) {unknown}: expected names from {sorted(BRICK_TYPES)}")
+        self.img_resolution = img_resolution
+        self.max_img_size = max(img_resolution)
+        self.in_channels = in_channels
+        self.label_dim = label_dim
+        self.augment_dim = augment_dim
+        self.class_dropout_prob = class_dropout_prob
+        self.model_type = model_type
+        self.depths = depths
+        self.num_bricks = len(img_resolution)
+        self.train_intermediate_stages = train_intermediate_stages
+        self.use_fp16 = use_fp16
+        bricks = []
+        for i, (region, kind, depth) in enumerate(zip(img_resolution, model_type, depths)):
+            width, patch, heads = BRICK_TYPES[kind]
+            cin = in_channels + 2 if i == 0 else 2 * in_channels + 2
+            bricks.append(Brick(region, cin, in_channels, width, patch, heads, depth, mlp_ratio))
+        self.model = nn.ModuleList(bricks)
+        widths = {b.width for b in bricks}
+        if len(widths) > 1:
+            raise ValueError(f"all bricks must share one width (the conditioning vector's); got {sorted(widths)}")
+        hidden = bricks[0].width
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(label_dim, hidden, class_dropout_prob) if label_dim else None
+        self.map_augment = nn.Linear(augment_dim, hidden, bias=True) if augment_dim else None
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.map_augment is not None:
+            nn.init.normal_(self.map_augment.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LegoBackbone":
+        """Build a preset (`fastlego.PRESETS`); `overrides` are constructor arguments, e.g.
+        `in_channels=4, label_dim=1000`. `in_channels` defaults to 3."""
+        kwargs = dict(get_preset(name).kwargs(), in_channels=3)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.t_embedder.mlp[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.t_embedder.mlp[0].weight.device
+
+    # ----------------------------------------------------------------------------------------
+    def conditioning(self, timesteps, class_labels=None, augment_labels=None, force_drop_ids=None):
+        """The conditioning vector c (B, D): timestep + label (+ augment) embeddings."""
+        c = self.t_embedder(timesteps.reshape(-1))
+        if self.y_embedder is not None and class_labels is not None:
+            c = c + self.y_embedder(class_labels.to(c.dtype), self.training, force_drop_ids)
+        if self.map_augment is not None and augment_labels is not None:
+            c = c + self.map_augment(augment_labels.to(c.dtype))
+        return c
+
+    def bricks_to_run(self, return_stage_idx: Optional[int] = None,
+                      skip_bricks: Optional[Iterable[int]] = None) -> List[int]:
+        """Indices of the bricks a forward runs: all up to `return_stage_idx` minus `skip_bricks`."""
+        n = self.num_bricks
+        last = n - 1
+        if return_stage_idx is not None:
+            if not -n <= int(return_stage_idx) < n:
+                raise ValueError(f"return_stage_idx={return_stage_idx} is out of range: this model has {n} "
+                                 f"bricks, so pass 0..{n - 1} (or -1 for the last)")
+            last = int(return_stage_idx) % n
+        skip = set()
+        for s in skip_bricks or ():
+            if not -n <= int(s) < n:
+                raise ValueError(f"skip_bricks holds {s}, but this model has {n} bricks (0..{n - 1})")
+            skip.add(int(s) % n)
+        run = [i for i in range(last + 1) if i not in skip]
+        if not run:
+            raise ValueError(f"skip_bricks={sorted(skip)} with return_stage_idx={return_stage_idx} leaves no brick to run")
+        return run
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None, force_drop_ids: Optional[torch.Tensor] = None,
+                return_stage_idx: Optional[int] = None, skip_bricks: Optional[Iterable[int]] = None,
+                **kwargs) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """x (B, C, H, W), timesteps (B,), class_labels (B, label_dim) float or (B,) int ids.
+
+        Returns F of the last brick run; in training mode with `train_intermediate_stages`, the
+        list of every run brick's output. `return_stage_idx=k` stops after brick k (-1: the last);
+        `skip_bricks` leaves bricks out: a brick after a skipped one sees the last run brick's
+        output (or x itself if none ran yet) in place of its predecessor's.
+        """
+        class_labels = self._validate(x, timesteps, class_labels, augment_labels, force_drop_ids)
+        if self.train_intermediate_stages and not self.training and return_stage_idx is None:
+            return_stage_idx = self.num_bricks - 1
+        run = self.bricks_to_run(return_stage_idx, skip_bricks)
+        c = self.conditioning(timesteps, class_labels, augment_labels, force_drop_ids)
+        prev, outputs = None, []
+        for i in run:
+            feed = prev if i > 0 else None
+            if i > 0 and feed is None:
+                feed = x  # brick i > 0 with every earlier brick skipped: it refines the input itself
+            prev = self.model[i](x, feed, c)
+            outputs.append(prev)
+        if self.train_intermediate_stages and self.training:
+            return outputs
+        return prev
+
+    def forward_with_cfg(self, x, t, class_labels, cfg_scale, use_full_channels: bool = True,
+                         return_stage_idx: Optional[int] = None, skip_bricks: Optional[Iterable[int]] = None,
+                         **kwargs):
+        """Classifier-free guidance in one batched call: `uncond + cfg_scale * (cond - uncond)`."""
+        if class_labels is None:
+            raise ValueError("forward_with_cfg needs class_labels (B, label_dim): the unconditional half "
+                             "uses all-zero labels; for an unconditional model call forward() instead")
+        class_labels = self._labels(class_labels, x.shape[0])
+        both = torch.cat([x, x], 0)
+        t2 = torch.cat([t.reshape(-1), t.reshape(-1)], 0)
+        y = torch.cat([class_labels, torch.zeros_like(class_labels)], 0)
+        out = self.forward(both, t2, y, return_stage_idx=return_stage_idx, skip_bricks=skip_bricks)
+        ch = self.in_channels if use_full_channels else 3
+        eps, rest = out[:, :ch], out[:, ch:]
+        cond, uncond = eps.chunk(2, dim=0)
+        return torch.cat([uncond + cfg_scale * (cond - uncond), rest[: len(rest) // 2]], dim=1)
+
+    # ----------------------------------------------------------------------------------------
+    def _labels(self, class_labels, batch: int):
+        """Class ids (B,) int -> one-hot float; float labels pass through (checked)."""
+        if class_labels is None or self.label_dim == 0:
+            return class_labels
+        if not torch.is_floating_point(class_labels):
+            if class_labels.dim() != 1:
+                raise ValueError(f"integer class_labels must be class ids of shape (B,), got {tuple(class_labels.shape)}")
+            if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= self.label_dim):
+                raise ValueError(f"class ids must lie in 0..{self.label_dim - 1}")
+            class_labels = F.one_hot(class_labels.long(), self.label_dim).to(self.dtype)
+        if class_labels.dim() != 2 or class_labels.shape[1] != self.label_dim:
+            raise ValueError(f"class_labels must have shape (B, {self.label_dim}) (one-hot or all-zero float "
+                             f"rows) or (B,) integer ids; got {tuple(class_labels.shape)}")
+        if class_labels.shape[0] not in (1, batch):
+            raise ValueError(f"class_labels has {class_labels.shape[0]} rows but x has batch {batch}")
+        return class_labels.expand(batch, -1)
+
+    def _validate(self, x, timesteps, class_labels, augment_labels, force_drop_ids):
+        """Check every input before any compute; errors name the expected value and the fix."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+        B, C, H, W = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"x has {C} channels but this model was built for in_channels={self.in_channels}; "
+                             f"pass (B, {self.in_channels}, H, W) images or build the model with in_channels={C}")
+        bad = [r for r in self.img_resolution if H % r or W % r]
+        if bad:
+            m = math.lcm(*self.img_resolution)
+            raise ValueError(f"x is {H}x{W} but H and W must be multiples of every brick's region size "
+                             f"{self.img_resolution} (not of {sorted(set(bad))}): use sizes that are multiples "
+                             f"of {m}, e.g. {max(m, H - H % m)}x{max(m, W - W % m)}")
+        if not torch.is_floating_point(x):
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.device}: move one, e.g. x.to('{self.device}')")
+        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
+        if x.dtype != self.dtype and not autocast:
+            raise TypeError(f"x is {x.dtype} but the model's parameters are {self.dtype}: pass x.to({self.dtype}), "
+                            f"convert the model with .to({x.dtype}), or run under torch.autocast")
+        if not isinstance(timesteps, torch.Tensor) or timesteps.reshape(-1).shape[0] != B:
+            raise ValueError(f"timesteps must be a tensor of shape (B,) = ({B},), got "
+                             f"{tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps)}")
+        if timesteps.device != x.device:
+            raise ValueError(f"timesteps are on {timesteps.device} but x is on {x.device}")
+        class_labels = self._labels(class_labels, B)
+        if class_labels is not None and class_labels.device != x.device:
+            raise ValueError(f"class_labels are on {class_labels.device} but x is on {x.device}")
+        if augment_labels is not None:
+            if self.map_augment is None:
+                raise ValueError("augment_labels given but this model has augment_dim=0; build it with augment_dim")
+            if augment_labels.shape != (B, self.augment_dim):
+                raise ValueError(f"augment_labels must have shape ({B}, {self.augment_dim}), got {tuple(augment_labels.shape)}")
+        if force_drop_ids is not None and force_drop_ids.numel() != B:
+            raise ValueError(f"force_drop_ids must hold one entry per image, shape ({B}, 1); got {tuple(force_drop_ids.shape)}")
+        return class_labels

@@ -1,0 +1,212 @@
+"""Reference ops: every computation LegoBackbone runs, in plain PyTorch.
+
+These are the oracle. Each fused Triton kernel in `fastlego.kernels` has a twin here with the
+same signature, and the tests compare the two. The composite ops (`brick_embed`,
+`modulated_linear`, `linear_gated_residual`, `final_layer`, `attention`) are the units the
+dispatcher routes; they are built from the small named functions above them.
+
+Memory layout shared by every op:
+- an image batch is `(B, C, H, W)`;
+- a brick's tokens are `(N, T, D)` with `N = B * L` regions, region `n` belonging to image
+  `n // L`, regions row-major over the region grid, tokens row-major over a region's patch grid;
+- the conditioning of a block is per image, `(B, D)` (any strides); it is broadcast over the
+  `L * T` tokens of each image by viewing the tokens as `(B, L * T, D)`, never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+LN_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates, regions and patches
+# --------------------------------------------------------------------------------------------
+
+def coordinate_channels(batch: int, height: int, width: int, dtype, device) -> torch.Tensor:
+    """(B, 2, H, W): channel 0 the row index, channel 1 the column index, each mapped onto [-1, 1].
+
+    The release writes `(i / (n - 1) - 0.5) * 2` in float32; the same formula is used here so
+    the values agree bit for bit. Rows are normalised by H - 1 and columns by W - 1 (the release
+    swaps the two, which only agrees for square inputs).
+    """
+    rows = (torch.arange(height, device=device, dtype=torch.float32) / (height - 1) - 0.5) * 2.0
+    cols = (torch.arange(width, device=device, dtype=torch.float32) / (width - 1) - 0.5) * 2.0
+    grid = torch.stack([rows[:, None].expand(height, width), cols[None, :].expand(height, width)])
+    return grid.to(dtype)[None].expand(batch, 2, height, width)
+
+
+def brick_input(x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """The brick's input image: `[prev, x, rows, cols]` along channels (`prev` may be None)."""
+    coords = coordinate_channels(x.shape[0], x.shape[2], x.shape[3], x.dtype, x.device)
+    parts = ([prev.to(x.dtype)] if prev is not None else []) + [x, coords]
+    return torch.cat(parts, dim=1)
+
+
+def unfold_regions(z: torch.Tensor, region: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * L, C, r, r): non-overlapping regions, row-major over the region grid."""
+    B, C, H, W = z.shape
+    r = region
+    z = z.reshape(B, C, H // r, r, W // r, r).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(B * (H // r) * (W // r), C, r, r)
+
+
+def fold_regions(regions: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """(B * L, C, r, r) -> (B, C, H, W): the inverse of `unfold_regions`."""
+    N, C, r, _ = regions.shape
+    z = regions.reshape(batch, height // r, width // r, C, r, r).permute(0, 3, 1, 4, 2, 5)
+    return z.reshape(batch, C, height, width)
+
+
+def patch_embed(regions: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, Cin, r, r) -> (N, T, D): the strided conv (kernel = stride = p) of timm's PatchEmbed."""
+    p = weight.shape[-1]
+    y = F.conv2d(regions, weight.to(regions.dtype), None if bias is None else bias.to(regions.dtype), stride=p)
+    return y.flatten(2).transpose(1, 2)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """(N, T, p*p*C) -> (N, C, r, r); each token's features are laid out (patch_row, patch_col, channel)."""
+    N, T, _ = tokens.shape
+    g = math.isqrt(T)
+    z = tokens.reshape(N, g, g, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", z).reshape(N, channels, g * patch, g * patch)
+
+
+def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """The fixed 2-D sin-cos table (1, grid*grid, width): first half encodes the patch column,
+    second half the patch row, each half `[sin(pos w), cos(pos w)]`, `w_k = 10000^(-k/(width/4))`.
+    Computed in float64 as the release does (numpy), then stored as float32."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    cols = pos.repeat(grid)            # token t = row * grid + col
+    rows = pos.repeat_interleave(grid)
+
+    def half(p):
+        out = p[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([half(cols), half(rows)], dim=1).float()[None]
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation, modulation, activations
+# --------------------------------------------------------------------------------------------
+
+def per_image(tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """View tokens (N, T, D) as (B, N/B * T, D), so that a per-image (B, D) tensor broadcasts."""
+    B = cond.shape[0]
+    return tokens.reshape(B, -1, tokens.shape[-1])
+
+
+def layernorm(h: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim, no affine parameters, eps 1e-6."""
+    return F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+
+
+def layernorm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`LN(h) * (1 + scale[img]) + shift[img]` for tokens h (N, T, D) and per-image shift/scale (B, D)."""
+    y = per_image(layernorm(h), shift)
+    y = y * (1 + scale[:, None, :]) + shift[:, None, :]
+    return y.reshape(h.shape)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`residual + gate[img] * y` for tokens (N, T, D) and a per-image gate (B, D)."""
+    out = per_image(residual, gate) + gate[:, None, :] * per_image(y, gate)
+    return out.reshape(residual.shape)
+
+
+def adaln_modulation(c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`Linear(SiLU(c))`: the adaLN parameters, once per image (B, k*D)."""
+    return F.linear(F.silu(c), weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# The dispatched ops
+# --------------------------------------------------------------------------------------------
+
+def brick_embed(x, prev, weight, bias, pos_embed, region: int) -> torch.Tensor:
+    """Coordinates + concat + region unfold + patch embedding + bias + position table.
+
+    x (B, C, H, W) the network input; prev (B, C, H, W) the previous brick's output or None;
+    weight (D, Cin, p, p) with Cin = C + 2 (prev None) or 2C + 2; bias (D,); pos_embed (1, T, D).
+    Returns tokens (B * L, T, D), L = (H / r) * (W / r), T = (r / p) ** 2.
+    """
+    z = brick_input(x, prev)
+    tokens = patch_embed(unfold_regions(z, region), weight, bias)
+    return tokens + pos_embed.to(tokens.dtype)
+
+
+def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None) -> torch.Tensor:
+    """`act(Linear(LN(h) * (1 + scale[img]) + shift[img]))`; activation None or "gelu_tanh"."""
+    y = F.linear(layernorm_modulate(h, shift, scale), weight, bias)
+    if activation == "gelu_tanh":
+        y = gelu_tanh(y)
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}: expected None or 'gelu_tanh'")
+    return y
+
+
+def linear_gated_residual(a, weight, bias, gate, residual) -> torch.Tensor:
+    """`residual + gate[img] * Linear(a)`: the attention output projection and fc2 of a DiT block."""
+    return gated_residual(residual, gate, F.linear(a, weight, bias))
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int):
+    """(N, T, 3D) laid out (3, heads, head_dim) along the last dim -> q, k, v each (N, heads, T, hd)."""
+    N, T, three_d = qkv.shape
+    hd = three_d // (3 * num_heads)
+    q, k, v = qkv.reshape(N, T, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(N, heads, T, hd) -> (N, T, heads * hd)."""
+    N, nh, T, hd = o.shape
+    return o.transpose(1, 2).reshape(N, T, nh * hd)
+
+
+# PyTorch's fused attention kernels take at most this many (batch * heads) rows per launch on
+# CUDA (a grid limit: the release crashes at 65,536 four-token regions x 6 heads).
+_SDPA_MAX_ROWS = 32768
+
+
+def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax attention over the T tokens of each region, scale head_dim^-0.5, heads merged.
+
+    qkv (N, T, 3D) -> (N, T, D). PyTorch's `scaled_dot_product_attention`, as the release
+    (through timm) runs it; chunked over regions so that no launch exceeds the kernels' grid.
+    """
+    q, k, v = split_qkv(qkv, num_heads)
+    rows = max(1, _SDPA_MAX_ROWS // num_heads)
+    if q.shape[0] <= rows or not q.is_cuda:
+        return merge_heads(F.scaled_dot_product_attention(q, k, v))
+    outs = [F.scaled_dot_product_attention(qc, kc, vc)
+            for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows))]
+    return merge_heads(torch.cat(outs))
+
+
+def attention_math(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`attention` written out: softmax(q k^T / sqrt(hd)) v, in the input's dtype."""
+    q, k, v = split_qkv(qkv, num_heads)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return merge_heads(s.softmax(-1) @ v)
+
+
+def final_layer(h, shift, scale, weight, bias, region: int, image_shape: Sequence[int]) -> torch.Tensor:
+    """LN + modulate + Linear(D, p*p*C) + unpatchify + fold regions -> (B, C, H, W)."""
+    B, C, H, W = image_shape
+    p = math.isqrt(weight.shape[0] // C)
+    y = F.linear(layernorm_modulate(h, shift, scale), weight, bias)
+    return fold_regions(unpatchify(y, p, C), B, H, W)
