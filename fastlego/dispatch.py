@@ -109,6 +109,7 @@ class _Config(threading.local):
     def __init__(self):
         self.mode = _mode_from_env()
         self.overrides: Dict[str, str] = {}
+        self.forcing = False  # True while a forced backend is asked for its reasons
 
 
 def _mode_from_env() -> str:
@@ -181,7 +182,11 @@ def choose(op: str, *args, **kwargs):
             raise BackendNotSupported(
                 f"fastlego op {op!r} has no {mode!r} backend (it has {', '.join(b.name for b in candidates)}); "
                 f"use use_backend('auto') or a per-op override such as use_backend({mode!r}, {op}='auto')")
-        reasons = forced[0].not_supported_reasons(*args, **kwargs)
+        _config.forcing = True
+        try:
+            reasons = forced[0].not_supported_reasons(*args, **kwargs)
+        finally:
+            _config.forcing = False
         if reasons:
             raise BackendNotSupported(
                 f"fastlego op {op!r}: backend {mode!r} was forced but cannot take this call:\n  - "
@@ -264,6 +269,9 @@ def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.floa
         if dev.type == "cpu" and not triton_interpreting():
             reasons.append("tensors are on the CPU: Triton kernels need a CUDA device "
                            "(or TRITON_INTERPRET=1, Triton's interpreter, for testing)")
+        elif dev.type == "cpu" and not _config.forcing:
+            reasons.append("tensors are on the CPU: Triton's interpreter (TRITON_INTERPRET=1) is for "
+                           "testing and is used only when the triton backend is forced")
         elif dev.type not in ("cuda", "cpu"):
             reasons.append(f"device {dev} is not supported (CUDA only)")
     bad = sorted({str(t.dtype) for t in ts if t.dtype not in dtypes})

@@ -14,13 +14,20 @@ _K = "fastlego.kernels"
 # Window attention serves regions of at most this many tokens; larger ones are "global".
 WINDOW_MAX_TOKENS = 64
 
+# op -> [(backend name, "module:launcher", "module:not_supported_reasons")], highest priority first.
 _BACKENDS = {
-    "brick_embed": [],
-    "modulated_linear": [],
-    "window_attention": [],
-    "global_attention": [],
-    "linear_gated_residual": [],
-    "final_layer": [],
+    "brick_embed": [("triton", f"{_K}.brick_embed:brick_embed", f"{_K}.brick_embed:not_supported_reasons")],
+    "modulated_linear": [("triton", f"{_K}.fused_linear:modulated_linear", f"{_K}.fused_linear:modulated_linear_not_supported_reasons")],
+    "window_attention": [("triton", f"{_K}.window_attention:window_attention", f"{_K}.window_attention:not_supported_reasons")],
+    "global_attention": [
+        ("flash_attn", "fastlego.attention_backends:flash_attn_attention", "fastlego.attention_backends:flash_attn_not_supported_reasons"),
+        ("xformers", "fastlego.attention_backends:xformers_attention", "fastlego.attention_backends:xformers_not_supported_reasons"),
+        # the reference (PyTorch SDPA: its flash / cuDNN / efficient kernels) comes next; the
+        # Triton flash kernel is the last resort in auto and can be forced
+        ("triton", f"{_K}.window_attention:window_attention", f"{_K}.window_attention:not_supported_reasons"),
+    ],
+    "linear_gated_residual": [("triton", f"{_K}.fused_linear:linear_gated_residual", f"{_K}.fused_linear:linear_gated_residual_not_supported_reasons")],
+    "final_layer": [("triton", f"{_K}.final_layer:final_layer", f"{_K}.final_layer:not_supported_reasons")],
 }
 _REFERENCE = {
     "brick_embed": "fastlego.reference:brick_embed",
@@ -31,9 +38,11 @@ _REFERENCE = {
     "final_layer": "fastlego.reference:final_layer",
 }
 for _op, _list in _BACKENDS.items():
+    register(_op, "reference", _REFERENCE[_op])
     for _name, _target, _reasons in _list:
         register(_op, _name, _target, _reasons)
-    register(_op, "reference", _REFERENCE[_op])
+# In auto, SDPA (the reference) beats the Triton flash kernel on global attention: put it last.
+register("global_attention", "triton", *_BACKENDS["global_attention"][-1][1:], priority=len(_BACKENDS["global_attention"]))
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region: int):
