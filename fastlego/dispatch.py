@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -38,8 +38,8 @@ class Backend:
 
     op: str
     name: str
-    target: str
-    reasons_target: Optional[str] = None
+    target: Union[str, Callable]
+    reasons_target: Union[str, Callable, None] = None
     _fn: Optional[Callable] = field(default=None, repr=False)
     _reasons: Optional[Callable] = field(default=None, repr=False)
     _load_error: Optional[str] = field(default=None, repr=False)
@@ -52,7 +52,8 @@ class Backend:
             self._fn = _resolve(self.target)
             self._reasons = _resolve(self.reasons_target) if self.reasons_target else None
         except Exception as exc:  # ImportError, or triton failing to initialise
-            self._load_error = f"{self.target.split(':')[0]} could not be loaded ({type(exc).__name__}: {exc})"
+            where = self.target.split(":")[0] if isinstance(self.target, str) else repr(self.target)
+            self._load_error = f"{where} could not be loaded ({type(exc).__name__}: {exc})"
 
     def not_supported_reasons(self, *args, **kwargs) -> List[str]:
         self._load()
@@ -70,7 +71,9 @@ class Backend:
         return self._fn(*args, **kwargs)
 
 
-def _resolve(path: str) -> Callable:
+def _resolve(path: Union[str, Callable]) -> Callable:
+    if callable(path):
+        return path
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -79,8 +82,11 @@ def _resolve(path: str) -> Callable:
 _REGISTRY: Dict[str, List[Backend]] = {}
 
 
-def register(op: str, name: str, target: str, reasons: Optional[str] = None, priority: Optional[int] = None) -> Backend:
-    """Declare a backend of `op` (insert at `priority`, default: before the reference backend)."""
+def register(op: str, name: str, target: Union[str, Callable], reasons: Union[str, Callable, None] = None,
+             priority: Optional[int] = None) -> Backend:
+    """Declare a backend of `op`: `target` is a callable or "module:function" (imported on first use),
+    `reasons` likewise for its `not_supported_reasons`. Inserted at `priority` (default: just before
+    the reference backend); re-registering a name replaces it."""
     backends = _REGISTRY.setdefault(op, [])
     backend = Backend(op, name, target, reasons)
     backends[:] = [b for b in backends if b.name != name]
@@ -89,6 +95,23 @@ def register(op: str, name: str, target: str, reasons: Optional[str] = None, pri
             (i for i, b in enumerate(backends) if b.name == "reference"), len(backends))
     backends.insert(priority, backend)
     return backend
+
+
+def unregister(op: str, name: Optional[str] = None) -> None:
+    """Remove backend `name` of `op`, or the whole op when name is None."""
+    if name is None:
+        _REGISTRY.pop(op, None)
+    else:
+        _REGISTRY[op] = [b for b in _REGISTRY.get(op, []) if b.name != name]
+
+
+def reset_failures() -> None:
+    """Forget run-time failures and import results (backends are tried afresh)."""
+    for bs in _REGISTRY.values():
+        for b in bs:
+            b._runtime_error = None
+            if isinstance(b.target, str):
+                b._fn = b._reasons = b._load_error = None
 
 
 def backends(op: str) -> List[Backend]:
@@ -230,8 +253,8 @@ def record(site_modules: Optional[torch.nn.Module] = None):
     handles = []
     if site_modules is not None:
         for name, module in site_modules.named_modules():
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _site.append(n)))
-            handles.append(module.register_forward_hook(lambda m, a, o: _site.pop()))
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _site.append(n) and None))
+            handles.append(module.register_forward_hook(lambda m, a, o: _site.pop() and None))
     try:
         yield _recorder
     finally:

@@ -171,6 +171,9 @@ class LabelEmbedder(nn.Module):
 class LegoBackbone(nn.Module):
     """The LEGO backbone: a drop-in for the release's `LEGO` (same arguments, keys and outputs).
 
+    `model_type` entries are the release's brick names (`fastlego.presets.BRICK_TYPES`) or
+    `(width, patch, heads)` tuples for small custom bricks (tests, demos).
+
     Beyond the release: any H, W that are multiples of every region size (non-square too, with
     rows normalised by H-1 and columns by W-1); real brick skipping (`return_stage_idx` stops after
     that brick, `skip_bricks` leaves chosen bricks out), also in `forward_with_cfg`; the adaLN
@@ -179,7 +182,7 @@ class LegoBackbone(nn.Module):
 
     def __init__(self, img_resolution: Sequence[int], in_channels: int, label_dim: int = 1000,
                  class_dropout_prob: float = 0.1, learn_sigma: bool = False, augment_dim: int = 0,
-                 model_type: Sequence[str] = ("lego_S_2", "lego_S_8", "lego_S_2"),
+                 model_type: Sequence = ("lego_S_2", "lego_S_8", "lego_S_2"),
                  depths: Sequence[int] = (2, 4, 6), train_intermediate_stages: bool = False,
                  use_fp16: bool = False, mlp_ratio: float = 4.0, **kwargs):
         super().__init__()
@@ -192,9 +195,10 @@ class LegoBackbone(nn.Module):
         if not (len(img_resolution) == len(model_type) == len(depths)) or not img_resolution:
             raise ValueError(f"img_resolution, model_type and depths must be lists of one length "
                              f"(one entry per brick); got {len(img_resolution)}, {len(model_type)}, {len(depths)}")
-        unknown = [t for t in model_type if t not in BRICK_TYPES]
+        unknown = [t for t in model_type if not (t in BRICK_TYPES if isinstance(t, str) else len(t) == 3)]
         if unknown:
-            raise ValueError(f"unknown brick type(s) {unknown}: expected names from {sorted(BRICK_TYPES)}")
+            raise ValueError(f"unknown brick type(s) {unknown}: expected names from {sorted(BRICK_TYPES)} "
+                             f"or (width, patch, heads) tuples")
         self.img_resolution = img_resolution
         self.max_img_size = max(img_resolution)
         self.in_channels = in_channels
@@ -208,7 +212,7 @@ class LegoBackbone(nn.Module):
         self.use_fp16 = use_fp16
         bricks = []
         for i, (region, kind, depth) in enumerate(zip(img_resolution, model_type, depths)):
-            width, patch, heads = BRICK_TYPES[kind]
+            width, patch, heads = BRICK_TYPES[kind] if isinstance(kind, str) else map(int, kind)
             cin = in_channels + 2 if i == 0 else 2 * in_channels + 2
             bricks.append(Brick(region, cin, in_channels, width, patch, heads, depth, mlp_ratio))
         self.model = nn.ModuleList(bricks)
