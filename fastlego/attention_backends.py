@@ -1,0 +1,277 @@
+"""flash-attn and xformers as backends of the `global_attention` op.
+
+Both take the fused qkv tensor (N, T, 3D), last dim laid out (3, heads, head_dim), as views:
+flash-attn's `flash_attn_qkvpacked_func` reads it as (N, T, 3, heads, hd); xformers'
+`memory_efficient_attention` gets the three (N, T, heads, hd) views of it. Both return
+(N, T, heads, hd), which is already the merged-head layout (N, T, D).
+
+The libraries are imported inside functions, so `import fastlego` works without them. Each
+backend has a `*_not_supported_reasons(qkv, num_heads)` that says exactly why a call is refused:
+not installed, installed but broken (a wheel built for another torch: its CUDA extension does not
+load), too old, CPU tensors or too old a GPU, dtype, head dim. Import results and xformers' probe
+call are cached; `clear_caches()` forgets them.
+
+Both libraries put the batch on grid axis y or z (at most 65,535), so calls are split into
+chunks of at most 65,535 // heads regions (the release's SDPA crash at 65,536 regions).
+Under autocast the inputs are cast to the autocast dtype first, as SDPA's are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+# CUDA grid axes y and z take at most this many blocks; flash-attn and xformers put batch and
+# heads there.
+_GRID_YZ_MAX = 65535
+
+_PIP_NAME = {"flash_attn": "flash-attn", "xformers": "xformers", "xformers.ops": "xformers"}
+_INSTALL_HINT = {"flash-attn": "pip install flash-attn --no-build-isolation"}
+
+# module name -> (module or None, error text or None); see `_import`.
+_import_cache: Dict[str, Tuple[Optional[object], Optional[str]]] = {}
+# (module id, device, dtype, heads, head_dim) -> error text or None, for the xformers probe call.
+_probe_cache: Dict[tuple, Optional[str]] = {}
+
+
+def clear_caches() -> None:
+    """Forget import results and probe calls (after installing a library, or in tests)."""
+    _import_cache.clear()
+    _probe_cache.clear()
+
+
+def _import(name: str):
+    """(module, None) or (None, why it cannot be used). Cached per module object in sys.modules."""
+    cached = _import_cache.get(name)
+    if cached is not None and sys.modules.get(name) is cached[0]:
+        return cached
+    pip = _PIP_NAME.get(name, name)
+    try:
+        module = importlib.import_module(name)
+        result = (module, None)
+    except Exception as exc:  # ImportError, or an extension built for another torch (OSError, ...)
+        if name in sys.modules and sys.modules[name] is None:  # import blocked on purpose
+            installed = False
+        else:
+            try:
+                installed = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                installed = False
+        if installed:
+            why = (f"{pip} is installed but fails to import ({type(exc).__name__}: {exc}); usually it was "
+                   f"built for another torch (you have {torch.__version__}): reinstall it for this torch")
+        else:
+            why = f"{pip} is not installed ({type(exc).__name__}: {exc}): {_INSTALL_HINT.get(pip, 'pip install ' + pip)}"
+        result = (None, why)
+    _import_cache[name] = result
+    return result
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in str(version).split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
+    """qkv's dtype, or the autocast dtype when autocast is on for qkv's device (fp64 is not cast)."""
+    dev = qkv.device.type
+    if dev in ("cuda", "cpu") and qkv.is_floating_point() and qkv.dtype != torch.float64:
+        try:
+            if torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev)
+        except (TypeError, AttributeError):  # torch < 2.4
+            if dev == "cuda" and torch.is_autocast_enabled():
+                return torch.get_autocast_gpu_dtype()
+    return qkv.dtype
+
+
+def _shape_reasons(qkv, num_heads) -> List[str]:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return [f"qkv must be a (N, T, 3D) tensor, got {tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}"]
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        return [f"num_heads must be a positive int, got {num_heads!r}"]
+    if qkv.shape[2] == 0 or qkv.shape[2] % (3 * num_heads):
+        return [f"qkv's last dim {qkv.shape[2]} is not 3 * num_heads * head_dim for num_heads={num_heads}"]
+    return []
+
+
+def _device_reasons(qkv: torch.Tensor, library: str, min_capability: Tuple[int, int]) -> List[str]:
+    """Why `library` cannot run on qkv's device: it needs a CUDA GPU of at least `min_capability`.
+    (A separate function so that tests can run the CPU-side logic with fake libraries.)"""
+    if qkv.device.type != "cuda":
+        return [f"tensors are on {qkv.device}: {library} runs on CUDA GPUs only"]
+    if torch.version.hip is None:
+        cap = torch.cuda.get_device_capability(qkv.device)
+        if cap < min_capability:
+            return [f"{library} needs a GPU of compute capability >= {min_capability[0]}.{min_capability[1]} "
+                    f"(Ampere or newer); {torch.cuda.get_device_name(qkv.device)} is {cap[0]}.{cap[1]}"]
+    return []
+
+
+def _chunks(n: int, num_heads: int):
+    """Region slices such that batch and batch * heads stay within the grid's y/z limit."""
+    step = max(1, _GRID_YZ_MAX // num_heads)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _merge(outs: List[torch.Tensor], N: int, T: int, width: int) -> torch.Tensor:
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return o.reshape(N, T, width)
+
+
+# --------------------------------------------------------------------------------------------
+# flash-attn
+# --------------------------------------------------------------------------------------------
+
+def flash_attn_not_supported_reasons(qkv, num_heads) -> List[str]:
+    """Why flash-attn cannot take this call (empty list: it can)."""
+    module, error = _import("flash_attn")
+    if module is None:
+        return [error]
+    reasons = []
+    version = getattr(module, "__version__", "0")
+    if not hasattr(module, "flash_attn_qkvpacked_func") or _version_tuple(version) < (2,):
+        reasons.append(f"flash-attn {version} is too old: flash_attn_qkvpacked_func needs flash-attn >= 2.0 "
+                       f"(pip install -U flash-attn --no-build-isolation)")
+    shape = _shape_reasons(qkv, num_heads)
+    if shape:
+        return reasons + shape
+    reasons += _device_reasons(qkv, "flash-attn", (8, 0))
+    dtype = _compute_dtype(qkv)
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {dtype}: flash-attn takes float16 or bfloat16 only (run under torch.autocast "
+                       f"or convert the model with .to(torch.bfloat16))")
+    head_dim = qkv.shape[2] // (3 * num_heads)
+    if head_dim > 256 or head_dim % 8:
+        reasons.append(f"head_dim {head_dim}: flash-attn takes head dims that are multiples of 8, at most 256")
+    return reasons
+
+
+def flash_attn_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax attention over each region with flash-attn: (N, T, 3D) -> (N, T, D)."""
+    module, error = _import("flash_attn")
+    if module is None:
+        raise RuntimeError(error)
+    dtype = _compute_dtype(qkv)
+    if qkv.dtype != dtype:
+        qkv = qkv.to(dtype)
+    N, T, three_d = qkv.shape
+    head_dim = three_d // (3 * num_heads)
+    if N == 0:
+        return qkv.new_empty(N, T, three_d // 3)
+    packed = qkv.reshape(N, T, 3, num_heads, head_dim)   # a view: the (3, heads, hd) layout of the last dim
+    if packed.stride(-1) != 1:
+        packed = packed.contiguous()
+    outs = [module.flash_attn_qkvpacked_func(packed[s], dropout_p=0.0, softmax_scale=head_dim ** -0.5, causal=False)
+            for s in _chunks(N, num_heads)]
+    return _merge(outs, N, T, three_d // 3)
+
+
+# --------------------------------------------------------------------------------------------
+# xformers
+# --------------------------------------------------------------------------------------------
+
+def _xformers_ops():
+    """(xformers.ops, None) or (None, why not)."""
+    base, error = _import("xformers")
+    if base is None:
+        return None, error
+    return _import("xformers.ops")
+
+
+def _xformers_extension_error(base) -> Optional[str]:
+    """The load error of xformers' C++/CUDA extension, if it failed (e.g. a wheel built for another torch)."""
+    cpp_lib = getattr(base, "_cpp_lib", None)
+    exc = getattr(cpp_lib, "_cpp_library_load_exception", None)
+    if exc is None:
+        return None
+    first = str(exc).strip().splitlines()
+    return " ".join(line.strip() for line in first[:3])
+
+
+def _xformers_probe(ops, qkv: torch.Tensor, num_heads: int, dtype: torch.dtype) -> Optional[str]:
+    """Run memory_efficient_attention once on a tiny input of the call's device, dtype and layout;
+    None if it works, else the error. Cached per (module, device, dtype, heads, head_dim)."""
+    head_dim = qkv.shape[2] // (3 * num_heads)
+    key = (id(ops), str(qkv.device), dtype, num_heads, head_dim)
+    if key in _probe_cache:
+        return _probe_cache[key]
+    try:
+        tiny = torch.zeros(1, 8, 3, num_heads, head_dim, device=qkv.device, dtype=dtype)
+        q, k, v = tiny.unbind(2)
+        with torch.no_grad():
+            ops.memory_efficient_attention(q, k, v, scale=head_dim ** -0.5)
+        error = None
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        error = f"{type(exc).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
+    _probe_cache[key] = error
+    return error
+
+
+def xformers_not_supported_reasons(qkv, num_heads) -> List[str]:
+    """Why xformers cannot take this call (empty list: it can)."""
+    ops, error = _xformers_ops()
+    if ops is None:
+        return [error]
+    base = sys.modules.get("xformers")
+    version = getattr(base, "__version__", "?")
+    fn = getattr(ops, "memory_efficient_attention", None)
+    if fn is None:
+        return [f"xformers {version} has no xformers.ops.memory_efficient_attention: pip install -U xformers"]
+    try:
+        has_scale = "scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        has_scale = True
+    reasons = []
+    if not has_scale:
+        reasons.append(f"xformers {version} is too old: memory_efficient_attention has no `scale` argument "
+                       f"(pip install -U xformers)")
+    ext = _xformers_extension_error(base)
+    if ext is not None:
+        reasons.append(f"xformers {version} is installed but its C++/CUDA ops fail to load (torch "
+                       f"{torch.__version__}): {ext}")
+    shape = _shape_reasons(qkv, num_heads)
+    if shape:
+        return reasons + shape
+    device = _device_reasons(qkv, "xformers", (5, 0))
+    reasons += device
+    dtype = _compute_dtype(qkv)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {dtype}: xformers takes float32, float16 or bfloat16")
+    if not reasons:
+        # The extension loaded (or xformers has none): ask a tiny real call whether its kernels run
+        # here, for this dtype and head dim (e.g. no kernel for this GPU, ops missing from the wheel).
+        probe = _xformers_probe(ops, qkv, num_heads, dtype)
+        if probe is not None:
+            reasons.append(f"xformers {version} is installed but memory_efficient_attention fails on "
+                           f"{qkv.device} for {dtype}, head_dim {qkv.shape[2] // (3 * num_heads)}: {probe}")
+    return reasons
+
+
+def xformers_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax attention over each region with xformers: (N, T, 3D) -> (N, T, D)."""
+    ops, error = _xformers_ops()
+    if ops is None:
+        raise RuntimeError(error)
+    dtype = _compute_dtype(qkv)
+    if qkv.dtype != dtype:
+        qkv = qkv.to(dtype)
+    N, T, three_d = qkv.shape
+    head_dim = three_d // (3 * num_heads)
+    if N == 0:
+        return qkv.new_empty(N, T, three_d // 3)
+    q, k, v = qkv.reshape(N, T, 3, num_heads, head_dim).unbind(2)   # (N, T, heads, hd) views
+    outs = [ops.memory_efficient_attention(q[s], k[s], v[s], scale=head_dim ** -0.5)
+            for s in _chunks(N, num_heads)]
+    return _merge(outs, N, T, three_d // 3)

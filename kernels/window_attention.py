@@ -1,0 +1,329 @@
+"""Attention inside each region, read straight from the fused qkv tensor: the `window_attention`
+op (regions of <= 64 tokens) and the Triton backend of `global_attention` (any token count).
+
+Semantics of `fastlego.reference.attention`: qkv is (N, T, 3D) with the last dim laid out
+(3, heads, head_dim); for every region n and head h, out[n, :, h] = softmax(q k^T * hd^-0.5) v,
+written in merged-head layout (N, T, D). q, k and v are addressed by strides inside qkv (column
+`s * D + h * hd + d` for s = q, k, v), so no permute or split copies are made, and the output
+goes straight into (N, T, D): each qkv element is read once and each output element written once.
+
+Two kernels:
+- packed (T <= 64, the local bricks): one program takes one head of R = BLOCK_M // T whole
+  regions, BLOCK_M rows in all, and computes the BLOCK_M x BLOCK_M score tile with a
+  block-diagonal mask (row i may only see columns of its own region, i // T == j // T). A region
+  never straddles two programs, so the softmax needs no second pass. (fp32 64-token regions with
+  head_dim > 64 would spill registers: such calls go to the flash kernel.)
+- flash (any T, the global bricks): one program takes BLOCK_M query rows of one (region, head)
+  and streams the region's keys in BLOCK_N blocks with the online softmax (running max m, running
+  sum l, rescaled accumulator), fp32 statistics.
+Both launch a 1-D grid (grid axis 0 takes up to 2^31 - 1 programs; beyond that the launcher
+splits the regions into several launches): 65,536 four-token regions x 6 heads (where PyTorch's kernels fail on grid y/z <= 65,535)
+is 24,576 programs here.
+
+Why block-diagonal packing, by bytes. The op is memory bound. lego_S_PG_64 at batch 256, brick 0
+(region 4, patch 2 at 64x64): N = 65,536 regions x T = 4 tokens, D = 384 (6 heads x 64), bf16:
+  reads  N*T*3D*2 B = 604 MB (qkv), writes N*T*D*2 B = 201 MB (out): 805 MB per block
+  -> 0.20 ms at ~4 TB/s, 0.40 ms for the brick's 2 blocks (fp32: twice that).
+  Useful FLOPs 4*T*T*hd per (region, head) = 1.6 GFLOP: 2 FLOP/byte.
+  Packed with BLOCK_M = 64 (16 regions per program) the dots compute the full 64 x 64 tile, 16x
+  the useful work: 4*BLOCK_M*hd FLOP per row = 25.8 GFLOP, 32 FLOP/byte, ~30 us of tensor-core
+  time hidden under the 200 us of memory time (the bf16 ridge of an H100/H200 is ~250 FLOP/byte),
+  while one program still moves a full 64-row tile (24 KB of q, k, v) with 128-byte row segments.
+  For fp32 (IEEE dots run on the FMA units: ~20 FLOP/byte ridge) the tile shrinks to
+  BLOCK_M = max(16, T): 4 regions of 4 tokens, 6.4 GFLOP over 1.6 GB, 4 FLOP/byte.
+The region-16 brick of the same model has patch 8, so it too has T = 4 tokens: N = 4,096
+regions, 50 MB per block (13 us at ~4 TB/s), 4 blocks. A 16-token window (e.g. region 8, patch
+2) moves the same bytes per token, N*T*4D*elt in all, and packs 4 regions per program. The
+bytes floor is independent of T; only the wasted (masked) FLOPs grow with BLOCK_M / T.
+
+Precision: fp32 statistics (max, sum, exp2) always. bf16/fp16 inputs: P is rounded to the input
+dtype before the P @ V dot, as flash attention does. fp32 inputs: the dots use IEEE fp32 unless
+PyTorch's TF32 matmul switch is on (`torch.backends.cuda.matmul.allow_tf32`), then TF32 (about
+1e-3 relative error, like PyTorch's own matmuls in that mode). Under CUDA autocast the kernel
+computes in the autocast dtype and returns that dtype, as `scaled_dot_product_attention` does
+(autocast of the tensor's device: CPU autocast applies under the interpreter).
+
+Forward only: `not_supported_reasons` refuses qkv that requires grad while grad mode is on, so
+training falls back to the reference (PyTorch SDPA, chunked over regions).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlego.dispatch import triton_interpreting, triton_reasons
+
+# Regions of at most this many tokens go to the packed kernel, larger ones to the flash kernel.
+PACKED_MAX_TOKENS = 64
+# The packed kernel keeps whole BLOCK_M x BLOCK_D tiles of q, k and v (and BLOCK_M x BLOCK_M
+# scores) in registers; above this many elements a tile it would spill (fp32 64-token regions with
+# head_dim > 64), and the flash kernel's smaller tiles take the call instead. Keyed by element size.
+PACKED_MAX_TILE_ELEMENTS = {2: 64 * 256, 4: 64 * 64}
+# Head dims are padded to a power of two (72 -> 128) with masked loads; 256 is the largest tile.
+MAX_HEAD_DIM = 256
+
+_LOG2E = 1.4426950408889634
+# CUDA's limit on grid axis 0.
+_MAX_PROGRAMS = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _packed_window_attention_kernel(
+    qkv_ptr, out_ptr,
+    num_regions, num_heads, width,            # width D = heads * head_dim: q at column 0, k at D, v at 2D
+    stride_qkv_n, stride_qkv_t, stride_qkv_c,
+    stride_out_n, stride_out_t, stride_out_c,
+    qk_scale,                                 # head_dim^-0.5 * log2(e): the softmax runs in base 2
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, REGIONS_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # program -> (block of REGIONS_PER_BLOCK regions, head); heads of one block are neighbours so
+    # that the programs reading the same qkv rows run together (they share DRAM pages and L2).
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    block = pid // num_heads
+
+    # Row i of the tile is token i % T of region block * R + i // T. Rows past R * T or past the
+    # last region are padding: loaded as zeros, never stored.
+    rows = tl.arange(0, BLOCK_M)
+    local_region = rows // TOKENS
+    token = rows % TOKENS
+    region = block * REGIONS_PER_BLOCK + local_region
+    row_ok = (local_region < REGIONS_PER_BLOCK) & (region < num_regions)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    # q, k, v of this head: hd contiguous elements per row at columns h*hd, D + h*hd, 2D + h*hd.
+    row_offset = region.to(tl.int64) * stride_qkv_n + token * stride_qkv_t
+    q_ptrs = qkv_ptr + row_offset[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_qkv_c
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    k = tl.load(q_ptrs + width * stride_qkv_c, mask=mask, other=0.0)
+    v = tl.load(q_ptrs + 2 * width * stride_qkv_c, mask=mask, other=0.0)
+
+    # Scores of every row against every column of the tile, then the block-diagonal mask: row i
+    # sees column j only if both are tokens of the same region. Each row sees at least itself, so
+    # its max is finite (padding rows form their own zero "regions" and stay finite too).
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    same_region = local_region[:, None] == local_region[None, :]
+    s = tl.where(same_region, s, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
+
+    out_offset = region.to(tl.int64) * stride_out_n + token * stride_out_t
+    out_ptrs = out_ptr + out_offset[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_out_c
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _flash_attention_kernel(
+    qkv_ptr, out_ptr,
+    num_heads, seq_len, width,
+    stride_qkv_n, stride_qkv_t, stride_qkv_c,
+    stride_out_n, stride_out_t, stride_out_c,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # program -> (region, head, block of BLOCK_M queries), queries fastest: the programs that
+    # stream the same keys and values run together and find them in L2.
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    m_block = pid % num_m_blocks
+    region_head = pid // num_m_blocks
+    head = region_head % num_heads
+    region = region_head // num_heads
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    base = qkv_ptr + region.to(tl.int64) * stride_qkv_n + (head * HEAD_DIM + cols)[None, :] * stride_qkv_c
+
+    q = tl.load(base + offs_m[:, None] * stride_qkv_t, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
+
+    # Online softmax in base 2: m_i the running row max of the scaled scores, l_i the running sum
+    # of exp2(s - m_i), acc the running sum of exp2(s - m_i) v. A new block with max m_new
+    # rescales both by alpha = exp2(m_i - m_new) (0 on the first block, where m_i = -inf).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        keys = start_n + offs_n
+        kv_mask = (keys < seq_len)[:, None] & col_ok[None, :]
+        kv_ptrs = base + keys[:, None] * stride_qkv_t
+        k = tl.load(kv_ptrs + width * stride_qkv_c, mask=kv_mask, other=0.0)
+        v = tl.load(kv_ptrs + 2 * width * stride_qkv_c, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where((keys < seq_len)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    o = acc / l_i[:, None]
+
+    out_ptrs = (out_ptr + region.to(tl.int64) * stride_out_n + offs_m[:, None] * stride_out_t
+                + (head * HEAD_DIM + cols)[None, :] * stride_out_c)
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_m < seq_len)[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes and returns in: the autocast dtype under autocast of the tensor's
+    device (floating inputs other than fp64 are cast, as autocast does for SDPA), else qkv's."""
+    dev = qkv.device.type
+    if dev in ("cuda", "cpu") and qkv.is_floating_point() and qkv.dtype != torch.float64:
+        try:
+            enabled = torch.is_autocast_enabled(dev)
+        except TypeError:  # torch < 2.4: no device argument
+            enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+        if enabled:
+            try:
+                return torch.get_autocast_dtype(dev)
+            except AttributeError:  # torch < 2.4
+                return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+    return qkv.dtype
+
+
+def _fp32_precision() -> str:
+    """Dot precision for fp32 inputs: TF32 when PyTorch's TF32 matmul switch is on, else IEEE."""
+    try:
+        tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    except Exception:
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
+def _shape_problems(qkv, num_heads) -> List[str]:
+    """What is wrong with the shapes (empty: qkv is (N, T, 3 * heads * head_dim), head_dim supported)."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return [f"qkv must be a (N, T, 3D) tensor, got {tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}"]
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        return [f"num_heads must be a positive int, got {num_heads!r}"]
+    N, T, three_d = qkv.shape
+    if three_d % (3 * num_heads) or three_d == 0:
+        return [f"qkv's last dim {three_d} is not 3 * num_heads * head_dim for num_heads={num_heads}: "
+                f"it must be a positive multiple of {3 * num_heads}"]
+    problems = []
+    hd = three_d // (3 * num_heads)
+    if hd > MAX_HEAD_DIM:
+        problems.append(f"head_dim {hd} > {MAX_HEAD_DIM}: the kernels hold a whole head row in one tile")
+    if T < 1:
+        problems.append(f"qkv has T={T} tokens per region: expected at least 1")
+    return problems
+
+
+def not_supported_reasons(qkv, num_heads) -> List[str]:
+    """Why the Triton attention kernels cannot take this call (empty list: they can)."""
+    problems = _shape_problems(qkv, num_heads)
+    if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
+        return problems
+    reasons = triton_reasons([qkv]) + problems
+    dtype = _compute_dtype(qkv)
+    if dtype != qkv.dtype:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reasons.append(f"autocast dtype {dtype} not supported (expected float16 or bfloat16)")
+        elif dtype == torch.bfloat16 and triton_interpreting():
+            reasons.append("bfloat16 (from autocast) under Triton's interpreter: its tl.dot returns wrong "
+                           "results for bf16 operands")
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        reasons.append("qkv requires grad: the Triton attention kernels are forward-only (no backward "
+                       "yet); the reference (PyTorch SDPA, chunked over regions) computes gradients")
+    return reasons
+
+
+def _packed_config(tokens: int, head_dim: int, fp32: bool):
+    """(BLOCK_M, regions per program, BLOCK_D, num_warps) of the packed kernel (see the module
+    docstring). Chosen so that no config spills registers on sm_90 (checked with cuobjdump)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if fp32:
+        block_m = max(16, triton.next_power_of_2(tokens))   # fp32 dots are slow: fewest wasted FLOPs
+    else:
+        block_m = max(64, triton.next_power_of_2(tokens))   # tensor cores: waste is free, tiles big
+    num_warps = 4 if block_m * block_d <= 2048 else 8
+    return block_m, block_m // tokens, block_d, num_warps
+
+
+def _flash_config(head_dim: int, fp32: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the flash kernel; no register spills
+    on sm_90 for head dims up to 256 in any dtype (checked with cuobjdump)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if fp32:
+        return (64, 32, block_d, 8, 2) if block_d <= 128 else (16, 32, block_d, 8, 2)
+    if block_d <= 128:
+        return 128, 64, block_d, (8 if block_d >= 64 else 4), 3
+    return 64, 16, block_d, 8, 2
+
+
+def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention over the T tokens of each region: qkv (N, T, 3D) -> (N, T, D).
+
+    Same result as `fastlego.reference.attention`. Regions of <= 64 tokens run the packed kernel,
+    larger ones the flash kernel. `out`, if given, must be (N, T, D) of the compute dtype (the
+    autocast dtype under autocast, else qkv's) on qkv's device; it is returned."""
+    problems = _shape_problems(qkv, num_heads)
+    if problems:
+        raise ValueError("window_attention: " + "; ".join(problems))
+    dtype = _compute_dtype(qkv)
+    if dtype != qkv.dtype:
+        qkv = qkv.to(dtype)
+    N, T, three_d = qkv.shape
+    width = three_d // 3
+    head_dim = width // num_heads
+    if out is None:
+        out = torch.empty((N, T, width), device=qkv.device, dtype=dtype)
+    else:
+        if tuple(out.shape) != (N, T, width) or out.dtype != dtype or out.device != qkv.device:
+            raise ValueError(f"window_attention: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                             f"({N}, {T}, {width}) {dtype} on {qkv.device}: allocate it with "
+                             f"torch.empty(({N}, {T}, {width}), dtype={dtype}, device='{qkv.device}') or pass out=None")
+    if N == 0:
+        return out
+
+    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    qk_scale = head_dim ** -0.5 * _LOG2E
+    packed = T <= PACKED_MAX_TOKENS
+    if packed:
+        block_m, regions_per_block, block_d, num_warps = _packed_config(T, head_dim, dtype == torch.float32)
+        packed = block_m * block_d <= PACKED_MAX_TILE_ELEMENTS[qkv.element_size()]
+        programs_per_region = num_heads / regions_per_block
+    if not packed:
+        block_m, block_n, block_d, num_warps, num_stages = _flash_config(head_dim, dtype == torch.float32)
+        programs_per_region = triton.cdiv(T, block_m) * num_heads
+    # The grid is 1-D (axis 0 takes up to 2^31 - 1 programs); beyond that, launch region chunks.
+    chunk = max(1, int(_MAX_PROGRAMS // programs_per_region))
+    if packed:
+        chunk = max(regions_per_block, chunk - chunk % regions_per_block)
+    for n0 in range(0, N, chunk):
+        q_part, o_part = qkv[n0:n0 + chunk], out[n0:n0 + chunk]
+        n = q_part.shape[0]
+        strides = (q_part.stride(0), q_part.stride(1), q_part.stride(2),
+                   o_part.stride(0), o_part.stride(1), o_part.stride(2), qk_scale)
+        if packed:
+            grid = (triton.cdiv(n, regions_per_block) * num_heads,)
+            _packed_window_attention_kernel[grid](
+                q_part, o_part, n, num_heads, width, *strides,
+                TOKENS=T, HEAD_DIM=head_dim, REGIONS_PER_BLOCK=regions_per_block,
+                BLOCK_M=block_m, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
+        else:
+            grid = (triton.cdiv(T, block_m) * num_heads * n,)
+            _flash_attention_kernel[grid](
+                q_part, o_part, num_heads, T, width, *strides,
+                HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    return out
