@@ -48,6 +48,9 @@ class EDMPrecond(nn.Module):
         release's cast to fp16 without converting the weights fails; this one works)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if sigma.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"sigma holds {sigma.shape[0]} values but x has batch {x.shape[0]}: pass one sigma "
+                             f"(a number) or one per image, shape ({x.shape[0]},)")
         if sigma.shape[0] == 1 and x.shape[0] > 1:
             sigma = sigma.expand(x.shape[0], 1, 1, 1)
         if self.label_dim == 0:

@@ -311,7 +311,9 @@ class LegoBackbone(nn.Module):
         if class_labels is None:
             raise ValueError("forward_with_cfg needs class_labels (B, label_dim): the unconditional half "
                              "uses all-zero labels; for an unconditional model call forward() instead")
-        class_labels = self._labels(class_labels, x.shape[0])
+        # check the caller's batch before doubling it, so that errors name the caller's shapes
+        class_labels = self._validate(x, t, class_labels, None, None)
+        self.bricks_to_run(return_stage_idx, skip_bricks)
         both = torch.cat([x, x], 0)
         t2 = torch.cat([t.reshape(-1), t.reshape(-1)], 0)
         y = torch.cat([class_labels, torch.zeros_like(class_labels)], 0)

@@ -1,0 +1,207 @@
+"""CPU smoke test of the benchmark machinery (fastlego.benchmark) at tiny sizes.
+
+The real benchmark runs on a GPU (`fastlego bench`, `pytest bench/`); this checks that the whole
+pipeline works end to end: device limits, FLOP counts, the floor, the end-to-end variants (a
+failing torch.compile recorded as an error string), the per-kernel timings, the JSON report and
+the markdown table; and that it runs without triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastlego import benchmark as bm
+
+# lego_S_U_32 at batch 1 with one block per brick: global attention (T=256), window attention
+# (T=4) and labels, at about 3 GFLOP a forward.
+TINY = ["--device", "cpu", "--tiny", "--presets", "lego_S_U_32:1", "--depths", "1,1,1,1,1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny ops on a shared CPU: one thread is faster than two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, _one_thread):
+    """One tiny CLI run (with a torch.compile that fails on purpose) and its outputs."""
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "RESULTS.md"
+    rc = bm.main(TINY + ["--variants", "reference,fastlego,fastlego_bf16,compile", "--compile",
+                         "--compile-mode", "no-such-mode", "--json", str(out / "r.json"), "--markdown", str(md)])
+    return rc, json.loads((out / "r.json").read_text()), md
+
+
+def test_cli_writes_report(tiny_run):
+    rc, report, md = tiny_run
+    assert rc == 0
+    env = report["environment"]
+    for key in ("date", "torch", "triton", "flash_attn", "xformers", "device"):
+        assert key in env  # None when a library is absent
+    assert env["torch"] == torch.__version__
+    lim = report["limits"]
+    assert lim["matmul_peak"]["tflops"] > 0 and lim["copy_bandwidth"]["gbps"] > 0
+    [case] = report["cases"]
+    assert case["case"]["depths"] == [1, 1, 1, 1, 1] and case["case"]["label_dim"] == 1000
+
+
+def test_flops_and_floor(tiny_run):
+    _, report, _ = tiny_run
+    [case] = report["cases"]
+    fl = case["flops"]
+    # FlopCounterMode on the reference forward == the floor's enumeration of matmuls + attention
+    assert fl["per_image_counted"] == fl["per_image_analytic"] == fl["per_image"] > 0
+    assert fl["per_image_release"] > fl["per_image"]  # the release repeats adaLN per region
+    floor = case["floor"]
+    assert floor["ms"] > 0 and floor["img_per_s"] > 0
+    assert floor["matmul_ms"] > 0 and floor["global_attention_ms"] > 0 and floor["local_attention_ms"] > 0
+    assert math.isclose(floor["ms"], sum(i["ms"] for i in floor["items"]), rel_tol=1e-9)
+    kinds = {i["kind"] for i in floor["items"]}
+    assert kinds == {"matmul", "global_attention", "local_attention"}
+
+
+def test_end_to_end_variants(tiny_run):
+    _, report, _ = tiny_run
+    [case] = report["cases"]
+    e2e = case["end_to_end"]
+    assert set(e2e) == {"reference", "fastlego", "fastlego_bf16", "compile"}
+    for name in ("reference", "fastlego", "fastlego_bf16"):
+        r = e2e[name]
+        assert "error" not in r, r.get("error")
+        for key in ("ms", "img_per_s", "tflops", "tflops_release_count", "frac_peak", "frac_floor"):
+            assert r[key] > 0, (name, key, r[key])
+        assert r["timing"]["rounds"] == 2
+        assert 0 < r["rel_err_vs_fp32"] < 0.05, (name, r["rel_err_vs_fp32"])  # bf16 against fp32
+        assert sum(sum(c.values()) for c in r["backends"]["chosen"].values()) > 0
+    # the auto backend's choices are recorded; on the CPU every op runs the reference
+    assert set(e2e["fastlego"]["backends"]["chosen"]) >= {"brick_embed", "modulated_linear", "final_layer"}
+    assert "no-such-mode" in e2e["compile"]["error"] and "ms" not in e2e["compile"]
+    assert case["targets"]["floor_fraction"]["target"] == bm.FLOOR_TARGET
+
+
+def test_kernels(tiny_run):
+    _, report, _ = tiny_run
+    [case] = report["cases"]
+    c = bm.with_depths(bm.default_case("lego_S_U_32", 1), [1] * 5)
+    expected = bm.expected_op_keys(c, ("autocast", "bf16"))
+    assert set(case["op_cases"]) == {k for k, _ in expected}  # collection-time keys == recorded sites
+    assert len(expected) == 2 * (5 * 7 + 1)
+    rows = {(k["key"], k["backend"]): k for k in case["kernels"]}
+    for key, op in expected:
+        ref = rows[(key, "reference")]
+        assert ref["ms"] > 0 and ref["gbps"] > 0 and ref["floor_ms"] > 0 and ref["bytes"] > 0, ref
+        assert ref["flops"] > 0 and ref["rel_err_vs_reference"] == 0
+        assert rows[(key, "auto")]["ms"] > 0
+        assert "refused" in rows[(key, "triton")]  # CPU tensors: Triton refuses, with its reasons
+    att = rows[("autocast:b0.global_attention.T256", "reference")]
+    assert att["flops"] == 4 * 1 * 256 * 256 * 384  # N * T^2 * D * 4 (q k^T and p v)
+    oc = case["op_cases"]
+    assert oc["autocast:b0.modulated_linear.qkv"]["count"] == 1 and oc["autocast:b1.window_attention.T16"]["extra"]
+    # autocast: fp32 weights with bf16 activations; bf16: everything bf16
+    dtypes = [a["dtype"] for a in oc["autocast:b0.modulated_linear.qkv"]["args"][:5]]  # h, shift, scale, weight, bias
+    assert dtypes == ["bfloat16"] * 3 + ["float32"] * 2
+    assert oc["autocast:b0.modulated_linear.qkv"]["autocast"] == "bfloat16"
+    assert {a["dtype"] for a in oc["bf16:b0.modulated_linear.qkv"]["args"][:5]} == {"bfloat16"}
+    assert oc["bf16:b0.modulated_linear.qkv"]["autocast"] is None
+    ops = case["kernel_summary"]["ops"]
+    for kind in ("autocast", "bf16"):
+        assert ops[f"{kind}:modulated_linear.qkv"]["calls"] == 5 and ops[f"{kind}:modulated_linear.qkv"]["auto_ms"] > 0
+        assert case["kernel_summary"]["forward_total"][kind]["complete"]
+
+
+def test_markdown_appended(tiny_run, tmp_path):
+    _, report, md = tiny_run
+    text = md.read_text()
+    assert text.startswith(bm.RESULTS_HEADER)
+    assert f"## {report['environment']['date']}: cpu" in text
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | fastlego |" in text
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | compile | error: RuntimeError" in text
+    assert "| autocast:modulated_linear.qkv | 5 | reference |" in text
+    assert "| bf16:modulated_linear.qkv | 5 | reference |" in text
+    assert "| bf16: all ops |" in text
+    # appending again keeps the header once and adds a second dated section
+    again = tmp_path / "R.md"
+    again.write_text(text)
+    bm.append_results_markdown(report, again)
+    assert again.read_text().count("# fastlego benchmark results") == 1
+    assert again.read_text().count(f"## {report['environment']['date']}") == 2
+
+
+def test_analytic_flops_match_baseline():
+    """The release-equivalent count reproduces BASELINE.md's GFLOP/img (FlopCounterMode there)."""
+    for name, gflop in (("lego_S_PG_64", 40.9), ("lego_L_PG_64", 550.9), ("lego_XL_U_32", 285.9)):
+        case = dataclasses.replace(bm.default_case(name), batch=1)
+        assert round(bm.analytic_flops(case, per_region_adaln=True) / 1e9, 1) == gflop, name
+        assert bm.analytic_flops(case) < bm.analytic_flops(case, per_region_adaln=True)
+
+
+def test_measure_tops_up_when_the_runner_skips_rounds():
+    """pytest-benchmark disabled runs the target once: measure still times `rounds` rounds."""
+    calls = []
+    t = bm.measure(lambda: calls.append(1), device="cpu", rounds=4, warmup=2, inner=3,
+                   runner=lambda target, rounds, warmup: target())
+    assert t.rounds == 4 and t.inner == 3 and t.median_ms >= 0
+    assert len(calls) == 3 * 6
+
+
+def test_bad_options_fail_clearly(capsys):
+    assert bm.main(["--device", "cpu", "--presets", "lego_S_PG_64:x"]) == 2
+    assert "NAME:BATCH" in capsys.readouterr().err
+    assert bm.main(["--device", "cpu", "--presets", "lego_S_PG_64", "--depths", "1,1"]) == 2
+    assert "3 positive integers" in capsys.readouterr().err
+    assert bm.main(["--device", "cpu", "--modes", "train"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown LEGO preset"):
+        bm.parse_cases("lego_Q")
+
+
+def test_runs_without_triton(tmp_path):
+    """With triton unimportable, the benchmark still runs and records why Triton was refused."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import torch
+        torch.set_num_threads(1)
+        from fastlego import benchmark as bm
+        rc = bm.main({TINY!r} + ["--variants", "fastlego", "--no-floor", "--no-check",
+                                 "--json", {str(tmp_path / 'r.json')!r}, "--no-markdown"])
+        r = json.load(open({str(tmp_path / 'r.json')!r}))
+        case = r["cases"][0]
+        assert rc == 0 and case["end_to_end"]["fastlego"]["img_per_s"] > 0
+        refused = case["end_to_end"]["fastlego"]["backends"]["refused"]["modulated_linear"]["triton"]
+        assert any("could not be loaded" in reason for reason in refused), refused
+        triton_rows = [k for k in case["kernels"] if k["backend"] == "triton"]
+        assert triton_rows and all("could not be loaded" in k["refused"][0] for k in triton_rows)
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_interrupted_run_keeps_its_numbers(tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM mid-run: the JSON and markdown still hold what was measured."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt("test")
+    monkeypatch.setattr(bm.BenchSession, "kernel", interrupt)
+    rc = bm.main(TINY + ["--variants", "reference", "--no-floor", "--no-check",
+                         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
+    assert rc == 130
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] == "test"
+    assert report["cases"][0]["end_to_end"]["reference"]["img_per_s"] > 0
+    assert "interrupted)" in (tmp_path / "R.md").read_text()
