@@ -1,0 +1,305 @@
+"""A brick's input embedding in one kernel: coordinates + concat + region unfold + patchify +
+patch-embedding matmul + bias + position table, read straight from the NCHW image(s).
+
+Semantics of `fastlego.reference.brick_embed`. The brick input is the channel concatenation
+`z = [prev, x, rows, cols]` (Cin = CP + C + 2 channels, CP = C when `prev` is given, else 0);
+the rows/cols channels are `(i / (H - 1) - 0.5) * 2` and `(j / (W - 1) - 0.5) * 2` in fp32,
+rounded to x's dtype (as `coordinate_channels` does). No copy of z is ever made: the kernel is a
+GEMM  out[m, d] = sum_k A[m, k] * Wt[k, d] + bias[d] + pos[t, d]  whose A operand is gathered by
+pointer arithmetic from x / prev (or computed, for the two coordinate channels):
+
+  token row m of M = B * L * T:  region n = m // T, token t = m % T,
+                                 image b = n // L, region (rh, rw) = divmod(n % L, W / r),
+                                 patch (ph, pw) = divmod(t, r / p);
+  column k of K = Cin * p * p:   channel ci = k // (p * p), pixel (kr, kc) = divmod(k % (p * p), p)
+                                 (the conv weight (D, Cin, p, p) is a (D, K) matrix in this order);
+  A[m, k] = z[b, ci, rh * r + ph * p + kr, rw * r + pw * p + kc].
+
+Output: tokens (B * L, T, D) in the compute dtype (x's, or the autocast dtype under autocast, as
+F.conv2d gives), row m at out[n, t, :]. fp32 accumulation; bias and position table are added in
+fp32 and the sum is rounded once.
+
+Cost (bf16, 2 bytes/element; weights, bias and pos are kilobytes). FLOPs = 2 M K D; minimum
+bytes = read x (+ prev) once + write M * D outputs:
+  lego_S_PG_64, B = 256 (C = 3, 64 x 64, D = 384):
+    brick 0 (r 4,  p 2): M = 262,144, K = 20   4.03 GFLOP  207.6 MB
+    brick 1 (r 16, p 8): M =  16,384, K = 512  6.44 GFLOP   25.6 MB
+    brick 2 (r 64, p 2): M = 262,144, K = 32   6.44 GFLOP  214.7 MB
+    all: 16.9 GFLOP, 448 MB -> 0.149 ms at 3 TB/s (the FLOPs take ~0.02 ms at 790 TFLOP/s)
+  lego_XL_U_32, B = 128 (C = 4, 32 x 32 latents, D = 1152):
+    bricks r 32/16/4/16/32, p 2/8/2/8/2: M = 32,768 / 2,048 / 32,768 / 2,048 / 32,768,
+    K = 24 / 640 / 40 / 640 / 40: 1.81 + 3.02 x 4 = 13.9 GFLOP, 250 MB -> 0.083 ms at 3 TB/s.
+Patch-2 bricks (~20 FLOP/byte) are bound by writing the tokens (M * D * 2 bytes, 94% of all
+bytes); patch-8 bricks reach ~250 FLOP/byte, near the bf16 tensor-core ridge, but move only
+8-26 MB. So tiles are chosen for store bandwidth without spills, not for MMA shape.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlego.dispatch import triton_interpreting, triton_reasons
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _brick_embed_kernel(
+    x_ptr, prev_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    M, D, K, L, REGIONS_PER_ROW, H, W, C, CP,   # CP: channels taken from prev (0 or C)
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_pb, stride_pc, stride_ph, stride_pw,
+    stride_wd, stride_wk,                       # weight seen as (D, K)
+    stride_pos_t, stride_pos_d,                 # pos_embed seen as (T, D)
+    stride_on, stride_ot, stride_od,            # out (B * L, T, D)
+    REGION: tl.constexpr, PATCH: tl.constexpr, HAS_PREV: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    GRID: tl.constexpr = REGION // PATCH          # patches per region side
+    TOKENS: tl.constexpr = GRID * GRID            # T
+    PP: tl.constexpr = PATCH * PATCH
+    x_dtype = x_ptr.dtype.element_ty
+    compute_dtype = out_ptr.dtype.element_ty      # x's dtype, or the autocast dtype
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # Token rows of this tile -> image and top-left pixel (y0, x0) of their patch.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    region_idx = offs_m // TOKENS
+    t = offs_m % TOKENS
+    img = (region_idx // L).to(tl.int64)           # int64: B * C * H * W may pass 2^31
+    l = region_idx % L
+    y0 = (l // REGIONS_PER_ROW) * REGION + (t // GRID) * PATCH
+    x0 = (l % REGIONS_PER_ROW) * REGION + (t % GRID) * PATCH
+    # Address of z[b, ci, y0 + kr, x0 + kc] = row part (b, y0, x0) + column part (ci, kr, kc):
+    # the gather is one add per element.
+    x_row = img * stride_xb + y0 * stride_xh + x0 * stride_xw
+    p_row = img * stride_pb + y0 * stride_ph + x0 * stride_pw
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+
+    # Coordinate channels: fp32 division by H - 1 / W - 1 rounded to nearest (div_rn), so the
+    # values equal torch's `arange / (n - 1)` bit for bit.
+    h_last = (H - 1).to(tl.float32)
+    w_last = (W - 1).to(tl.float32)
+    first_coord_k = (CP + C) * PP                 # k of channel `rows`; `cols` follows
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        ch = offs_k // PP
+        kr = (offs_k % PP) // PATCH
+        kc = offs_k % PATCH
+
+        # x channels ci - CP (clamped to 0 where masked so no address is negative); ci < CP + C
+        # implies k < K.
+        in_x = (ch >= CP) & (ch < CP + C)
+        x_col = tl.maximum(ch - CP, 0) * stride_xc + kr * stride_xh + kc * stride_xw
+        a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=row_ok[:, None] & in_x[None, :],
+                    other=0.0).to(compute_dtype)
+        if HAS_PREV:
+            # prev is cast to x's dtype first (`prev.to(x.dtype)` in the reference), then to the
+            # compute dtype (autocast's cast of the conv input).
+            in_prev = ch < CP
+            p_col = ch * stride_pc + kr * stride_ph + kc * stride_pw
+            pv = tl.load(prev_ptr + p_row[:, None] + p_col[None, :], mask=row_ok[:, None] & in_prev[None, :],
+                         other=0.0)
+            a = tl.where(in_prev[None, :], pv.to(x_dtype).to(compute_dtype), a)
+        if k0 + BLOCK_K > first_coord_k:
+            # This chunk holds (part of) the two coordinate channels. Column (rows, kr, kc) of
+            # token m holds rows(y0[m] + kr), column (cols, kr, kc) holds cols(x0[m] + kc): p
+            # per-row values each, computed as 1-D vectors (fp32 -> x dtype -> compute dtype)
+            # and placed with selects, so no 2-D division or index tile stays live.
+            is_rows = ch == CP + C
+            is_cols = ch == CP + C + 1
+            for i in tl.static_range(PATCH):
+                rows = ((tl.math.div_rn((y0 + i).to(tl.float32), h_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
+                cols = ((tl.math.div_rn((x0 + i).to(tl.float32), w_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
+                a = tl.where((is_rows & (kr == i))[None, :], rows[:, None], a)
+                a = tl.where((is_cols & (kc == i))[None, :], cols[:, None], a)
+
+        # Wt[k, d] = weight[d, k]; columns past K are zero, so padded A columns add nothing.
+        w_off = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wd
+        w = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(compute_dtype)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    # Epilogue: + bias[d] + pos[t, d] in fp32, one rounding to the output dtype.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & n_ok[None, :]
+    pos = tl.load(pos_ptr + t[:, None] * stride_pos_t + offs_n[None, :] * stride_pos_d, mask=out_mask, other=0.0)
+    acc += pos.to(tl.float32)
+    out_off = (region_idx.to(tl.int64) * stride_on + t * stride_ot)[:, None] + offs_n[None, :] * stride_od
+    tl.store(out_ptr + out_off, acc.to(compute_dtype), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is on for t's device and would cast t (floating, not fp64)."""
+    dev = t.device.type
+    if dev not in ("cuda", "cpu") or not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(dev)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes and returns in: the autocast dtype under autocast of x's device
+    (F.conv2d casts its inputs to it), else x's dtype (the reference casts everything to it)."""
+    return _autocast_dtype(x) or x.dtype
+
+
+def _fp32_precision() -> str:
+    """Dot precision for fp32: the reference is a cuDNN convolution, which uses TF32 when
+    `torch.backends.cudnn.allow_tf32` is on (PyTorch's default), else IEEE fp32."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 and not triton_interpreting() else "ieee"
+
+
+def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
+    """What is wrong with the shapes (empty: they are what `reference.brick_embed` takes)."""
+    tensors = {"x": x, "weight": weight, "pos_embed": pos_embed}
+    bad = [f"{name} is {type(t).__name__}" for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    if bad:
+        return [f"expected tensors: {', '.join(bad)}"]
+    if x.dim() != 4:
+        return [f"x must be (B, C, H, W), got shape {tuple(x.shape)}"]
+    B, C, H, W = x.shape
+    problems = []
+    if prev is not None and (not isinstance(prev, torch.Tensor) or tuple(prev.shape) != (B, C, H, W)):
+        problems.append(f"prev must be None or the previous brick's output of x's shape ({B}, {C}, {H}, {W}), "
+                        f"got {tuple(prev.shape) if isinstance(prev, torch.Tensor) else type(prev).__name__}")
+    cin = (2 * C if prev is not None else C) + 2
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
+        return problems + [f"weight must be the patch conv's (D, Cin, p, p), got shape {tuple(weight.shape)}"]
+    D, w_cin, p, _ = weight.shape
+    if w_cin != cin:
+        problems.append(f"weight has {w_cin} input channels but [prev, x, rows, cols] has {cin} "
+                        f"(C = {C}, prev {'given' if prev is not None else 'None'}): pass the matching brick's weight")
+    if not isinstance(region, int) or isinstance(region, bool) or region < 1 or region % p:
+        problems.append(f"region must be a positive multiple of the patch size {p}, got {region!r}")
+        return problems
+    if H % region or W % region:
+        problems.append(f"x is {H}x{W}: H and W must be multiples of the region size {region}")
+    if H < 2 or W < 2:
+        problems.append(f"x is {H}x{W}: the coordinate channels divide by H - 1 and W - 1, so H, W >= 2")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (D,)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        problems.append(f"bias must be None or ({D},), got {got}")
+    T = (region // p) ** 2
+    if tuple(pos_embed.shape) not in ((1, T, D), (T, D)):
+        problems.append(f"pos_embed must be (1, {T}, {D}) for region {region}, patch {p}, width {D}; "
+                        f"got {tuple(pos_embed.shape)}")
+    return problems
+
+
+def not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]:
+    """Why the Triton brick_embed kernel cannot take this call (empty list: it can)."""
+    problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
+    if problems and (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
+                     or not isinstance(pos_embed, torch.Tensor)):
+        return problems
+    tensors = [x, prev, weight, bias, pos_embed]
+    # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype
+    # (x's, or autocast's) as it is loaded. Everything else triton_reasons checks applies.
+    reasons = [r for r in triton_reasons(tensors) if not r.startswith("mixed dtypes")]
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        if amp not in _DTYPES:
+            reasons.append(f"autocast dtype {amp} not supported (expected float16 or bfloat16)")
+        elif amp == torch.bfloat16 and triton_interpreting():
+            reasons.append("bfloat16 (from autocast) under Triton's interpreter: its tl.dot returns wrong "
+                           "results for bf16 operands")
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        reasons.append("an input requires grad: the Triton brick_embed kernel is forward-only (no backward); "
+                       "the reference op computes gradients")
+    return reasons + problems
+
+
+def _config(K: int, D: int, patch: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+
+    Under the interpreter: big tiles, few (slow, serial) programs. On the GPU the op is bound by
+    storing the tokens, so the tile is one that stores without register spills, two CTAs per
+    SM for 16-bit outputs. Checked by compiling for sm_90 (Triton 3.9, no GPU at hand; not timed) at the shapes of
+    lego_S_PG_64 / lego_L / lego_XL_U_32: 64 x 64 with 8 warps takes 122-128 registers for
+    bf16/fp16 and autocast (fp32 x and weight into bf16 dots), 126-165 for fp32, no spills,
+    <= 80 KB of shared memory; 128 x 128 spills (the gathered A tile, its addresses and the coordinate
+    selects are all live). Patch-8 bricks (K = 320..640, 5-10 K steps) take BLOCK_N = 128
+    (139-219 registers; 24 bytes spilled for IEEE fp32 only) so the A tile is gathered for
+    half as many N tiles.
+    """
+    block_k = max(16, min(64, triton.next_power_of_2(K)))
+    if triton_interpreting():
+        return 64, max(16, min(64, triton.next_power_of_2(D))), block_k, 4, 1
+    block_n = 128 if patch >= 8 and D >= 128 else 64
+    return 64, block_n, block_k, 8, 2
+
+
+def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                pos_embed: torch.Tensor, region: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[prev, x, rows, cols] -> regions -> patch tokens (B * L, T, D) + bias + pos_embed.
+
+    Same result as `fastlego.reference.brick_embed`. `out`, if given, must be (B * L, T, D) of the
+    compute dtype (the autocast dtype under autocast, else x's) on x's device; it is returned."""
+    problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
+    devices = {t.device for t in (x, prev, weight, bias, pos_embed) if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        problems.append(f"tensors on several devices {sorted(map(str, devices))}: move them to one")
+    if problems:
+        raise ValueError("brick_embed: " + "; ".join(problems))
+    dtype = _compute_dtype(x)
+    B, C, H, W = x.shape
+    D, cin, p, _ = weight.shape
+    T = (region // p) ** 2
+    L = (H // region) * (W // region)
+    M, K = B * L * T, cin * p * p
+    if out is None:
+        out = torch.empty((B * L, T, D), device=x.device, dtype=dtype)
+    elif tuple(out.shape) != (B * L, T, D) or out.dtype != dtype or out.device != x.device:
+        raise ValueError(f"brick_embed: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                         f"({B * L}, {T}, {D}) {dtype} on {x.device}: allocate it with "
+                         f"torch.empty(({B * L}, {T}, {D}), dtype={dtype}, device='{x.device}') or pass out=None")
+    if M == 0 or D == 0:
+        return out
+
+    w2 = weight.reshape(D, K)                    # (channel, row, col) flattening = K order above
+    pos2 = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
+    prev_t = prev if prev is not None else x     # never read when HAS_PREV is False
+    bias_t = bias if bias is not None else w2
+    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
+    block_m, block_n, block_k, num_warps, num_stages = _config(K, D, p)
+    args = (
+        x, prev_t, w2, bias_t, pos2, out,
+        M, D, K, L, W // region, H, W, C, C if prev is not None else 0,
+        *x.stride(), *prev_t.stride(), *w2.stride(), *pos2.stride(), *out.stride(),
+    )
+    grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_n))
+    _brick_embed_kernel[grid](
+        *args, REGION=region, PATCH=p, HAS_PREV=prev is not None, HAS_BIAS=bias is not None,
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
