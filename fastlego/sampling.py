@@ -1,0 +1,456 @@
+"""Sampling: EDM's Heun sampler with real brick skipping, classifier-free guidance, any H x W.
+
+`edm_sampler` is EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2): noise levels
+`sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`, then
+`sigma_N = 0`; each step optionally "churns" (raises sigma by gamma and adds matching noise),
+takes an Euler step along `dx/dsigma = (x - D(x; sigma)) / sigma`, and corrects it with the
+slope at the end point (the trapezoidal rule), except on the last step, which ends at sigma 0.
+
+Brick skipping (LEGO's policy): the first `round(t_break * N)` steps run every brick; the rest
+stop after brick `skip_stage_idx` (default `num_bricks - 2`, i.e. the last brick is dropped while
+the noise is low), both evaluations of a Heun step alike, also under guidance. `t_break=1` runs
+every brick throughout (the release's sampler, which never actually skips).
+
+`sample` adds the plumbing: per-image seeds (one generator per seed, so an image depends only on
+its seed), batches, optional CUDA-graph replay of the network, PNG grids / per-image PNGs / an
+.npz for FID tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .data import float_to_uint8, make_grid, write_png
+from .training import (ProgressBar, is_training_checkpoint, load_training_checkpoint,
+                       network_from_checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness: one generator per seed
+# --------------------------------------------------------------------------------------------
+
+class StackedRandomGenerator:
+    """A batch of independent generators, one per seed: image i's noise depends only on seeds[i]
+    (EDM's scheme), so any subset of seeds, in any batch, reproduces the same images."""
+
+    def __init__(self, device, seeds: Sequence[int]):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, size, dtype=torch.float32):
+        return torch.stack([torch.randn(size[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype)
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.stack([torch.randint(high, (), generator=g, device=self.device) for g in self.generators])
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------
+
+def edm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+               device="cpu") -> torch.Tensor:
+    """EDM's noise levels, float64 (num_steps + 1,), ending with 0."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    if num_steps == 1:
+        t = torch.tensor([sigma_max], dtype=torch.float64, device=device)
+    else:
+        i = torch.arange(num_steps, dtype=torch.float64, device=device)
+        t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+def full_steps(num_steps: int, t_break: float) -> int:
+    """How many of the first steps run every brick: round(t_break * num_steps)."""
+    if not 0 <= t_break <= 1:
+        raise ValueError(f"t_break must lie in [0, 1] (the fraction of steps that run every brick), got {t_break}")
+    return int(math.floor(t_break * num_steps + 0.5))
+
+
+def _num_bricks(net) -> Optional[int]:
+    backbone = getattr(net, "model", None)
+    return getattr(backbone, "num_bricks", None)
+
+
+def resolve_skip_stage(net, t_break: float, skip_stage_idx: Optional[int]) -> Optional[int]:
+    """The brick that late steps stop after (None when nothing is skipped)."""
+    if t_break >= 1:
+        return None
+    n = _num_bricks(net)
+    if skip_stage_idx is None:
+        if n is None:
+            raise ValueError("brick skipping (t_break < 1) needs a LEGO network (net.model.num_bricks), "
+                             "or pass skip_stage_idx")
+        if n < 2:
+            raise ValueError(f"brick skipping needs at least 2 bricks; this network has {n}: use t_break=1")
+        return n - 2
+    if n is not None and not -n <= skip_stage_idx < n - 1 and skip_stage_idx != -2:
+        raise ValueError(f"skip_stage_idx={skip_stage_idx} must name a brick before the last one (0..{n - 2})")
+    return skip_stage_idx
+
+
+def edm_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None, *,
+                num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                cfg_scale: Optional[float] = None, t_break: float = 1.0, skip_stage_idx: Optional[int] = None,
+                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+                denoiser: Optional[Callable] = None, progress: Optional[ProgressBar] = None) -> torch.Tensor:
+    """EDM's Heun sampler from standard-normal `latents` (B, C, H, W); returns float32 samples.
+
+    `net(x, sigma, class_labels, cfg_scale=..., return_stage_idx=...)` is the denoiser (an
+    EDMPrecond); `denoiser(x, sigma, stage)` overrides the call (CUDA graphs, toy models). The
+    state is kept in float64 as EDM does. `cfg_scale` None or 1 means no guidance."""
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0) or 0)) if net is not None else sigma_min
+    sigma_max = min(sigma_max, float(getattr(net, "sigma_max", float("inf")))) if net is not None else sigma_max
+    t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    n_full = full_steps(num_steps, t_break)
+    stage_late = resolve_skip_stage(net, t_break, skip_stage_idx) if n_full < num_steps else None
+    if cfg_scale is not None and float(cfg_scale) == 1.0:
+        cfg_scale = None  # uncond + 1 * (cond - uncond) = cond: one pass is enough
+
+    if denoiser is None:
+        def denoiser(x, sigma, stage):
+            return net(x.to(torch.float32), sigma, class_labels, cfg_scale=cfg_scale, return_stage_idx=stage)
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        stage = None if i < n_full else stage_late
+        x_cur = x_next
+        # Churn: raise the noise level to t_hat = (1 + gamma) t_cur and add the matching noise.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
+        if gamma > 0:
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        else:
+            x_hat = x_cur
+        # Euler step from t_hat to t_next along d = (x - D(x)) / sigma.
+        denoised = denoiser(x_hat, t_hat.to(torch.float32), stage).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Heun correction: average the slopes at both ends (not on the last step, which ends at 0).
+        if i < num_steps - 1:
+            denoised = denoiser(x_next, t_next.to(torch.float32), stage).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if progress is not None:
+            progress.update(1)
+    return x_next.to(torch.float32)
+
+
+def count_network_evaluations(num_steps: int, t_break: float = 1.0) -> Dict[str, int]:
+    """How many network calls the Heun sampler makes: (full, skipped) = calls that run every
+    brick and calls that stop early (2 per step, 1 on the last)."""
+    n_full = full_steps(num_steps, t_break)
+    calls = [2 if i < num_steps - 1 else 1 for i in range(num_steps)]
+    return {"full": sum(calls[:n_full]), "skipped": sum(calls[n_full:])}
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA graphs: the network replayed for a fixed shape
+# --------------------------------------------------------------------------------------------
+
+class CudaGraphDenoiser:
+    """Captures `net(x, sigma, labels, cfg_scale, return_stage_idx)` once per (shape, stage) as
+    a CUDA graph and replays it: the per-step Python and launch overhead disappears, which
+    matters for small batches. Inputs are copied into static buffers; outputs are cloned."""
+
+    def __init__(self, net, cfg_scale: Optional[float] = None, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA GPU; sample without cuda_graph on this machine")
+        self.net, self.cfg_scale, self.warmup = net, cfg_scale, warmup
+        self.graphs: Dict[tuple, tuple] = {}
+        self.labels: Optional[torch.Tensor] = None
+
+    def set_labels(self, labels: Optional[torch.Tensor]) -> None:
+        self.labels = labels
+
+    def _capture(self, shape, stage):
+        dev = next(self.net.parameters()).device
+        static_x = torch.zeros(shape, dtype=torch.float32, device=dev)
+        static_sigma = torch.ones(shape[0], dtype=torch.float32, device=dev)
+        static_labels = None if self.labels is None else self.labels.to(dev, torch.float32).clone()
+
+        def run():
+            return self.net(static_x, static_sigma, static_labels, cfg_scale=self.cfg_scale, return_stage_idx=stage)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.warmup):  # kernels compiled / autotuned outside the capture
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = run()
+        return graph, static_x, static_sigma, static_labels, out
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, stage: Optional[int]) -> torch.Tensor:
+        key = (tuple(x.shape), stage, self.labels is None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tuple(x.shape), stage)
+        graph, sx, ss, sl, out = self.graphs[key]
+        sx.copy_(x)
+        ss.copy_(torch.as_tensor(sigma, dtype=torch.float32, device=ss.device).reshape(-1).expand(ss.shape[0]))
+        if sl is not None:
+            sl.copy_(self.labels)
+        graph.replay()
+        return out.clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading networks and the high-level `sample`
+# --------------------------------------------------------------------------------------------
+
+def load_network(path: str, which: str = "ema", device="cpu"):
+    """A network ready to sample (eval mode, no grads): a fastlego training checkpoint (its EMA
+    weights unless which="model"), else whatever `fastlego.load_checkpoint` reads (a release
+    .pkl, a .safetensors file, a torch.save'd state dict; `which` is the .pkl's key)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"network {path!r} does not exist: pass a fastlego training checkpoint "
+                                f"(outdir/checkpoint.pt), a release .pkl or a .safetensors file")
+    if not path.endswith((".pkl", ".pickle", ".safetensors")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not a torch.save file: let load_checkpoint say what it is
+            obj = None
+        if is_training_checkpoint(obj):
+            return network_from_checkpoint(load_training_checkpoint(path), which=which, device=device)
+    try:
+        from .checkpoint import load_checkpoint
+    except ImportError as exc:
+        raise RuntimeError(f"loading {path} needs fastlego.checkpoint.load_checkpoint, which this install "
+                           f"lacks ({exc})") from exc
+    net = load_checkpoint(path, key=which) if path.endswith((".pkl", ".pickle")) else load_checkpoint(path)
+    return net.eval().requires_grad_(False).to(device)
+
+
+def parse_seeds(text: Union[str, Sequence[int], range]) -> List[int]:
+    """"0-63" / "1,5,9" / "0-3,10" -> a list of ints (seeds >= 0)."""
+    if not isinstance(text, str):
+        seeds = [int(s) for s in text]
+    else:
+        seeds = []
+        for part in [p.strip() for p in text.split(",") if p.strip()]:
+            lo, sep, hi = part.partition("-")
+            try:
+                if sep:
+                    a, b = int(lo), int(hi)
+                    if b < a:
+                        raise ValueError
+                    seeds.extend(range(a, b + 1))
+                else:
+                    seeds.append(int(part))
+            except ValueError:
+                raise ValueError(f"bad seed range {part!r}: expected e.g. 0-63 or 1,5,9") from None
+    if not seeds:
+        raise ValueError("no seeds given: expected e.g. 0-63 or 1,5,9")
+    if min(seeds) < 0:
+        raise ValueError(f"seeds must be >= 0, got {min(seeds)}")
+    return seeds
+
+
+def output_size(net, height: Optional[int], width: Optional[int], resolution: Optional[int] = None):
+    """(H, W): the given sizes (or the training resolution), checked against the brick regions."""
+    default = int(getattr(net, "img_resolution", 0) or 0)
+    H = height or resolution or default
+    W = width or resolution or default
+    if not H or not W:
+        raise ValueError("give the output size: height and width (or resolution)")
+    regions = list(getattr(getattr(net, "model", None), "img_resolution", []) or [])
+    if regions:
+        m = math.lcm(*regions)
+        if H % m or W % m:
+            raise ValueError(f"output size {H}x{W} is not a multiple of {m} (the bricks' region sizes {regions} must "
+                             f"tile it): use e.g. {max(m, H - H % m)}x{max(m, W - W % m)}")
+    return H, W
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor                   # float32 (N, C, H, W), nominally in [-1, 1], on the CPU
+    seeds: List[int]
+    labels: Optional[torch.Tensor]         # class ids (N,) or None
+    seconds: float                         # sampler time (network + update), files excluded
+    images_per_second: float
+    files: Dict[str, object] = field(default_factory=dict)
+
+
+def _autocast(precision: str, device: torch.device, cuda_graph: bool = False):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # Autocast's cache of cast weights is freed when the context exits; a captured CUDA graph
+    # would keep pointing at it, so graphs run with the cache off (weights cast inside the graph).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graph)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Optional[int] = None,
+           class_ids: Optional[Sequence[int]] = None, height: Optional[int] = None, width: Optional[int] = None,
+           resolution: Optional[int] = None, batch_size: int = 64, num_steps: int = 18, sigma_min: float = 0.002,
+           sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+           S_max: float = float("inf"), S_noise: float = 1.0, cfg_scale: Optional[float] = None,
+           t_break: float = 1.0, skip_stage_idx: Optional[int] = None, outdir: Optional[str] = None,
+           prefix: str = "", grid: bool = True, grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
+           images: bool = False, npz: bool = False, device=None, precision: str = "fp32", cuda_graph: bool = False,
+           which: str = "ema", progress: bool = True) -> SampleResult:
+    """Generate one image per seed with EDM's Heun sampler and write the requested files.
+
+    network: an EDMPrecond or a path (see `load_network`). Labels: `class_idx` for every image,
+    `class_ids` one per seed, else a random class per seed (drawn from the seed's generator);
+    none for unconditional networks. Sizes: `height` x `width` (default the training
+    resolution), any multiple of the bricks' region sizes, non-square included. Files in
+    `outdir`: `{prefix}grid.png` (`grid_pad` gray pixels between images, enlarged `grid_scale`
+    times), `{prefix}images/{seed:06d}.png` (images=True), and
+    `{prefix}samples.npz` (npz=True; uint8 NHWC under `arr_0`, as FID tools read it).
+    Networks with other than 1 or 3 channels (latents) write only the .npz of raw samples."""
+    seeds = parse_seeds(seeds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if grid_scale < 1 or grid_pad < 0:
+        raise ValueError(f"grid_scale must be >= 1 and grid_pad >= 0, got {grid_scale}, {grid_pad}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} asked for but CUDA is not available; pass device='cpu'")
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError("cuda_graph=True needs a CUDA device (the graphs are CUDA's); drop it on the CPU")
+    net = load_network(network, which=which, device=dev) if isinstance(network, str) else network.eval().to(dev)
+    H, W = output_size(net, height, width, resolution)
+    C = int(net.img_channels)
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if cfg_scale is not None and label_dim == 0:
+        raise ValueError("cfg_scale needs a class-conditional network; this one is unconditional (label_dim=0)")
+    if class_idx is not None and class_ids is not None:
+        raise ValueError("give class_idx (one class for all) or class_ids (one per seed), not both")
+    if (class_idx is not None or class_ids is not None) and label_dim == 0:
+        raise ValueError("class labels given but the network is unconditional (label_dim=0)")
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise ValueError(f"class_idx must lie in 0..{label_dim - 1}, got {class_idx}")
+    if class_ids is not None:
+        class_ids = [int(c) for c in class_ids]
+        if len(class_ids) != len(seeds):
+            raise ValueError(f"class_ids has {len(class_ids)} entries but there are {len(seeds)} seeds")
+        if any(not 0 <= c < label_dim for c in class_ids):
+            raise ValueError(f"class_ids must lie in 0..{label_dim - 1}")
+    # Value checks before any compute.
+    if full_steps(num_steps, t_break) < num_steps:
+        resolve_skip_stage(net, t_break, skip_stage_idx)
+    edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+
+    graph = CudaGraphDenoiser(net, cfg_scale if cfg_scale != 1.0 else None) if cuda_graph else None
+    bar = ProgressBar(len(seeds) * num_steps, "sample", enabled=progress, unit="step")
+    outputs, all_labels = [], []
+    seconds = 0.0
+    for start in range(0, len(seeds), batch_size):
+        batch_seeds = seeds[start:start + batch_size]
+        rnd = StackedRandomGenerator(dev, batch_seeds)
+        latents = rnd.randn([len(batch_seeds), C, H, W])
+        labels = ids = None
+        if label_dim:
+            if class_idx is not None:
+                ids = torch.full((len(batch_seeds),), class_idx, dtype=torch.long, device=dev)
+            elif class_ids is not None:
+                ids = torch.tensor(class_ids[start:start + batch_size], dtype=torch.long, device=dev)
+            else:
+                ids = rnd.randint(label_dim)
+            labels = torch.nn.functional.one_hot(ids, label_dim).to(torch.float32)
+            all_labels.append(ids.cpu())
+        denoiser = None
+        if graph is not None:
+            graph.set_labels(labels)
+            denoiser = graph
+        _sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad(), _autocast(precision, dev, cuda_graph):
+            x = edm_sampler(net, latents, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                            rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                            cfg_scale=cfg_scale, t_break=t_break, skip_stage_idx=skip_stage_idx,
+                            randn_like=rnd.randn_like, denoiser=denoiser, progress=_Scaled(bar, len(batch_seeds)))
+        _sync(dev)
+        seconds += time.perf_counter() - t0
+        outputs.append(x.cpu())
+    bar.close()
+    result = SampleResult(images=torch.cat(outputs), seeds=seeds,
+                          labels=torch.cat(all_labels) if all_labels else None, seconds=seconds,
+                          images_per_second=len(seeds) / max(seconds, 1e-9))
+    if outdir is not None:
+        result.files = write_samples(result, outdir, prefix=prefix, grid=grid, grid_columns=grid_columns,
+                                     grid_pad=grid_pad, grid_scale=grid_scale, images=images, npz=npz)
+    return result
+
+
+class _Scaled:
+    """Progress in image-steps: one sampler step advances the bar by the batch size."""
+
+    def __init__(self, bar: ProgressBar, k: int):
+        self.bar, self.k = bar, k
+
+    def update(self, n: int = 1):
+        self.bar.update(n * self.k)
+
+
+def write_samples(result: SampleResult, outdir: str, prefix: str = "", grid: bool = True,
+                  grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
+                  images: bool = False, npz: bool = False) -> Dict[str, object]:
+    """Write a SampleResult's grid / per-image PNGs / npz; returns the paths written."""
+    os.makedirs(outdir, exist_ok=True)
+    files: Dict[str, object] = {}
+    C = result.images.shape[1]
+    if C in (1, 3):
+        u8 = float_to_uint8(result.images)
+        if grid:
+            path = os.path.join(outdir, f"{prefix}grid.png")
+            g = make_grid(u8, grid_columns, pad=grid_pad, pad_value=128)
+            if grid_scale > 1:  # nearest-neighbour enlargement, for small images
+                g = g.repeat_interleave(grid_scale, 0).repeat_interleave(grid_scale, 1)
+            write_png(path, g)
+            files["grid"] = path
+        if images:
+            folder = os.path.join(outdir, f"{prefix}images")
+            os.makedirs(folder, exist_ok=True)
+            paths = []
+            for seed, img in zip(result.seeds, u8):
+                paths.append(os.path.join(folder, f"{seed:06d}.png"))
+                write_png(paths[-1], img)
+            files["images"] = paths
+        if npz:
+            path = os.path.join(outdir, f"{prefix}samples.npz")
+            extra = {} if result.labels is None else {"labels": result.labels.numpy()}
+            np.savez(path, arr_0=u8.numpy(), seeds=np.asarray(result.seeds), **extra)
+            files["npz"] = path
+    else:
+        # Latent-space samples (e.g. 4-channel Stable-Diffusion latents) need a VAE to become
+        # pictures: keep the raw values for the decoder.
+        path = os.path.join(outdir, f"{prefix}samples.npz")
+        extra = {} if result.labels is None else {"labels": result.labels.numpy()}
+        np.savez(path, samples=result.images.numpy(), seeds=np.asarray(result.seeds), **extra)
+        files["npz"] = path
+        if grid or images:
+            print(f"fastlego sample: the network makes {C}-channel samples (latents?); PNGs need 1 or 3 channels, "
+                  f"so only {path} (raw float samples under 'samples') was written", file=sys.stderr)
+    return files

@@ -1,0 +1,281 @@
+"""Training: the EDM loss and preconditioning formulas, EMA, atomic checkpoints, exact resume,
+loss going down on the bundled digits, and DDP (2 CPU processes, gloo) = one process."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastlego
+from fastlego.testing import randomize_
+from fastlego.training import (DEMO_BRICKS, EDMLoss, ProgressBar, TrainConfig, atomic_save, build_network, ema_beta,
+                               load_training_checkpoint, network_from_checkpoint, network_spec, parse_bricks, train,
+                               update_ema)
+
+# The smallest LEGO that still has two bricks: 4x4 regions of one 4x4 patch, then one 8x8 patch.
+TINY = "4:lego_S_4:1,8:lego_S_8:1"
+
+
+def tiny_config(outdir, **kw):
+    base = dict(data="digits", resolution=8, bricks=TINY, batch_size=8, steps=4, lr=1e-3, max_images=64,
+                checkpoint_every=2, log_every=1, progress=False, outdir=str(outdir), seed=1, threads=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# Formulas
+# --------------------------------------------------------------------------------------------
+
+def test_edm_preconditioning_by_hand():
+    net = build_network(network_spec(8, 1, 0, bricks=TINY))
+    c_skip, c_out, c_in, c_noise = net.preconditioning(torch.tensor([0.5, 2.0]).reshape(-1, 1, 1, 1))
+    # sigma = 0.5 = sigma_data: c_skip = 1/2, c_out = 0.25 / sqrt(0.5), c_in = 1 / sqrt(0.5), c_noise = log(0.5) / 4.
+    assert torch.allclose(c_skip.flatten(), torch.tensor([0.5, 0.25 / 4.25]))
+    assert torch.allclose(c_out.flatten(), torch.tensor([0.25 / math.sqrt(0.5), 1.0 / math.sqrt(4.25)]))
+    assert torch.allclose(c_in.flatten(), torch.tensor([1 / math.sqrt(0.5), 1 / math.sqrt(4.25)]))
+    assert torch.allclose(c_noise.flatten(), torch.tensor([math.log(0.5) / 4, math.log(2.0) / 4]))
+    # D(x) = c_skip x + c_out F(c_in x, log(sigma)/4), checked against the raw backbone.
+    randomize_(net)
+    net.eval()
+    x = torch.randn(2, 1, 8, 8)
+    sigma = torch.tensor([0.5, 2.0])
+    F_x = net.model(x * c_in, c_noise.flatten())
+    assert torch.allclose(net(x, sigma), c_skip * x + c_out * F_x, atol=1e-6)
+
+
+def test_edm_loss_by_hand():
+    loss = EDMLoss()
+    assert loss.sigma(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([math.exp(-1.2), math.exp(0.0)])
+    # lambda(0.5) = (0.25 + 0.25) / (0.5 * 0.5)^2 = 8; lambda(1) = 1.25 / 0.25 = 5.
+    assert loss.weight(torch.tensor([0.5, 1.0])).tolist() == pytest.approx([8.0, 5.0])
+
+    seen = {}
+
+    def net(x, sigma, labels):  # a "denoiser" returning 0.1 * its input, two bricks
+        seen["x"], seen["sigma"] = x, sigma
+        return [0.1 * x, 0.2 * x]
+
+    y = torch.tensor([0.2, -0.4]).reshape(2, 1, 1, 1)
+    noise = torch.tensor([1.0, 0.5]).reshape(2, 1, 1, 1)
+    sigma = torch.tensor([0.5, 1.0])
+    total, per_brick = loss(net, y, sigma, noise)
+    assert torch.allclose(seen["x"].flatten(), torch.tensor([0.2 + 0.5, -0.4 + 0.5]))  # y + sigma * noise
+    # brick 1: D = 0.1 (y + n): errors (0.07 - 0.2, 0.01 + 0.4) -> 8 * 0.13^2 and 5 * 0.41^2, mean.
+    b1 = (8 * 0.13 ** 2 + 5 * 0.41 ** 2) / 2
+    b2 = (8 * (0.14 - 0.2) ** 2 + 5 * (0.02 + 0.4) ** 2) / 2
+    assert [float(v) for v in per_brick] == pytest.approx([b1, b2], rel=1e-6)
+    assert float(total) == pytest.approx((b1 + b2) / 2, rel=1e-6)
+    single, only = loss(lambda x, s, l: 0.1 * x, y, sigma, noise)
+    assert float(single) == pytest.approx(b1, rel=1e-6) and len(only) == 1
+
+
+def test_ema_beta_and_update():
+    # Half-life 1 kimg, batch 1000: beta = 0.5 per step; ramp-up caps the half-life at 0.05 * nimg.
+    assert ema_beta(1000, 10 ** 9, 1.0, None) == pytest.approx(0.5)
+    assert ema_beta(100, 2000, 500.0, 0.05) == pytest.approx(0.5 ** (100 / 100))
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    a0 = a.weight.detach().clone()
+    update_ema(a, b, 0.75)
+    assert torch.allclose(a.weight, 0.75 * a0 + 0.25 * b.weight)
+
+
+def test_parse_bricks_and_spec_errors():
+    assert parse_bricks("4:lego_S_2:1, 16:lego_S_8:2") == {"img_resolution": [4, 16], "depths": [1, 2],
+                                                           "model_type": ["lego_S_2", "lego_S_8"]}
+    assert parse_bricks(DEMO_BRICKS)["img_resolution"][-1] == 16
+    for bad, msg in [("4:lego_S_2", "REGION:TYPE:DEPTH"), ("4:lego_Q_2:1", "unknown brick type"),
+                     ("6:lego_S_4:1", "not a multiple of"), ("x:lego_S_2:1", "positive integers"), ("", "no bricks")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_bricks(bad)
+    with pytest.raises(ValueError, match="multiple of"):
+        network_spec(12, 1, 0, bricks="8:lego_S_8:1")
+    with pytest.raises(ValueError, match="exactly one"):
+        network_spec(8, 1, 0)
+    with pytest.raises(ValueError, match="unknown LEGO preset"):
+        network_spec(64, 3, 0, preset="lego_S_PG_65")
+    for kw, msg in [(dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"), (dict(precision="fp16"), "bf16"),
+                    (dict(class_dropout=1.0), "class_dropout"), (dict(preset="lego_S_PG_64"), "not both")]:
+        with pytest.raises(ValueError, match=msg):
+            tiny_config("/nonexistent", **kw).validate()
+
+
+def test_build_network_from_preset_and_bricks():
+    net = build_network(network_spec(8, 1, 10, bricks=TINY, intermediate=False))
+    assert isinstance(net, fastlego.EDMPrecond) and net.model.num_bricks == 2 and net.label_dim == 10
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert sorted(net.state_dict())[0].startswith("model.")  # the release's key prefix
+    with torch.device("meta"):  # a preset builds through EDMPrecond itself (meta: no memory)
+        pre = build_network(network_spec(64, 3, 0, preset="lego_S_PG_64"))
+    assert pre.model.img_resolution == [4, 16, 64] and pre.model.train_intermediate_stages
+
+
+def test_progress_bar_writes_lines(capsys):
+    import io
+    stream = io.StringIO()
+    bar = ProgressBar(4, "x", stream=stream, interval=0.0)
+    for _ in range(4):
+        bar.update(1, loss=0.5)
+    bar.close()
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("x [####################] 4/4") and "loss=0.5" in lines[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def test_atomic_save_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(src, dst):
+        raise OSError("simulated crash between write and rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone too
+
+
+def test_crash_during_training_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, steps=2, checkpoint_every=2))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, steps=4, checkpoint_every=2, resume="auto"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    ckpt = load_training_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ckpt["step"] == 2 and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------
+
+def test_loss_goes_down_on_the_bundled_digits(tmp_path):
+    cfg = tiny_config(tmp_path, steps=20, batch_size=16, lr=2e-3, warmup_steps=3, max_images=None, log_every=10,
+                      checkpoint_every=100, ema_halflife_kimg=0.1)
+    res = train(cfg)
+    assert len(res.losses) == 20 and all(math.isfinite(v) for v in res.losses)
+    # The training loss is noisy (random sigmas); judge on a fixed batch of real digits at fixed
+    # sigmas and noise, before (the same seeded initialisation) and after training.
+    from fastlego.data import ImageDataset, images_to_float
+    images, labels = ImageDataset("digits", resolution=8).batch(list(range(0, 1797, 60)))
+    y = images_to_float(images).repeat(4, 1, 1, 1)
+    sigma = torch.tensor([0.1, 0.3, 1.0, 3.0]).repeat_interleave(len(images))
+    noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    spec = load_training_checkpoint(res.checkpoint)["network"]
+    torch.manual_seed(cfg.seed)
+    before = build_network(spec).eval()
+    after = network_from_checkpoint(res.checkpoint, which="model")
+    with torch.no_grad():
+        l0 = float(EDMLoss()(before, y, sigma, noise, labels.repeat(4, 1))[0])
+        l1 = float(EDMLoss()(after, y, sigma, noise, labels.repeat(4, 1))[0])
+    assert l1 < 0.75 * l0, (l0, l1)
+    records = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [10, 20]
+    assert all(len(r["loss_per_brick"]) == 2 and r["images_per_s"] > 0 for r in records)
+    assert records[0]["lr"] == pytest.approx(2e-3)
+    ckpt = load_training_checkpoint(res.checkpoint)
+    assert ckpt["step"] == 20 and ckpt["nimg"] == 20 * 16
+    # The EMA network differs from the raw one and is what network_from_checkpoint gives by default.
+    ema = network_from_checkpoint(res.checkpoint)
+    k = "model.model.1.final_layer.linear.weight"
+    assert not torch.equal(ema.state_dict()[k], after.state_dict()[k])
+    assert torch.equal(ema.state_dict()[k], res.network.state_dict()[k])
+
+
+def test_resume_takes_the_same_next_steps(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", steps=6, checkpoint_every=3, xflip=True))
+    first = train(tiny_config(tmp_path / "b", steps=3, checkpoint_every=3, xflip=True))
+    # Scramble every global RNG in between: the resumed run must restore what it needs.
+    torch.manual_seed(12345)
+    resumed = train(tiny_config(tmp_path / "b", steps=6, checkpoint_every=3, xflip=True, resume="auto"))
+    assert first.losses == straight.losses[:3]
+    assert resumed.losses == straight.losses[3:]  # bit-identical on the CPU
+    a = load_training_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))
+    b = load_training_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert torch.equal(a["rng"]["train_generator"], b["rng"]["train_generator"]) and a["step"] == b["step"] == 6
+    with pytest.raises(ValueError, match="batch_size=8 but this run has batch_size=16"):
+        train(tiny_config(tmp_path / "b", steps=8, batch_size=16, resume="auto"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(tiny_config(outdir, steps=3, checkpoint_every=3, device="cpu", threads=1))
+
+
+def test_ddp_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
+    single = train(tiny_config(tmp_path / "one", steps=3, checkpoint_every=3))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    one = load_training_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
+    two = load_training_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
+    assert two["world_size"] == 2 and two["step"] == 3 and len(two["rng"]["per_rank"]) == 2
+    losses_two = [__import__("json").loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert losses_two == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
+    worst = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
+    assert worst < 1e-5, worst
+    moved = max((one["model"][k] - build_network(one["network"]).state_dict()[k]).abs().max().item() for k in one["model"])
+    assert moved > 1e-3  # the comparison is not between two untrained copies
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (run by the lead on the device machine)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_bf16_training_of_a_preset_on_gpu(tmp_path):
+    from fastlego.sampling import sample
+    cfg = TrainConfig(data="digits", resolution=64, preset="lego_S_PG_64", batch_size=32, steps=30, lr=5e-4,
+                      warmup_steps=5, log_every=10, checkpoint_every=30, outdir=str(tmp_path), progress=False)
+    res = train(cfg)  # precision auto: bf16 autocast on CUDA
+    assert all(math.isfinite(v) for v in res.losses)
+    assert sum(res.losses[-10:]) < sum(res.losses[:10]), res.losses
+    out = sample(res.checkpoint, "0-7", num_steps=8, t_break=0.5, cfg_scale=2.0, device="cuda", progress=False,
+                 cuda_graph=True, precision="bf16")
+    assert out.images.shape == (8, 1, 64, 64) and torch.isfinite(out.images).all()
+
+
+def _nccl_worker(rank, world, port, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.backends.cudnn.allow_tf32 = False
+    train(tiny_config(outdir, steps=3, checkpoint_every=3, device=None, precision="fp32", resolution=16,
+                      bricks="4:lego_S_2:1,16:lego_S_8:1"))
+
+
+@pytest.mark.cuda
+def test_ddp_nccl_two_gpus_equal_one_gpu(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    torch.backends.cudnn.allow_tf32 = False
+    single = train(tiny_config(tmp_path / "one", steps=3, checkpoint_every=3, device="cuda:0", precision="fp32",
+                               resolution=16, bricks="4:lego_S_2:1,16:lego_S_8:1"))
+    mp.spawn(_nccl_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    one = load_training_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
+    two = load_training_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
+    losses_two = [__import__("json").loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert losses_two == pytest.approx(single.losses, rel=1e-3)
+    worst = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
+    assert worst < 1e-3, worst
