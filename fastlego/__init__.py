@@ -32,10 +32,11 @@ from .presets import PRESETS, Preset, get_preset  # noqa: E402
 from .model import LegoBackbone  # noqa: E402
 from .edm import EDMPrecond  # noqa: E402
 from .dispatch import use_backend, set_backend, BackendNotSupported  # noqa: E402
+from .info import explain  # noqa: E402
 from . import ops, reference, dispatch  # noqa: E402,F401
 
 __all__ = ["LegoBackbone", "EDMPrecond", "PRESETS", "Preset", "get_preset", "use_backend", "set_backend",
-           "BackendNotSupported", "load_checkpoint", "save_checkpoint", "explain"]
+           "BackendNotSupported", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
 
 
 def __getattr__(name):
@@ -43,7 +44,10 @@ def __getattr__(name):
     if name in ("load_checkpoint", "save_checkpoint", "load_state_dict_from_release"):
         from . import checkpoint
         return getattr(checkpoint, name)
-    if name == "explain":
-        from .explain import explain
-        return explain
+    if name in ("train", "TrainConfig"):
+        from . import training
+        return getattr(training, name)
+    if name == "sample":
+        from .sampling import sample
+        return sample
     raise AttributeError(f"module 'fastlego' has no attribute {name!r}")

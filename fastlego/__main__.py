@@ -191,12 +191,9 @@ def cmd_bench(args, rest: List[str]) -> int:
 
 
 def cmd_info(args) -> int:
-    try:
-        explain = importlib.import_module("fastlego.explain")  # the module (fastlego.explain is also a function)
-    except ImportError as exc:
-        print(f"fastlego info: the explain module is not available in this install ({exc})", file=sys.stderr)
-        return 2
-    explain.print_info()
+    from .info import print_info
+
+    print_info()
     return 0
 
 
@@ -309,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     # bench / info -------------------------------------------------------------------------
     p = sub.add_parser("bench", help="speed benchmarks (fastlego.benchmark; its own options follow)", add_help=False)
     p.set_defaults(func=None, passthrough=True)
-    p = sub.add_parser("info", help="backends, kernels and what runs where (fastlego.explain)")
+    p = sub.add_parser("info", help="environment, backends and what runs where (fastlego.explain)")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -286,6 +286,11 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
     if M == 0 or D == 0:
         return out
 
+    if dtype != x.dtype:
+        # Autocast: the reference rounds x (with prev and the coordinates, via x's dtype) and the
+        # weight to the autocast dtype before its conv; doing it here gives the same values and lets
+        # the kernel gather 16-bit pixels (the fp32 gather ran 4x slower on an H200, bench/RESULTS.md).
+        x, weight = x.to(dtype), weight.to(dtype)
     w2 = weight.reshape(D, K)                    # (channel, row, col) flattening = K order above
     pos2 = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     prev_t = prev if prev is not None else x     # never read when HAS_PREV is False

@@ -46,7 +46,8 @@ tile (M * K passes 2^31 at large batches); rows/columns past the edge are clampe
 so that main-loop loads need no M/N masks (the store is masked). On the GPU,
 `triton.autotune` over a few Hopper configs, keyed on (next power of two of M, N, K, rows per
 image, dtypes); under Triton's interpreter one fixed small config. fp32 inputs: the dot runs in
-TF32 when `torch.backends.cuda.matmul.allow_tf32` is on (what F.linear does then), otherwise in
+3xTF32 (`tf32x3`, about fp32 accuracy on tensor cores) when `torch.backends.cuda.matmul.allow_tf32`
+is on (F.linear runs plain TF32 then), otherwise in
 exact IEEE fp32 (`input_precision="ieee"`: no tensor cores, ~15x slower than bf16). Autocast (CUDA inputs,
 `torch.is_autocast_enabled('cuda')`): the MMA runs in the autocast dtype with W cast to it, as
 F.linear does; LN statistics and modulation stay fp32 (autocast runs layer_norm in fp32). Output
@@ -601,7 +602,10 @@ def _input_precision(mma_dtype: torch.dtype) -> str:
     """fp32 dots follow torch's TF32 switch for matmuls (what F.linear does); 16-bit use tensor cores."""
     if mma_dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting()):
         return "ieee"
-    return "tf32"
+    # "tf32x3": three TF32 MMAs per product (split operands), about fp32's accuracy on tensor cores.
+    # Plain "tf32" truncates the LN-normalised A tile and misses the 2x-of-cuBLAS-TF32 budget
+    # (measured on an H200: 6.3e-3 vs cuBLAS 2.3e-3 on a 384 -> 1152 modulated_linear).
+    return "tf32x3"
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -655,12 +659,65 @@ def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=Non
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Path choice, measured. On an H200 (bench/RESULTS.md, 2026-11-27) the fused GEMM above reached
+# 230-400 TFLOP/s where cuBLAS reaches ~600+: the prologue's normalise-and-modulate sits between
+# the A loads and the MMAs and the pipeliner cannot hide it. Path (b) moves LN-modulate into one
+# memory-bound pass (read h, write A: 2 * M * K elements, ~0.1 ms at S_PG_64's qkv) and leaves
+# the matmul to cuBLAS. Which is faster depends on the shape and the card, so the first call of
+# each shape times both (CUDA events, after a warm-up that also runs Triton's autotuner) and the
+# winner is cached. Under CUDA-graph capture no timing is possible: the cached choice or (b).
+# --------------------------------------------------------------------------------------------
+
+_PATH_CACHE: dict = {}
+
+
+def _shape_key(op, x, weight, per_image, extra):
+    M = x.numel() // x.shape[-1]
+    return (op, triton.next_power_of_2(max(M, 1)), weight.shape[0], x.shape[-1], M // max(per_image.shape[0], 1),
+            x.dtype, weight.dtype, _autocast_dtype([x, weight]), extra)
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()  # warm-up: compiles and autotunes
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _fastest(key, candidates, x):
+    """The name of the fastest candidate for this shape (measured once per key, see above)."""
+    if key in _PATH_CACHE:
+        return _PATH_CACHE[key]
+    names = list(candidates)
+    if triton_interpreting() or not x.is_cuda:
+        return names[0]
+    if torch.cuda.is_current_stream_capturing():
+        return names[-1]
+    times = {name: _time_ms(fn) for name, fn in candidates.items()}
+    _PATH_CACHE[key] = min(times, key=times.get)
+    return _PATH_CACHE[key]
+
+
 def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):
-    """act(Linear(LN(h) * (1 + scale[img]) + shift[img])): LN statistics kernel + one GEMM whose
-    prologue normalises and modulates A. h (..., D); shift/scale (B, D) any strides; weight
-    (N_out, D); bias (N_out,) or None; activation None or "gelu_tanh". h is used through a view
-    (a copy only if its strides cannot be seen as (rows, D)). Returns (..., N_out)."""
-    return _modulated_linear(h, shift, scale, weight, bias, activation, out=out)
+    """act(Linear(LN(h) * (1 + scale[img]) + shift[img])), by the faster (measured per shape) of
+    (a) an LN statistics kernel + one GEMM whose prologue normalises and modulates A, and
+    (b) one LN-modulate kernel + cuBLAS(Lt) with the bias (+ GELU) epilogue.
+    h (..., D); shift/scale (B, D) any strides; weight (N_out, D); bias (N_out,) or None;
+    activation None or "gelu_tanh". Returns (..., N_out)."""
+    _raise_if(_modulated_linear_problems(h, shift, scale, weight, bias, activation), "modulated_linear")
+    args = (h, shift, scale, weight, bias, activation)
+    key = _shape_key("modulated_linear", h, weight, shift, activation)
+    path = _fastest(key, {"fused": lambda: _modulated_linear(*args), "cublas": lambda: modulated_linear_cublas(*args)}, h)
+    if path == "fused":
+        return _modulated_linear(*args, out=out)
+    return modulated_linear_cublas(*args, out=out)
 
 
 def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):
@@ -732,11 +789,18 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
 
 
 def linear_gated_residual(a, weight, bias, gate, residual, *, out=None):
-    """residual + gate[img] * (a @ W^T + bias) in one GEMM with a fused epilogue. a (..., K);
-    weight (N, K); bias (N,) or None; gate (B, N) any strides; residual (..., N). a and residual
-    are used through views (copies only if their strides cannot be seen as (rows, features)).
+    """residual + gate[img] * (a @ W^T + bias), by the faster (measured per shape, see above) of
+    one GEMM with a fused bias + gate + residual epilogue and cuBLAS + one fused elementwise pass.
+    a (..., K); weight (N, K); bias (N,) or None; gate (B, N) any strides; residual (..., N).
     out must not overlap the inputs. Returns (..., N)."""
-    return _linear_gated_residual(a, weight, bias, gate, residual, out=out)
+    _raise_if(_linear_gated_residual_problems(a, weight, bias, gate, residual), "linear_gated_residual")
+    args = (a, weight, bias, gate, residual)
+    key = _shape_key("linear_gated_residual", a, weight, gate, (residual.dtype, gate.dtype))
+    path = _fastest(key, {"fused": lambda: _linear_gated_residual(*args),
+                          "cublas": lambda: linear_gated_residual_cublas(*args)}, a)
+    if path == "fused":
+        return _linear_gated_residual(*args, out=out)
+    return linear_gated_residual_cublas(*args, out=out)
 
 
 def linear_gated_residual_cublas(a, weight, bias, gate, residual, *, out=None):

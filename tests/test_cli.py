@@ -118,26 +118,23 @@ def test_value_errors_past_argparse(trained, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# bench / info delegate to fastlego.benchmark / fastlego.explain
+# bench / info delegate to fastlego.benchmark / fastlego.info
 # --------------------------------------------------------------------------------------------
 
 def test_bench_and_info_delegate(monkeypatch, capsys):
     seen = {}
     bench = types.ModuleType("fastlego.benchmark")
     bench.main = lambda argv: seen.setdefault("argv", argv) and 0
-    explain = types.ModuleType("fastlego.explain")
-    explain.print_info = lambda: print("INFO TABLE")
+    info = types.ModuleType("fastlego.info")
+    info.print_info = lambda: print("INFO TABLE")
     monkeypatch.setitem(sys.modules, "fastlego.benchmark", bench)
-    monkeypatch.setitem(sys.modules, "fastlego.explain", explain)
+    monkeypatch.setitem(sys.modules, "fastlego.info", info)
     assert main(["bench", "--tiny", "--json", "r.json"]) == 0
     assert seen["argv"] == ["--tiny", "--json", "r.json"]  # everything after `bench` is passed through
     assert main(["info"]) == 0 and "INFO TABLE" in capsys.readouterr().out
 
 
-def test_bench_and_info_missing(monkeypatch, capsys):
+def test_bench_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastlego.benchmark", None)  # import fails
-    monkeypatch.setitem(sys.modules, "fastlego.explain", None)
     assert main(["bench"]) == 2
     assert "benchmark module is not available" in capsys.readouterr().err
-    assert main(["info"]) == 2
-    assert "explain module is not available" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def nan_out(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def check_modulated(h, shift, scale, w, b, act, launcher=FL.modulated_linear, **kw):
+def check_modulated(h, shift, scale, w, b, act, launcher=FL._modulated_linear, **kw):
     out = nan_out(h.shape[:-1] + (w.shape[0],), h.dtype, h.device)
     got = launcher(h, shift, scale, w, b, act, out=out, **kw)
     assert got is out
@@ -88,7 +88,7 @@ def check_modulated(h, shift, scale, w, b, act, launcher=FL.modulated_linear, **
     assert_close_to_reference(out, ref, same, atol=_atol(ref, h.dtype), what=f"modulated_linear {h.dtype} {act}")
 
 
-def check_gated(a, w, b, gate, residual, launcher=FL.linear_gated_residual, **kw):
+def check_gated(a, w, b, gate, residual, launcher=FL._linear_gated_residual, **kw):
     out = nan_out(residual.shape, residual.dtype, residual.device)
     got = launcher(a, w, b, gate, residual, out=out, **kw)
     assert got is out
@@ -352,12 +352,12 @@ def test_tf32_follows_torch_cuda():
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert FL._input_precision(torch.float32) == "tf32"
+        assert FL._input_precision(torch.float32) == "tf32x3"
         check_modulated(*modulated_inputs(3, 5, 4, 384, 1152, torch.float32, "cuda"), None)
         check_gated(*gated_inputs(3, 5, 4, 1536, 384, torch.float32, "cuda"))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    assert FL._input_precision(torch.float32) == ("tf32" if saved else "ieee")
+    assert FL._input_precision(torch.float32) == ("tf32x3" if saved else "ieee")
 
 
 @pytest.mark.cuda
@@ -376,3 +376,19 @@ def test_dispatcher_auto_picks_triton_cuda():
         fastlego.ops.modulated_linear(h, shift, scale, w, b)
         fastlego.ops.linear_gated_residual(a, wg, bg, gate, residual)
     assert [d.chosen for d in rec] == ["triton", "triton"], [d.refused for d in rec]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_public_launchers_pick_a_path_per_shape_cuda(dtype):
+    """The public launchers time the fused GEMM against LN-modulate + cuBLAS once per shape and
+    cache the winner; whichever wins, the answer is within tolerance and the choice is stable."""
+    FL._PATH_CACHE.clear()
+    args = modulated_inputs(3, 16, 4, 384, 1152, dtype, "cuda")
+    check_modulated(*args, "gelu_tanh", launcher=FL.modulated_linear)
+    keys = [k for k in FL._PATH_CACHE if k[0] == "modulated_linear"]
+    assert len(keys) == 1 and FL._PATH_CACHE[keys[0]] in ("fused", "cublas")
+    check_modulated(*args, "gelu_tanh", launcher=FL.modulated_linear)
+    assert len([k for k in FL._PATH_CACHE if k[0] == "modulated_linear"]) == 1
+    check_gated(*gated_inputs(3, 16, 4, 1536, 384, dtype, "cuda"), launcher=FL.linear_gated_residual)
+    assert any(k[0] == "linear_gated_residual" for k in FL._PATH_CACHE)

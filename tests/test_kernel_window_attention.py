@@ -39,7 +39,8 @@ def _check(qkv, heads, out=None, atol=None):
     assert got is out
     ref_dtype = torch.float64 if qkv.is_cuda else torch.float32
     ref = reference.attention(qkv.to(ref_dtype), heads)
-    same = None if qkv.dtype == torch.float32 else reference.attention(qkv, heads)
+    # fp32 on CUDA: PyTorch's own fp32 path (vs the fp64 reference) sets the error budget too
+    same = None if (qkv.dtype == torch.float32 and not qkv.is_cuda) else reference.attention(qkv, heads)
     if atol is None:
         atol = 1e-5 if qkv.dtype == torch.float32 else 1e-4
     assert_close_to_reference(got, ref, same, atol=atol, what=f"attention {tuple(qkv.shape)} {qkv.dtype} heads={heads}")

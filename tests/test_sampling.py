@@ -265,6 +265,9 @@ def test_skipping_saves_time_on_gpu():
     sample(net, "0-31", **kw)  # warm-up
     full = sample(net, "0-31", t_break=1.0, **kw)
     skip = sample(net, "0-31", t_break=0.4, **kw)
+    print(f"\n[sampling] lego_S_PG_64, 32 images, 10 Heun steps, cfg 1.5, bf16, {torch.cuda.get_device_name()}: "
+          f"all bricks {full.seconds:.3f} s, t_break 0.4 {skip.seconds:.3f} s "
+          f"({100 * (1 - skip.seconds / full.seconds):.0f}% less time per image)")
     # Brick 2 (64x64 regions, depth 6) is most of the cost: skipping it in 60% of the steps must
     # save a good part of the time.
     assert skip.seconds < 0.8 * full.seconds, (full.seconds, skip.seconds)

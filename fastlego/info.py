@@ -1,4 +1,4 @@
-"""`fastlego.explain`: which backend runs each op call site of a model, and why the others don't.
+"""`fastlego.explain` (defined here): which backend runs each op call site of a model, and why the others don't.
 `print_info` (also `python -m fastlego info`): the environment and that table."""
 
 from __future__ import annotations
