@@ -277,6 +277,24 @@ def site(name: str):
 # Shared support checks for kernels
 # --------------------------------------------------------------------------------------------
 
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would cast `t` to (autocast on for t's device, t floating and not fp64),
+    else None. Kernels compute in it, as the reference op does under autocast."""
+    dev = t.device.type
+    if dev not in ("cuda", "cpu") or not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(dev)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

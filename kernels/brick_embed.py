@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -150,27 +150,10 @@ def _brick_embed_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype if autocast is on for t's device and would cast t (floating, not fp64)."""
-    dev = t.device.type
-    if dev not in ("cuda", "cpu") or not t.is_floating_point() or t.dtype == torch.float64:
-        return None
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(dev)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the op computes and returns in: the autocast dtype under autocast of x's device
     (F.conv2d casts its inputs to it), else x's dtype (the reference casts everything to it)."""
-    return _autocast_dtype(x) or x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def _fp32_precision() -> str:
@@ -226,7 +209,7 @@ def not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]
     # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype
     # (x's, or autocast's) as it is loaded. Everything else triton_reasons checks applies.
     reasons = [r for r in triton_reasons(tensors) if not r.startswith("mixed dtypes")]
-    amp = _autocast_dtype(x)
+    amp = autocast_dtype(x)
     if amp is not None:
         if amp not in _DTYPES:
             reasons.append(f"autocast dtype {amp} not supported (expected float16 or bfloat16)")

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
 
 LN_EPS = 1e-6
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,27 +148,10 @@ def _final_layer_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype if autocast is on for t's device and would cast t (floating, not fp64)."""
-    dev = t.device.type
-    if dev not in ("cuda", "cpu") or not t.is_floating_point() or t.dtype == torch.float64:
-        return None
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(dev)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     """The dtype the op computes its Linear in and returns: the autocast dtype under autocast of
     h's device (F.linear casts to it), else h's dtype."""
-    return _autocast_dtype(h) or h.dtype
+    return autocast_dtype(h) or h.dtype
 
 
 def _fp32_precision() -> str:
@@ -223,7 +206,7 @@ def not_supported_reasons(h, shift, scale, weight, bias, region, image_shape) ->
         return problems
     tensors = [h, shift, scale, weight, bias]
     reasons = triton_reasons(tensors)
-    amp = _autocast_dtype(h)
+    amp = autocast_dtype(h)
     if amp is not None:
         # Autocast: LN runs in fp32 and the Linear in the autocast dtype whatever the operands'
         # dtypes, as in the reference, so mixed dtypes are fine.

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
 from fastlego.reference import LN_EPS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -454,12 +454,7 @@ def _autocast_dtype(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch
     ts = [t for t in tensors if t is not None]
     if not ts or not all(t.is_cuda for t in ts):
         return None
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-    except TypeError:  # torch < 2.4
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return dtype if enabled else None
+    return autocast_dtype(ts[0])
 
 
 def _span(t: torch.Tensor):

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
 
 # Regions of at most this many tokens go to the packed kernel, larger ones to the flash kernel.
 PACKED_MAX_TOKENS = 64
@@ -186,18 +186,7 @@ def _flash_attention_kernel(
 def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
     """The dtype the op computes and returns in: the autocast dtype under autocast of the tensor's
     device (floating inputs other than fp64 are cast, as autocast does for SDPA), else qkv's."""
-    dev = qkv.device.type
-    if dev in ("cuda", "cpu") and qkv.is_floating_point() and qkv.dtype != torch.float64:
-        try:
-            enabled = torch.is_autocast_enabled(dev)
-        except TypeError:  # torch < 2.4: no device argument
-            enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
-        if enabled:
-            try:
-                return torch.get_autocast_dtype(dev)
-            except AttributeError:  # torch < 2.4
-                return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
-    return qkv.dtype
+    return autocast_dtype(qkv) or qkv.dtype
 
 
 def _fp32_precision() -> str:
