@@ -84,7 +84,8 @@ def cmd_train(args) -> int:
         ema_halflife_kimg=args.ema, ema_rampup=None if args.ema_rampup == 0 else args.ema_rampup,
         intermediate=not args.last_brick_only, class_dropout=args.class_dropout, precision=args.precision,
         seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-        workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads)
+        workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
+        activation_checkpointing=args.activation_checkpointing)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one)")
     p.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "flash_attn", "xformers"])
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU threads")
+    p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
+                   help="recompute activations in backward per brick or per DiT block (less memory, more compute)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -18,7 +18,9 @@ class EDMPrecond(nn.Module):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "lego_XL_U_32", **model_kwargs):
+                 model_type: str = "lego_XL_U_32", backbone: Optional[LegoBackbone] = None, **model_kwargs):
+        """`model_type` names the preset the backbone is built from (the release's way); or pass a
+        ready `backbone` (any brick stack) and `model_type` is only recorded."""
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -28,8 +30,18 @@ class EDMPrecond(nn.Module):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
         self.model_type = model_type
-        get_preset(model_type)  # clear error for an unknown name
-        self.model = LegoBackbone.from_preset(model_type, in_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        if backbone is not None:
+            if model_kwargs:
+                raise TypeError(f"EDMPrecond got a backbone and backbone arguments {sorted(model_kwargs)}: "
+                                f"pass one or the other")
+            if (backbone.in_channels, backbone.label_dim) != (img_channels, label_dim):
+                raise ValueError(f"the backbone has in_channels={backbone.in_channels}, label_dim={backbone.label_dim} "
+                                 f"but EDMPrecond was given img_channels={img_channels}, label_dim={label_dim}")
+            self.model = backbone
+        else:
+            get_preset(model_type)  # clear error for an unknown name
+            self.model = LegoBackbone.from_preset(model_type, in_channels=img_channels, label_dim=label_dim,
+                                                  **model_kwargs)
 
     def preconditioning(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape (B, 1, 1, 1)."""

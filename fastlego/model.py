@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .presets import BRICK_TYPES, get_preset
@@ -99,6 +100,7 @@ class Brick(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid), requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, out_channels)
+        self.checkpoint_blocks = False  # recompute each block's activations in backward (see LegoBackbone)
         self.initialize_weights()
 
     @property
@@ -125,8 +127,9 @@ class Brick(nn.Module):
         """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, c)
+            h = checkpoint(block, h, c, use_reentrant=False) if recompute else block(h, c)
         return self.final_layer(h, c, self.region, x.shape)
 
 
@@ -184,7 +187,8 @@ class LegoBackbone(nn.Module):
                  class_dropout_prob: float = 0.1, learn_sigma: bool = False, augment_dim: int = 0,
                  model_type: Sequence = ("lego_S_2", "lego_S_8", "lego_S_2"),
                  depths: Sequence[int] = (2, 4, 6), train_intermediate_stages: bool = False,
-                 use_fp16: bool = False, mlp_ratio: float = 4.0, **kwargs):
+                 use_fp16: bool = False, mlp_ratio: float = 4.0, activation_checkpointing: Optional[str] = None,
+                 **kwargs):
         super().__init__()
         if learn_sigma:
             raise ValueError("learn_sigma=True is not supported: the LEGO checkpoints predict C channels "
@@ -229,6 +233,19 @@ class LegoBackbone(nn.Module):
             nn.init.normal_(self.map_augment.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, mode: Optional[str]) -> "LegoBackbone":
+        """Trade compute for memory in training: "brick" keeps only each brick's input and output
+        and recomputes the rest in backward, "block" keeps each DiT block's input; None (the
+        default) keeps every activation. Gradients are the same (the forward is recomputed
+        exactly); it applies only while autograd records."""
+        if mode not in (None, "brick", "block"):
+            raise ValueError(f"activation_checkpointing={mode!r}: expected None, 'brick' or 'block'")
+        self.activation_checkpointing = mode
+        for brick in self.model:
+            brick.checkpoint_blocks = mode == "block"
+        return self
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -298,7 +315,10 @@ class LegoBackbone(nn.Module):
             feed = prev if i > 0 else None
             if i > 0 and feed is None:
                 feed = x  # brick i > 0 with every earlier brick skipped: it refines the input itself
-            prev = self.model[i](x, feed, c)
+            if self.activation_checkpointing == "brick" and torch.is_grad_enabled():
+                prev = checkpoint(self.model[i], x, feed, c, use_reentrant=False)
+            else:
+                prev = self.model[i](x, feed, c)
             outputs.append(prev)
         if self.train_intermediate_stages and self.training:
             return outputs

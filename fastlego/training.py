@@ -143,13 +143,11 @@ def build_network(spec: dict) -> EDMPrecond:
     if spec.get("preset"):
         net = EDMPrecond(spec["img_resolution"], spec["img_channels"], model_type=spec["preset"], **common)
     else:
-        # EDMPrecond builds its backbone from a preset name: build the wrapper around the smallest
-        # preset on the meta device (no memory, no compute), then put the explicit stack in.
-        with torch.device("meta"):
-            net = EDMPrecond(spec["img_resolution"], spec["img_channels"], model_type="lego_S_PG_64", **common)
-        net.model = LegoBackbone(in_channels=spec["img_channels"], **spec["bricks"], **common)
-        net.model_type = "custom:" + ",".join(f"{r}:{t}:{d}" for r, t, d in zip(
+        name = "custom:" + ",".join(f"{r}:{t}:{d}" for r, t, d in zip(
             spec["bricks"]["img_resolution"], spec["bricks"]["model_type"], spec["bricks"]["depths"]))
+        backbone = LegoBackbone(in_channels=spec["img_channels"], **spec["bricks"], **common)
+        net = EDMPrecond(spec["img_resolution"], spec["img_channels"], label_dim=spec["label_dim"],
+                         model_type=name, backbone=backbone)
     net.network_spec = dict(spec)
     return net
 
@@ -195,6 +193,7 @@ class TrainConfig:
     backend: Optional[str] = None        # fastlego dispatch mode (default: auto)
     progress: bool = True
     threads: Optional[int] = None        # torch CPU threads
+    activation_checkpointing: Optional[str] = None  # None, "brick" or "block": recompute to save memory
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -210,6 +209,8 @@ class TrainConfig:
         need(self.ema_rampup is None or self.ema_rampup > 0, f"ema_rampup must be > 0 or None, got {self.ema_rampup}")
         need(0 <= self.class_dropout < 1, f"class_dropout must lie in [0, 1), got {self.class_dropout}")
         need(self.P_std > 0 and self.sigma_data > 0, "P_std and sigma_data must be positive")
+        need(self.activation_checkpointing in (None, "brick", "block"),
+             f"activation_checkpointing must be None, 'brick' or 'block', got {self.activation_checkpointing!r}")
         need(self.precision in ("auto", "fp32", "bf16"),
              f"precision must be auto, fp32 or bf16, got {self.precision!r} (fp16 training needs loss scaling; use bf16)")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
@@ -515,6 +516,7 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_network(spec).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    net.model.set_activation_checkpointing(cfg.activation_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     # One generator for every random draw of a step, advanced identically on every rank.
