@@ -19,6 +19,8 @@ import sys
 import time
 from typing import List, Optional
 
+from . import dispatch
+
 DEMO_CLASSES = 10
 
 
@@ -133,7 +135,7 @@ def demo(minutes: float = 3.0, outdir: str = "fastlego-demo", train_steps: Optio
     cfg = TrainConfig(data="digits", resolution=16, outdir=outdir, bricks=DEMO_BRICKS, batch_size=batch or (256 if on_gpu else 32),
                       steps=train_steps if train_steps is not None else 10 ** 9,
                       max_seconds=None if train_steps is not None else train_seconds,
-                      lr=1e-3 if not on_gpu else 1e-3, warmup_steps=50, ema_halflife_kimg=5, ema_rampup=0.1,
+                      lr=1e-3, warmup_steps=50, ema_halflife_kimg=5, ema_rampup=0.1,
                       intermediate=True, class_dropout=0.1, seed=seed, checkpoint_every=10 ** 9, log_every=25,
                       device=dev, progress=progress)
     print(f"fastlego demo: training a LEGO ({DEMO_BRICKS}) on 1797 real 16x16 handwritten digits "
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUTDIR/checkpoint.pt if present)")
     p.add_argument("--workers", type=_number(int, "--workers", lo=0), default=0, help="data-loading processes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one)")
-    p.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "flash_attn", "xformers"])
+    p.add_argument("--backend", default=None, choices=list(dispatch.MODES))
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU threads")
     p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
                    help="recompute activations in backward per brick or per DiT block (less memory, more compute)")

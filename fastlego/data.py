@@ -8,7 +8,7 @@ in [-1, 1]. Labels are float vectors of length `label_dim` (one-hot, or all-zero
 - `ImageDataset(path, resolution)`: a folder of images or an EDM-style zip (image files plus an
   optional `dataset.json` holding `{"labels": [[fname, label], ...]}`); every image is
   center-cropped to a square and resized to `resolution`.
-- `write_png` / `read_png`: a small pure-zlib PNG codec (8-bit, non-interlaced), so no imaging
+- `write_png` / `decode_png`: a small pure-zlib PNG codec (8-bit, non-interlaced), so no imaging
   library is needed; Pillow, when installed, reads every other format.
 """
 
@@ -213,11 +213,14 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, resolution: Optional[int] = None, use_labels: bool = True,
-                 channels: Optional[int] = None, max_images: Optional[int] = None, cache: bool = True):
+                 channels: Optional[int] = None, max_images: Optional[int] = None, cache_bytes: int = 1 << 30):
         self.path = str(path)
         self.use_labels = use_labels
         self._zip: Optional[zipfile.ZipFile] = None
-        self._cache: Dict[int, torch.Tensor] = {} if cache else None
+        # Decoded images are kept up to `cache_bytes` per process (each DataLoader worker has its
+        # own cache), so a large dataset does not grow memory without bound.
+        self._cache: Dict[int, torch.Tensor] = {}
+        self._cache_room = int(cache_bytes)
         self._memory: Optional[torch.Tensor] = None
         if self.path in BUNDLED:
             res = 16 if resolution is None else resolution
@@ -325,12 +328,13 @@ class ImageDataset(torch.utils.data.Dataset):
         """uint8 (C, r, r)."""
         if self._memory is not None:
             return self._memory[index]
-        if self._cache is not None and index in self._cache:
+        if index in self._cache:
             return self._cache[index]
         img = to_channels(self._decode(index), self.channels)
         img = center_crop_resize(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), self.resolution)
-        if self._cache is not None:
+        if img.nbytes <= self._cache_room:
             self._cache[index] = img
+            self._cache_room -= img.nbytes
         return img
 
     def label(self, index: int) -> torch.Tensor:

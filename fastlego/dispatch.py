@@ -151,17 +151,21 @@ def current_mode(op: Optional[str] = None) -> str:
     return _config.mode
 
 
-@contextlib.contextmanager
-def use_backend(mode: Optional[str] = None, **per_op: str):
-    """Choose backends inside a `with` block: `use_backend("triton")`, `use_backend("auto",
-    global_attention="xformers")`. Modes: auto (fastest supported), reference, triton,
-    flash_attn, xformers. The default comes from the FASTLEGO_BACKEND environment variable."""
+def _check_choice(mode: Optional[str], per_op: Dict[str, str]) -> None:
     for name, value in [("mode", mode)] + list(per_op.items()):
         if value is not None and value not in MODES:
             raise ValueError(f"backend {value!r} for {name} is not one of {', '.join(MODES)}")
     unknown = [op for op in per_op if op not in _REGISTRY]
     if unknown:
         raise ValueError(f"unknown op(s) {unknown}: per-op overrides take {', '.join(_REGISTRY)}")
+
+
+@contextlib.contextmanager
+def use_backend(mode: Optional[str] = None, **per_op: str):
+    """Choose backends inside a `with` block: `use_backend("triton")`, `use_backend("auto",
+    global_attention="xformers")`. Modes: auto (fastest supported), reference, triton,
+    flash_attn, xformers. The default comes from the FASTLEGO_BACKEND environment variable."""
+    _check_choice(mode, per_op)
     saved = (_config.mode, dict(_config.overrides))
     if mode is not None:
         _config.mode = mode
@@ -173,9 +177,11 @@ def use_backend(mode: Optional[str] = None, **per_op: str):
 
 
 def set_backend(mode: str = "auto", **per_op: str) -> None:
-    """Set the backend choice for the rest of the process (see `use_backend`)."""
-    cm = use_backend(mode, **per_op)
-    cm.__enter__()  # keep the new settings: the saved ones are dropped with the generator
+    """Set the backend choice of the calling thread from now on (see `use_backend`); per-op
+    overrides are added to the ones in force."""
+    _check_choice(mode, per_op)
+    _config.mode = mode
+    _config.overrides.update(per_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +247,8 @@ def call(op: str, *args, **kwargs):
             f"fastlego: the {backend.name!r} backend of op {op!r} failed at run time "
             f"({backend._runtime_error}); falling back for the rest of this process",
             RuntimeWarning, stacklevel=2)
+        if _recorder is not None:
+            _recorder.pop()  # the retry records the decision that actually ran
         return call(op, *args, **kwargs)
 
 
@@ -250,6 +258,7 @@ def record(site_modules: Optional[torch.nn.Module] = None):
     of `site_modules` whose forward is running (hooks are removed on exit)."""
     global _recorder
     saved, _recorder = _recorder, []
+    depth = len(_site)
     handles = []
     if site_modules is not None:
         for name, module in site_modules.named_modules():
@@ -260,17 +269,8 @@ def record(site_modules: Optional[torch.nn.Module] = None):
     finally:
         for h in handles:
             h.remove()
+        del _site[depth:]  # a forward that raised leaves its modules' names behind
         _recorder = saved
-
-
-@contextlib.contextmanager
-def site(name: str):
-    """Name the call site of the ops inside the block (used by `explain`)."""
-    _site.append(name)
-    try:
-        yield
-    finally:
-        _site.pop()
 
 
 # --------------------------------------------------------------------------------------------

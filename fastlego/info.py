@@ -33,12 +33,6 @@ class SiteChoice:
 class Explanation(list):
     """A list of `SiteChoice`, one per op call site; `str()` renders a table."""
 
-    def backends_used(self) -> Dict[str, set]:
-        used: Dict[str, set] = {}
-        for row in self:
-            used.setdefault(row.op, set()).add(row.chosen)
-        return used
-
     def __str__(self) -> str:
         lines = [f"{'call site':<34} {'op':<22} {'backend':<10} refused (reasons)"]
         for r in self:
@@ -54,15 +48,11 @@ def explain(model: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
     sigma) and return, per op call site, the backend chosen and the reasons the others refused."""
     with dispatch.record(model) as decisions:
         model(x, timesteps, class_labels, **forward_kwargs)
-    rows, seen, counts = Explanation(), set(), {}
+    rows, counts = Explanation(), {}
     for d in decisions:
         k = counts.get((d.site, d.op), 0)
         counts[(d.site, d.op)] = k + 1
         what = _CALL_NAMES.get((d.op, k), "") if ".blocks." in d.site else ""
-        key = (d.site, d.op, k)
-        if key in seen:  # a fallback re-dispatch: keep the last decision
-            rows[:] = [r for r in rows if (r.site, r.op, r.what) != (d.site, d.op, what)]
-        seen.add(key)
         rows.append(SiteChoice(d.site, d.op, what, d.chosen, d.refused))
     return rows
 

@@ -100,7 +100,7 @@ class Brick(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid), requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, out_channels)
-        self.checkpoint_blocks = False  # recompute each block's activations in backward (see LegoBackbone)
+        self.checkpointing: Optional[str] = None  # None, "brick" or "block" (see LegoBackbone)
         self.initialize_weights()
 
     @property
@@ -125,11 +125,16 @@ class Brick(nn.Module):
 
     def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
+        if self.checkpointing == "brick" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, prev, c, use_reentrant=False)
+        return self._forward(x, prev, c)
+
+    def _forward(self, x, prev, c):
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
-        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
+        per_block = self.checkpointing == "block" and torch.is_grad_enabled()
         for block in self.blocks:
-            h = checkpoint(block, h, c, use_reentrant=False) if recompute else block(h, c)
+            h = checkpoint(block, h, c, use_reentrant=False) if per_block else block(h, c)
         return self.final_layer(h, c, self.region, x.shape)
 
 
@@ -242,10 +247,13 @@ class LegoBackbone(nn.Module):
         exactly); it applies only while autograd records."""
         if mode not in (None, "brick", "block"):
             raise ValueError(f"activation_checkpointing={mode!r}: expected None, 'brick' or 'block'")
-        self.activation_checkpointing = mode
         for brick in self.model:
-            brick.checkpoint_blocks = mode == "block"
+            brick.checkpointing = mode
         return self
+
+    @property
+    def activation_checkpointing(self) -> Optional[str]:
+        return self.model[0].checkpointing
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -315,10 +323,7 @@ class LegoBackbone(nn.Module):
             feed = prev if i > 0 else None
             if i > 0 and feed is None:
                 feed = x  # brick i > 0 with every earlier brick skipped: it refines the input itself
-            if self.activation_checkpointing == "brick" and torch.is_grad_enabled():
-                prev = checkpoint(self.model[i], x, feed, c, use_reentrant=False)
-            else:
-                prev = self.model[i](x, feed, c)
+            prev = self.model[i](x, feed, c)
             outputs.append(prev)
         if self.train_intermediate_stages and self.training:
             return outputs

@@ -14,35 +14,34 @@ _K = "fastlego.kernels"
 # Window attention serves regions of at most this many tokens; larger ones are "global".
 WINDOW_MAX_TOKENS = 64
 
-# op -> [(backend name, "module:launcher", "module:not_supported_reasons")], highest priority first.
+# op -> [(backend name, "module:launcher", "module:not_supported_reasons")] in priority order for
+# `auto`; "reference" (fastlego.reference, always able) marks where the reference op stands.
+_T = {op: (f"{_K}.{mod}:{fn}", f"{_K}.{mod}:{reasons}") for op, (mod, fn, reasons) in {
+    "brick_embed": ("brick_embed", "brick_embed", "not_supported_reasons"),
+    "modulated_linear": ("fused_linear", "modulated_linear", "modulated_linear_not_supported_reasons"),
+    "attention": ("window_attention", "window_attention", "not_supported_reasons"),
+    "linear_gated_residual": ("fused_linear", "linear_gated_residual", "linear_gated_residual_not_supported_reasons"),
+    "final_layer": ("final_layer", "final_layer", "not_supported_reasons"),
+}.items()}
+_AB = "fastlego.attention_backends"
 _BACKENDS = {
-    "brick_embed": [("triton", f"{_K}.brick_embed:brick_embed", f"{_K}.brick_embed:not_supported_reasons")],
-    "modulated_linear": [("triton", f"{_K}.fused_linear:modulated_linear", f"{_K}.fused_linear:modulated_linear_not_supported_reasons")],
-    "window_attention": [("triton", f"{_K}.window_attention:window_attention", f"{_K}.window_attention:not_supported_reasons")],
-    "global_attention": [
-        ("flash_attn", "fastlego.attention_backends:flash_attn_attention", "fastlego.attention_backends:flash_attn_not_supported_reasons"),
-        ("xformers", "fastlego.attention_backends:xformers_attention", "fastlego.attention_backends:xformers_not_supported_reasons"),
-        # the reference (PyTorch SDPA: its flash / cuDNN / efficient kernels) comes next; the
-        # Triton flash kernel is the last resort in auto and can be forced
-        ("triton", f"{_K}.window_attention:window_attention", f"{_K}.window_attention:not_supported_reasons"),
-    ],
-    "linear_gated_residual": [("triton", f"{_K}.fused_linear:linear_gated_residual", f"{_K}.fused_linear:linear_gated_residual_not_supported_reasons")],
-    "final_layer": [("triton", f"{_K}.final_layer:final_layer", f"{_K}.final_layer:not_supported_reasons")],
-}
-_REFERENCE = {
-    "brick_embed": "fastlego.reference:brick_embed",
-    "modulated_linear": "fastlego.reference:modulated_linear",
-    "window_attention": "fastlego.reference:attention",
-    "global_attention": "fastlego.reference:attention",
-    "linear_gated_residual": "fastlego.reference:linear_gated_residual",
-    "final_layer": "fastlego.reference:final_layer",
+    "brick_embed": [("triton", *_T["brick_embed"]), ("reference", "fastlego.reference:brick_embed", None)],
+    "modulated_linear": [("triton", *_T["modulated_linear"]),
+                         ("reference", "fastlego.reference:modulated_linear", None)],
+    "window_attention": [("triton", *_T["attention"]), ("reference", "fastlego.reference:attention", None)],
+    # global attention: flash-attn, xformers, then PyTorch SDPA (its flash / cuDNN / efficient
+    # kernels: the reference); the Triton flash kernel is the last resort and can be forced
+    "global_attention": [("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons"),
+                         ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons"),
+                         ("reference", "fastlego.reference:attention", None),
+                         ("triton", *_T["attention"])],
+    "linear_gated_residual": [("triton", *_T["linear_gated_residual"]),
+                              ("reference", "fastlego.reference:linear_gated_residual", None)],
+    "final_layer": [("triton", *_T["final_layer"]), ("reference", "fastlego.reference:final_layer", None)],
 }
 for _op, _list in _BACKENDS.items():
-    register(_op, "reference", _REFERENCE[_op])
-    for _name, _target, _reasons in _list:
-        register(_op, _name, _target, _reasons)
-# In auto, SDPA (the reference) beats the Triton flash kernel on global attention: put it last.
-register("global_attention", "triton", *_BACKENDS["global_attention"][-1][1:], priority=len(_BACKENDS["global_attention"]))
+    for _i, (_name, _target, _reasons) in enumerate(_list):
+        register(_op, _name, _target, _reasons, priority=_i)
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region: int):

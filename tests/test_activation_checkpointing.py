@@ -43,7 +43,8 @@ def test_same_gradients_less_saved(mode):
 
 def test_off_by_default_and_bad_mode():
     m = _model()
-    assert m.activation_checkpointing is None and not any(b.checkpoint_blocks for b in m.model)
+    assert m.activation_checkpointing is None and not any(b.checkpointing for b in m.model)
     with pytest.raises(ValueError, match="expected None, 'brick' or 'block'"):
         m.set_activation_checkpointing("layer")
-    assert m.set_activation_checkpointing("block").model[0].checkpoint_blocks
+    assert m.set_activation_checkpointing("block").model[2].checkpointing == "block"
+    assert m.activation_checkpointing == "block"

@@ -111,15 +111,46 @@ def test_unloadable_backend_is_refused_with_import_error(toy_op):
     assert "fastlego.no_such_module could not be loaded (ModuleNotFoundError" in refused["triton"][0]
 
 
-def test_triton_reasons():
+def test_triton_reasons(monkeypatch):
     cpu = torch.ones(2)
     r = dispatch.triton_reasons([cpu, torch.ones(2, dtype=torch.float64)])
     assert any("float64 not supported" in s for s in r)
     assert any("mixed dtypes" in s for s in r)
-    if dispatch.triton_interpreting():
-        # the interpreter is for tests: CPU tensors go to triton only when it is forced
-        assert any("only when the triton backend is forced" in s for s in dispatch.triton_reasons([cpu]))
-        assert any("bfloat16 under Triton's interpreter" in s for s in dispatch.triton_reasons([cpu.bfloat16()]))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # the interpreter is for tests: CPU tensors go to triton only when it is forced
+    assert any("only when the triton backend is forced" in s for s in dispatch.triton_reasons([cpu]))
+    assert any("bfloat16 under Triton's interpreter" in s for s in dispatch.triton_reasons([cpu.bfloat16()]))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("Triton kernels need a CUDA device" in s for s in dispatch.triton_reasons([cpu]))
+
+
+def test_set_backend_persists(toy_op):
+    try:
+        fastlego.set_backend("reference", toy="auto")
+        assert dispatch.current_mode() == "reference" and dispatch.current_mode("toy") == "auto"
+        assert dispatch.choose("toy", torch.ones(2))[0].name == "triton"
+        with pytest.raises(ValueError, match="is not one of"):
+            fastlego.set_backend("bogus")
+        assert dispatch.current_mode() == "reference"
+    finally:
+        dispatch._config.mode, dispatch._config.overrides = "auto", {}
+
+
+def test_explain_after_a_runtime_fallback(toy_op):
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    dispatch.register("toy", "triton", broken)
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            return dispatch.call("toy", x) + dispatch.call("toy", x)
+
+    with pytest.warns(RuntimeWarning):
+        rows = fastlego.explain(Net(), torch.ones(3), None)
+    # one row per call that ran, each naming the backend that produced the result
+    assert [r.chosen for r in rows] == ["reference", "reference"]
+    assert "kernel exploded" in rows[0].refused["triton"][0]
 
 
 def test_env_var_sets_default_mode():
