@@ -299,10 +299,15 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> List[str]:
-    """Reasons a Triton kernel cannot take these tensors: device, dtype, mixed devices/dtypes."""
+def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                   *, compute_dtype: Optional[torch.dtype] = None, mixed_dtypes_ok: bool = False,
+                   forward_only: bool = True) -> List[str]:
+    """Reasons a Triton kernel cannot take these tensors: device, dtype, mixed dtypes (unless the
+    kernel casts every operand, `mixed_dtypes_ok`), the dtype it computes in (`compute_dtype`,
+    e.g. autocast's), and, for kernels without a backward (`forward_only`), autograd recording a
+    tensor that requires grad."""
     reasons = []
-    ts = [t for t in tensors if t is not None]
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     devices = {t.device for t in ts}
     if len(devices) > 1:
         reasons.append(f"tensors on several devices {sorted(map(str, devices))}")
@@ -318,8 +323,22 @@ def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.floa
     bad = sorted({str(t.dtype) for t in ts if t.dtype not in dtypes})
     if bad:
         reasons.append(f"dtype {', '.join(bad)} not supported (expected one of {', '.join(str(d) for d in dtypes)})")
-    if ts and any(t.dtype != ts[0].dtype for t in ts):
+    if ts and not mixed_dtypes_ok and any(t.dtype != ts[0].dtype for t in ts):
         reasons.append(f"mixed dtypes {sorted({str(t.dtype) for t in ts})}: the kernel takes one dtype")
-    if ts and ts[0].dtype == torch.bfloat16 and triton_interpreting():
-        reasons.append("bfloat16 under Triton's interpreter: its tl.dot returns wrong results for bf16 operands")
+    if compute_dtype is not None and compute_dtype not in dtypes:
+        reasons.append(f"autocast dtype {compute_dtype} not supported (expected float16 or bfloat16)")
+    if triton_interpreting() and torch.bfloat16 in {compute_dtype} | {t.dtype for t in ts[:1]}:
+        reasons.append("bfloat16 under Triton's interpreter (the input's or autocast's): its tl.dot returns "
+                       "wrong results for bf16 operands")
+    if forward_only:
+        reasons += forward_only_reasons(ts)
     return reasons
+
+
+def forward_only_reasons(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
+    """Why a kernel without a backward cannot take a call that autograd records."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return ["an input requires grad and autograd is recording: fastlego's Triton kernels are "
+                "forward-only (no backward yet); the reference op computes gradients (or run "
+                "under torch.no_grad() / torch.inference_mode())"]
+    return []

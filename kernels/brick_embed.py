@@ -205,20 +205,9 @@ def not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]
     if problems and (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
                      or not isinstance(pos_embed, torch.Tensor)):
         return problems
-    tensors = [x, prev, weight, bias, pos_embed]
-    # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype
-    # (x's, or autocast's) as it is loaded. Everything else triton_reasons checks applies.
-    reasons = [r for r in triton_reasons(tensors) if not r.startswith("mixed dtypes")]
-    amp = autocast_dtype(x)
-    if amp is not None:
-        if amp not in _DTYPES:
-            reasons.append(f"autocast dtype {amp} not supported (expected float16 or bfloat16)")
-        elif amp == torch.bfloat16 and triton_interpreting():
-            reasons.append("bfloat16 (from autocast) under Triton's interpreter: its tl.dot returns wrong "
-                           "results for bf16 operands")
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        reasons.append("an input requires grad: the Triton brick_embed kernel is forward-only (no backward); "
-                       "the reference op computes gradients")
+    # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype (x's,
+    # or autocast's) as it is loaded.
+    reasons = triton_reasons([x, prev, weight, bias, pos_embed], compute_dtype=autocast_dtype(x), mixed_dtypes_ok=True)
     return reasons + problems
 
 

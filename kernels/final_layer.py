@@ -204,21 +204,10 @@ def not_supported_reasons(h, shift, scale, weight, bias, region, image_shape) ->
     problems = _shape_problems(h, shift, scale, weight, bias, region, image_shape)
     if problems and any(not isinstance(t, torch.Tensor) for t in (h, shift, scale, weight)):
         return problems
-    tensors = [h, shift, scale, weight, bias]
-    reasons = triton_reasons(tensors)
+    # Under autocast LN runs in fp32 and the Linear in the autocast dtype whatever the operands'
+    # dtypes, as in the reference, so mixed dtypes are fine there.
     amp = autocast_dtype(h)
-    if amp is not None:
-        # Autocast: LN runs in fp32 and the Linear in the autocast dtype whatever the operands'
-        # dtypes, as in the reference, so mixed dtypes are fine.
-        reasons = [r for r in reasons if not r.startswith("mixed dtypes")]
-        if amp not in _DTYPES:
-            reasons.append(f"autocast dtype {amp} not supported (expected float16 or bfloat16)")
-        elif amp == torch.bfloat16 and triton_interpreting():
-            reasons.append("bfloat16 (from autocast) under Triton's interpreter: its tl.dot returns wrong "
-                           "results for bf16 operands")
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        reasons.append("an input requires grad: the Triton final_layer kernel is forward-only (no backward); "
-                       "the reference op computes gradients")
+    reasons = triton_reasons([h, shift, scale, weight, bias], compute_dtype=amp, mixed_dtypes_ok=amp is not None)
     return reasons + problems
 
 

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, forward_only_reasons, triton_interpreting, triton_reasons
 from fastlego.reference import LN_EPS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -472,13 +472,6 @@ def _overlaps(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     return a0 < b1 and b0 < a1 and a.device == b.device
 
 
-def _grad_reason(tensors) -> List[str]:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return ["an input requires grad and autograd is recording: these Triton kernels are forward-only "
-                "(run under torch.no_grad()/torch.inference_mode(), or use the reference backend to train)"]
-    return []
-
-
 def _per_image_problems(name: str, t, B_expected: Optional[int], width: int) -> List[str]:
     if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != width:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -571,11 +564,8 @@ def _raise_if(problems: List[str], op: str) -> None:
 
 
 def _kernel_reasons(tensors) -> List[str]:
-    """triton_reasons, except that under CUDA autocast mixed dtypes are fine (cast like F.linear)."""
-    reasons = triton_reasons(tensors)
-    if _autocast_dtype(tensors) is not None:
-        reasons = [r for r in reasons if not r.startswith("mixed dtypes")]
-    return reasons
+    """triton_reasons; under CUDA autocast mixed dtypes are fine (cast like F.linear)."""
+    return triton_reasons(tensors, mixed_dtypes_ok=_autocast_dtype(tensors) is not None)
 
 
 def _check_device(tensors, op: str) -> None:
@@ -629,7 +619,7 @@ def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=Non
     inputs = [h, shift, scale, weight, bias]
     _check_device(inputs, "modulated_linear")
     autocast = _autocast_dtype(inputs)
-    _raise_if(_dtype_problems(inputs, autocast) + _grad_reason(inputs), "modulated_linear")
+    _raise_if(_dtype_problems(inputs, autocast) + forward_only_reasons(inputs), "modulated_linear")
     compute_dtype = autocast or h.dtype
     K, N = h.shape[-1], weight.shape[0]
     out_shape = tuple(h.shape[:-1]) + (N,)
@@ -722,7 +712,7 @@ def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[
     inputs = [h, shift, scale, weight, bias]
     _check_device(inputs, "modulated_linear_cublas")
     autocast = _autocast_dtype(inputs)
-    _raise_if(_dtype_problems(inputs, autocast) + _grad_reason(inputs), "modulated_linear_cublas")
+    _raise_if(_dtype_problems(inputs, autocast) + forward_only_reasons(inputs), "modulated_linear_cublas")
     compute_dtype = autocast or h.dtype
     K, N = h.shape[-1], weight.shape[0]
     out_shape = tuple(h.shape[:-1]) + (N,)
@@ -758,7 +748,7 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
     inputs = [a, weight, bias, gate, residual]
     _check_device(inputs, "linear_gated_residual")
     autocast = _autocast_dtype(inputs)
-    _raise_if(_dtype_problems(inputs, autocast) + _grad_reason(inputs), "linear_gated_residual")
+    _raise_if(_dtype_problems(inputs, autocast) + forward_only_reasons(inputs), "linear_gated_residual")
     compute_dtype = autocast or a.dtype
     # the reference's dtype: F.linear gives compute_dtype, then gate * y + residual promote
     out_dtype = torch.promote_types(torch.promote_types(compute_dtype, gate.dtype), residual.dtype)
@@ -821,7 +811,7 @@ def modulated_linear_not_supported_reasons(h, shift, scale, weight, bias, activa
     if problems:
         return problems
     inputs = [h, shift, scale, weight, bias]
-    return _kernel_reasons(inputs) + _grad_reason(inputs)
+    return _kernel_reasons(inputs)
 
 
 def linear_gated_residual_not_supported_reasons(a, weight, bias, gate, residual, *, out=None) -> List[str]:
@@ -830,4 +820,4 @@ def linear_gated_residual_not_supported_reasons(a, weight, bias, gate, residual,
     if problems:
         return problems
     inputs = [a, weight, bias, gate, residual]
-    return _kernel_reasons(inputs) + _grad_reason(inputs)
+    return _kernel_reasons(inputs)

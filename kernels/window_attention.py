@@ -222,18 +222,8 @@ def not_supported_reasons(qkv, num_heads) -> List[str]:
     problems = _shape_problems(qkv, num_heads)
     if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
         return problems
-    reasons = triton_reasons([qkv]) + problems
     dtype = _compute_dtype(qkv)
-    if dtype != qkv.dtype:
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            reasons.append(f"autocast dtype {dtype} not supported (expected float16 or bfloat16)")
-        elif dtype == torch.bfloat16 and triton_interpreting():
-            reasons.append("bfloat16 (from autocast) under Triton's interpreter: its tl.dot returns wrong "
-                           "results for bf16 operands")
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        reasons.append("qkv requires grad: the Triton attention kernels are forward-only (no backward "
-                       "yet); the reference (PyTorch SDPA, chunked over regions) computes gradients")
-    return reasons
+    return triton_reasons([qkv], compute_dtype=dtype if dtype != qkv.dtype else None) + problems
 
 
 def _packed_config(tokens: int, head_dim: int, fp32: bool):

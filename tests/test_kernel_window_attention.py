@@ -189,7 +189,7 @@ def test_autocast_computes_in_the_autocast_dtype():
     same = reference.attention(qkv.half(), 2)
     assert_close_to_reference(out, ref, same, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert any("bfloat16 (from autocast)" in r for r in wa.not_supported_reasons(qkv, 2))
+        assert any("bfloat16 under Triton's interpreter" in r for r in wa.not_supported_reasons(qkv, 2))
 
 
 def test_docstring_floor_numbers():
