@@ -26,6 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .dispatch import autocast_dtype
+
 # CUDA grid axes y and z take at most this many blocks; flash-attn and xformers put batch and
 # heads there.
 _GRID_YZ_MAX = 65535
@@ -84,15 +86,7 @@ def _version_tuple(version: str) -> Tuple[int, ...]:
 
 def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
     """qkv's dtype, or the autocast dtype when autocast is on for qkv's device (fp64 is not cast)."""
-    dev = qkv.device.type
-    if dev in ("cuda", "cpu") and qkv.is_floating_point() and qkv.dtype != torch.float64:
-        try:
-            if torch.is_autocast_enabled(dev):
-                return torch.get_autocast_dtype(dev)
-        except (TypeError, AttributeError):  # torch < 2.4
-            if dev == "cuda" and torch.is_autocast_enabled():
-                return torch.get_autocast_gpu_dtype()
-    return qkv.dtype
+    return autocast_dtype(qkv) or qkv.dtype
 
 
 def _shape_reasons(qkv, num_heads) -> List[str]:
@@ -157,16 +151,21 @@ def flash_attn_not_supported_reasons(qkv, num_heads) -> List[str]:
     return reasons
 
 
+def _prepare(qkv: torch.Tensor, num_heads: int):
+    """qkv in the compute dtype (autocast's, as SDPA would cast it) and its sizes."""
+    dtype = _compute_dtype(qkv)
+    if qkv.dtype != dtype:
+        qkv = qkv.to(dtype)
+    N, T, three_d = qkv.shape
+    return qkv, N, T, three_d, three_d // (3 * num_heads)
+
+
 def flash_attn_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Softmax attention over each region with flash-attn: (N, T, 3D) -> (N, T, D)."""
     module, error = _import("flash_attn")
     if module is None:
         raise RuntimeError(error)
-    dtype = _compute_dtype(qkv)
-    if qkv.dtype != dtype:
-        qkv = qkv.to(dtype)
-    N, T, three_d = qkv.shape
-    head_dim = three_d // (3 * num_heads)
+    qkv, N, T, three_d, head_dim = _prepare(qkv, num_heads)
     if N == 0:
         return qkv.new_empty(N, T, three_d // 3)
     packed = qkv.reshape(N, T, 3, num_heads, head_dim)   # a view: the (3, heads, hd) layout of the last dim
@@ -264,11 +263,7 @@ def xformers_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     ops, error = _xformers_ops()
     if ops is None:
         raise RuntimeError(error)
-    dtype = _compute_dtype(qkv)
-    if qkv.dtype != dtype:
-        qkv = qkv.to(dtype)
-    N, T, three_d = qkv.shape
-    head_dim = three_d // (3 * num_heads)
+    qkv, N, T, three_d, head_dim = _prepare(qkv, num_heads)
     if N == 0:
         return qkv.new_empty(N, T, three_d // 3)
     q, k, v = qkv.reshape(N, T, 3, num_heads, head_dim).unbind(2)   # (N, T, heads, hd) views

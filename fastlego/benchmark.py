@@ -636,7 +636,7 @@ def measure_floor(case: Case, device, bandwidth_gbps: float, *, rounds: int, war
                 nbytes = at.regions * at.heads * at.tokens * at.head_dim * 3 * _elem(dtype)
                 sets = [tuple(torch.randn(*key, device=device, dtype=dtype, generator=g) for _ in range(3))
                         for _ in range(_copies_for(nbytes, device))]
-                t = measure(_sdpa_chunked, sets, device=device, rounds=rounds, warmup=warmup, min_round_ms=min_round_ms)
+                t = measure(R.sdpa, sets, device=device, rounds=rounds, warmup=warmup, min_round_ms=min_round_ms)
                 attn_ms[key] = t.median_ms
                 del sets
             ms_each = attn_ms[key]
@@ -656,11 +656,6 @@ def measure_floor(case: Case, device, bandwidth_gbps: float, *, rounds: int, war
             "dtype": _dtype_name(dtype), "bandwidth_gbps": bandwidth_gbps, "items": items}
 
 
-def _sdpa_chunked(q, k, v):
-    rows = max(1, R._SDPA_MAX_ROWS // q.shape[1])
-    if q.shape[0] <= rows or not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(q.split(rows), k.split(rows), v.split(rows))])
 
 
 # =============================================================================================

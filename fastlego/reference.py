@@ -188,13 +188,17 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     qkv (N, T, 3D) -> (N, T, D). PyTorch's `scaled_dot_product_attention`, as the release
     (through timm) runs it; chunked over regions so that no launch exceeds the kernels' grid.
     """
-    q, k, v = split_qkv(qkv, num_heads)
-    rows = max(1, _SDPA_MAX_ROWS // num_heads)
+    return merge_heads(sdpa(*split_qkv(qkv, num_heads)))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`scaled_dot_product_attention` on (N, heads, T, hd), in chunks of regions on CUDA so that
+    no launch exceeds the fused kernels' grid."""
+    rows = max(1, _SDPA_MAX_ROWS // q.shape[1])
     if q.shape[0] <= rows or not q.is_cuda:
-        return merge_heads(F.scaled_dot_product_attention(q, k, v))
-    outs = [F.scaled_dot_product_attention(qc, kc, vc)
-            for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows))]
-    return merge_heads(torch.cat(outs))
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(qc, kc, vc)
+                      for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows))])
 
 
 def attention_math(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .data import float_to_uint8, make_grid, write_png
-from .training import (ProgressBar, is_training_checkpoint, load_training_checkpoint,
+from .training import (ProgressBar, is_training_checkpoint, check_training_checkpoint,
                        network_from_checkpoint)
 
 
@@ -233,12 +233,9 @@ def load_network(path: str, which: str = "ema", device="cpu"):
         except Exception:  # not a torch.save file: let load_checkpoint say what it is
             obj = None
         if is_training_checkpoint(obj):
-            return network_from_checkpoint(load_training_checkpoint(path), which=which, device=device)
-    try:
-        from .checkpoint import load_checkpoint
-    except ImportError as exc:
-        raise RuntimeError(f"loading {path} needs fastlego.checkpoint.load_checkpoint, which this install "
-                           f"lacks ({exc})") from exc
+            return network_from_checkpoint(check_training_checkpoint(obj, path), which=which, device=device)
+    from .checkpoint import load_checkpoint
+
     net = load_checkpoint(path, key=which) if path.endswith((".pkl", ".pickle")) else load_checkpoint(path)
     return net.eval().requires_grad_(False).to(device)
 

@@ -415,7 +415,11 @@ def load_training_checkpoint(path: str, map_location="cpu") -> dict:
     """A fastlego training checkpoint as a dict (loaded with `weights_only=True`: no code runs)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    return check_training_checkpoint(torch.load(path, map_location=map_location, weights_only=True), path)
+
+
+def check_training_checkpoint(ckpt, path: str) -> dict:
+    """`ckpt` (loaded from `path`) if it is a training checkpoint this fastlego can read."""
     if not is_training_checkpoint(ckpt):
         raise ValueError(f"{path} is not a fastlego training checkpoint (no format={CHECKPOINT_FORMAT!r}); "
                          f"release .pkl, .safetensors and state-dict files load with fastlego.load_checkpoint")
