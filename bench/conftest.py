@@ -5,8 +5,9 @@ sync; the machinery reads CUDA events around the same rounds), and the session, 
 writes the JSON report and appends the markdown table (`fastlego.benchmark.save_report`).
 
 Options (`pytest bench/ --help`): `--bench-args="..."` takes any `fastlego bench` option, e.g.
-`pytest bench/ --bench-args="--quick --no-compile --presets lego_S_PG_64"`; the shortcuts below
-are appended to it. $FASTLEGO_BENCH_ARGS is read first. Without CUDA every test is skipped unless
+`pytest bench/ --bench-args="--quick --no-compile --presets lego_S_PG_64"`, or the training
+steps `pytest bench/ --bench-args="--modes train"` (default batches: `fastlego.benchmark.
+DEFAULT_TRAIN_CASES`); the shortcuts below are appended to it. $FASTLEGO_BENCH_ARGS is read first. Without CUDA every test is skipped unless
 `--bench-device cpu` is given (then e.g. `--bench-args=--tiny` for a CPU smoke run).
 """
 
@@ -76,13 +77,18 @@ def pytest_generate_tests(metafunc):
             and "bench_case" not in metafunc.fixturenames:
         return
     _, cfg = bench_args(metafunc.config)
+    infer = "infer" in cfg.modes  # the floor and the kernels are of the inference forward
     if "bench_case" in metafunc.fixturenames:
-        metafunc.parametrize("bench_case", cfg.cases, ids=[c.name for c in cfg.cases])
+        cases = cfg.cases if infer else []
+        metafunc.parametrize("bench_case", cases, ids=[c.name for c in cases])
     if "bench_e2e" in metafunc.fixturenames:
-        params = [(c, mode, v) for c in cfg.cases for mode in cfg.modes for v in cfg.variants]
-        metafunc.parametrize("bench_e2e", params, ids=[f"{c.name}-{m}-{v}" for c, m, v in params])
+        # infer: each workload, its variants; train: the training workloads (their own batches
+        # unless --presets), the variants that train (no fastlego_bf16)
+        params = [(c, mode, v) for mode in cfg.modes for c in cfg.cases_for(mode) for v in cfg.variants_for(mode)]
+        metafunc.parametrize("bench_e2e", params, ids=[f"{c.name}-B{c.batch}-{m}-{v}" if m == "train" else f"{c.name}-{m}-{v}"
+                                                       for c, m, v in params])
     if "bench_kernel" in metafunc.fixturenames:
-        params = [] if not cfg.kernels else [
+        params = [] if not (cfg.kernels and infer) else [
             (c, key, op, backend) for c in cfg.cases for key, op in bm.expected_op_keys(c, cfg.kernel_inputs)
             for backend in bm.op_backend_names(op)]
         metafunc.parametrize("bench_kernel", params, ids=[f"{c.name}-{k}-{b}" for c, k, _, b in params])

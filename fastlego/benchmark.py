@@ -17,9 +17,13 @@ What one run measures, all on the same device in the same process:
   receives in the workload's auto forward, on every backend that takes it, against its own floor
   max(FLOPs / peak, minimum bytes / bandwidth).
 
-Only `infer` (a `torch.no_grad()` forward) is implemented; `STEP_BUILDERS` is where a `train`
-mode (forward + EDM loss + backward + AdamW) plugs in. Nothing here imports triton: without it
-the auto backend runs the reference ops, and the recorded decisions say so.
+Modes (`STEP_BUILDERS`): `infer`, a `torch.no_grad()` forward, and `train`, one training step =
+forward of `EDMPrecond` (every brick trained as a denoiser) + EDM loss (`training.EDMLoss`,
+averaged over bricks) + backward + AdamW step, fp32 weights under bf16 autocast, for the
+variants `reference`, `fastlego` and `compile` (`TRAIN_VARIANTS`), at the training batches of
+`DEFAULT_TRAIN_CASES` unless --presets names others; FLOPs = 3x the forward's. The floor and the
+per-kernel timings are of the inference forward (infer mode only). Nothing here imports triton:
+without it the auto backend runs the reference ops, and the recorded decisions say so.
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ import torch.nn.functional as F
 
 from . import dispatch, ops
 from . import reference as R
+from .edm import EDMPrecond
 from .model import LegoBackbone
 from .presets import BRICK_TYPES, get_preset
 from .testing import randomize_
+from .training import EDMLoss
 
 SCHEMA_VERSION = 1
 GIB = float(1 << 30)
@@ -75,7 +81,27 @@ VARIANT_HELP = {
     "fastlego_bf16": "use_backend('auto'), weights and inputs in bf16, no autocast",
     "compile": "torch.compile(model) under use_backend('reference'), fp32 weights + autocast",
 }
-MODES = ("infer",)
+TRAIN_VARIANT_HELP = {
+    "reference": "use_backend('reference') eager training step, fp32 weights + autocast",
+    "fastlego": "use_backend('auto') training step, fp32 weights + autocast",
+    "compile": "torch.compile(EDMPrecond) under use_backend('reference'), then eager loss, backward, AdamW; "
+               "fp32 weights + autocast",
+}
+MODES = ("infer", "train")
+# Training (issue 4): the batches to time, (preset, batch); channels, resolution and labels as in
+# DEFAULT_CASES. The two the release cannot run on one GPU (S_PG_64 at 256: its attention
+# backward crashes; L_PG_64 at 128: 126 GiB) come last, so a failure there cannot spoil the rest.
+DEFAULT_TRAIN_CASES = (
+    ("lego_S_PG_64", 32), ("lego_S_PG_64", 64), ("lego_L_PG_64", 64), ("lego_XL_U_32", 128),
+    ("lego_S_PG_64", 256), ("lego_L_PG_64", 128),
+)
+# The variants a mode times: training keeps fp32 weights (AdamW on bf16 weights is not a recipe).
+MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "compile")}
+# A training step: EDM's loss (P_mean -1.2, P_std 1.2, sigma_data 0.5), AdamW at this rate, and
+# weights from `randomize_` at this scale: small enough that the joint loss is finite at every
+# depth, large enough that no gradient is zero.
+TRAIN_LR = 1e-4
+TRAIN_INIT_SCALE = 0.1
 # The arguments the kernels are timed with: those the ops receive in the `fastlego` variant (fp32
 # weights under autocast) and in the `fastlego_bf16` variant (everything in bf16).
 KERNEL_INPUTS = {"autocast": "as in the fastlego variant: fp32 weights, activations under autocast",
@@ -145,6 +171,11 @@ def parse_cases(spec: Optional[str], batch: Optional[int] = None) -> List[Case]:
     return cases
 
 
+def default_train_cases() -> List[Case]:
+    """The training workloads of `DEFAULT_TRAIN_CASES`."""
+    return [default_case(name, batch) for name, batch in DEFAULT_TRAIN_CASES]
+
+
 def with_depths(case: Case, depths: Sequence[int]) -> Case:
     """`case` with every brick's depth replaced (one entry per brick)."""
     n = len(get_preset(case.preset).regions)
@@ -160,6 +191,8 @@ class BenchConfig:
 
     device: str = "cuda"
     cases: List[Case] = field(default_factory=lambda: parse_cases(None))
+    # the workloads of the train mode; None: the same as `cases` (--presets, --tiny)
+    train_cases: Optional[List[Case]] = field(default_factory=default_train_cases)
     modes: Tuple[str, ...] = ("infer",)
     variants: Tuple[str, ...] = VARIANTS
     compile_mode: Optional[str] = None
@@ -198,6 +231,7 @@ class BenchConfig:
         if tiny:
             cfg.profile = "tiny"
             cfg.cases = [Case("lego_S_PG_64", 1, 3, 64, 0)]
+            cfg.train_cases = None
             cfg.warmup, cfg.repeats, cfg.iters = 1, 2, 1
             cfg.op_warmup, cfg.op_repeats, cfg.op_min_round_ms = 1, 2, 0.0
             cfg.peak_size, cfg.peak_repeats, cfg.copy_mib = 256, 3, 4
@@ -206,6 +240,14 @@ class BenchConfig:
                 setattr(cfg, k, v)
         return cfg
 
+    def cases_for(self, mode: str) -> List[Case]:
+        """The workloads `mode` runs: `train_cases` for train when set, else `cases`."""
+        return list(self.train_cases) if mode == "train" and self.train_cases is not None else list(self.cases)
+
+    def variants_for(self, mode: str) -> Tuple[str, ...]:
+        """The asked-for variants that `mode` has (train: no fastlego_bf16)."""
+        return tuple(v for v in self.variants if v in MODE_VARIANTS.get(mode, VARIANTS))
+
     def validate(self) -> None:
         bad = [m for m in self.modes if m not in STEP_BUILDERS]
         if bad:
@@ -213,6 +255,10 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown variant(s) {bad}: expected a subset of {', '.join(VARIANTS)}")
+        for mode in self.modes:
+            if not self.variants_for(mode):
+                raise ValueError(f"none of the variants {list(self.variants)} has a {mode} mode: pick from "
+                                 f"{', '.join(MODE_VARIANTS[mode])} (e.g. --variants {','.join(MODE_VARIANTS[mode][:2])})")
         bad = [v for v in self.kernel_inputs if v not in KERNEL_INPUTS]
         if bad:
             raise ValueError(f"unknown kernel input kind(s) {bad}: expected a subset of {', '.join(KERNEL_INPUTS)}")
@@ -229,6 +275,9 @@ class BenchConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["cases"] = [c.to_dict() for c in self.cases]
+        d.pop("train_cases")
+        if "train" in self.modes:  # (an inference run's config reads as before)
+            d["train_cases"] = [c.to_dict() for c in self.cases_for("train")]
         d["autocast_dtype"] = _dtype_name(self.autocast_dtype)
         return d
 
@@ -683,6 +732,31 @@ def make_inputs(case: Case, device, seed: int = 0, dtype=torch.float32) -> tuple
     return cast(x), t.to(device), cast(y)
 
 
+def build_train_net(case: Case, device, seed: int = 0, scale: float = TRAIN_INIT_SCALE) -> EDMPrecond:
+    """`EDMPrecond` around the preset (`train_intermediate_stages=True`: one output per brick, the
+    release's joint loss), fp32, in training mode, every parameter random and non-zero."""
+    kw = {} if case.depths is None else {"depths": list(case.depths)}
+    with torch.device(device):
+        net = EDMPrecond(case.resolution, case.in_channels, label_dim=case.label_dim, model_type=case.preset,
+                         train_intermediate_stages=True, **kw)
+    return randomize_(net, seed=seed, scale=scale).train()
+
+
+def make_train_inputs(case: Case, device, seed: int = 0, loss: EDMLoss = EDMLoss()) -> tuple:
+    """(images, sigma, noise, labels) of one training step: images ~ U(-1, 1) (the data range),
+    EDM's log-normal sigmas, Gaussian noise, one-hot labels of random classes (None when
+    unconditional). The same batch every step (drawing new ones costs nothing measurable)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    B = case.batch
+    images = torch.rand(case.input_shape, generator=g) * 2 - 1
+    sigma = loss.sigma(torch.randn(B, generator=g))
+    noise = torch.randn(case.input_shape, generator=g)
+    labels = None
+    if case.label_dim:
+        labels = F.one_hot(torch.randint(0, case.label_dim, (B,), generator=g), case.label_dim).float()
+    return tuple(None if v is None else v.to(device) for v in (images, sigma, noise, labels))
+
+
 def bf16_copy(model: LegoBackbone, inputs: tuple) -> Tuple[LegoBackbone, tuple]:
     """The model with its weights in bf16, and the inputs with x and the labels in bf16."""
     cast = lambda v: None if v is None else (v.to(torch.bfloat16) if v.is_floating_point() and v.dim() > 1 else v)  # noqa: E731
@@ -935,9 +1009,28 @@ def _infer_step(model, inputs, backend: str, device: torch.device, autocast_dtyp
     return step
 
 
-# mode -> builder(model, inputs, backend, device, autocast_dtype) -> step(); `train` goes here
-# (forward + EDM loss + backward + AdamW step), with FLOPs counted as 3x the forward's.
-STEP_BUILDERS: Dict[str, Callable] = {"infer": _infer_step}
+def _train_step(net, inputs, backend: str, device: torch.device, autocast_dtype) -> Callable[[], torch.Tensor]:
+    """One training step of `net` (an EDMPrecond, or torch.compile of one) on `inputs` =
+    `make_train_inputs(...)`: forward + EDM loss under autocast, backward, AdamW step (its state
+    is created by the first step). Returns the loss (detached)."""
+    images, sigma, noise, labels = inputs
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=TRAIN_LR)
+    loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+
+    def step():
+        with dispatch.use_backend(backend):
+            with _autocast(device, autocast_dtype):
+                loss, _ = loss_fn(net, images, sigma, noise, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss.detach()
+    return step
+
+
+# mode -> builder(model, inputs, backend, device, autocast_dtype) -> step(); a train step counts
+# 3x the forward's FLOPs (backward = 2 forwards).
+STEP_BUILDERS: Dict[str, Callable] = {"infer": _infer_step, "train": _train_step}
 FLOP_MULTIPLIER: Dict[str, int] = {"infer": 1, "train": 3}
 
 
@@ -988,6 +1081,7 @@ class BenchSession:
         self._state: Optional[_CaseState] = None
         self.results: Dict[Case, dict] = {}
         self.op_cases: Dict[Case, Dict[str, OpCase]] = {}
+        self._train_init: Optional[Tuple[Case, EDMPrecond]] = None  # the training net's initial weights, on the CPU
 
     # ---- device limits --------------------------------------------------------------------
     def limits(self) -> dict:
@@ -1043,6 +1137,13 @@ class BenchSession:
                             "per_image_release": per_img + repeat,
                             "forward": per_img * case.batch, "forward_release": (per_img + repeat) * case.batch,
                             "gflop_per_image": per_img / 1e9, "gflop_per_image_release": (per_img + repeat) / 1e9}
+        if case not in self.op_cases and "infer" in self.config.modes and case in self.config.cases:
+            self._record_op_cases(case, st)
+        return st
+
+    def _record_op_cases(self, case: Case, st: _CaseState) -> None:
+        """The op cases (kernel arguments) of the workload's inference forward, per kernel input kind."""
+        res = self.result(case)
         if case not in self.op_cases:
             cases: Dict[str, OpCase] = {}
             with precision(self.device, self.config.tf32):
@@ -1057,7 +1158,6 @@ class BenchSession:
             self.op_cases[case] = cases
             res["op_cases"] = {k: c.to_dict() for k, c in cases.items()}
             _free(self.device)
-        return st
 
     def reference_output(self, case: Case) -> torch.Tensor:
         """The reference forward in fp32 without TF32 or autocast: the yardstick of every error."""
@@ -1084,6 +1184,8 @@ class BenchSession:
             raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
         if mode not in STEP_BUILDERS:
             raise ValueError(f"mode {mode!r} is not implemented: expected one of {sorted(STEP_BUILDERS)}")
+        if mode == "train":
+            return self._train_end_to_end(case, variant, runner)
         st = self.state(case)
         if cfg.floor:
             self.floor(case)
@@ -1153,6 +1255,96 @@ class BenchSession:
         self.result(case)["end_to_end"][result_key(variant, mode)] = res
         return res
 
+    def _train_end_to_end(self, case: Case, variant: str, runner: Optional[Runner] = None) -> dict:
+        """Time training steps of one variant (see `_train_step`): a fresh EDMPrecond, inputs and
+        AdamW per variant. Peak memory counts everything the variant allocates (weights, gradients,
+        optimizer state, activations); an error (out of memory, a kernel that refuses the size, a
+        compile failure) is recorded as a string and the run goes on."""
+        cfg, dev = self.config, self.device
+        if variant not in MODE_VARIANTS["train"]:
+            raise ValueError(f"variant {variant!r} has no train mode: expected one of {', '.join(MODE_VARIANTS['train'])}")
+        res = {"variant": variant, "mode": "train", "description": TRAIN_VARIANT_HELP[variant], "batch": case.batch,
+               "loss_fn": "EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5), averaged over bricks",
+               "optimizer": f"AdamW(lr={TRAIN_LR})", "init_scale": TRAIN_INIT_SCALE}
+        backend = "auto" if variant == "fastlego" else "reference"
+        net = inputs = model = step = None
+        last: List[Optional[torch.Tensor]] = [None]
+        try:
+            if "flops" not in self.result(case):
+                self.state(case)  # the forward's FLOP count (inside the try: a broken device is an error row too)
+            if self._state is not None:  # the inference model is not needed here: free its memory
+                self._state.close()
+                self._state = None
+            init = self._train_net(case)
+            _free(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                start_bytes = torch.cuda.memory_allocated(dev)
+            net = copy.deepcopy(init).to(dev)
+            del init
+            inputs = make_train_inputs(case, dev, cfg.seed)
+            res["weights_gib"] = sum(p.numel() * p.element_size() for p in net.parameters()) / GIB
+            model = net
+            torch.manual_seed(cfg.seed)  # the same label-dropout draws in every variant
+            if variant == "compile":
+                # load every reference backend first (one image, no grad): dynamo then traces the
+                # dispatcher into one graph
+                images, sigma, _, labels = inputs
+                with torch.no_grad(), dispatch.use_backend("reference"), _autocast(dev, cfg.autocast_dtype):
+                    net(images[:1], sigma[:1], None if labels is None else labels[:1])
+                torch._dynamo.reset()
+                from torch._dynamo.utils import counters
+                counters.clear()
+                model = torch.compile(net, mode=cfg.compile_mode)
+            step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype)
+            with precision(dev, cfg.tf32):
+                t0 = time.perf_counter()
+                if variant == "compile":
+                    loss = step()
+                else:
+                    with dispatch.record() as decisions:
+                        loss = step()
+                    res["backends"] = _decision_summary(decisions)
+                res["loss"] = float(loss)  # the first step's: a sanity value (finite, about 1)
+                res["first_call_s"] = time.perf_counter() - t0
+                if variant == "compile":
+                    from torch._dynamo.utils import counters
+                    res["graph_breaks"] = int(sum(counters["graph_break"].values()))
+
+                def timed_step():
+                    last[0] = step()
+                t = measure(timed_step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
+            res["loss_last"] = float(last[0])
+            res["loss_finite"] = math.isfinite(res["loss"]) and math.isfinite(res["loss_last"])
+            res["timing"] = t.to_dict()
+            res["ms"] = t.median_ms
+            res["img_per_s"] = case.batch / (t.median_ms * 1e-3)
+            if dev.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(dev)
+                res["peak_gib"] = (peak - start_bytes) / GIB
+                res["process_peak_gib"] = peak / GIB
+        except Exception as exc:
+            res["error"] = _error(exc)
+        finally:
+            # drop every reference to the variant's tensors before handing memory back
+            net = inputs = model = step = None
+            last[0] = None
+            if variant == "compile":
+                torch._dynamo.reset()
+            _free(dev)
+        self._derive(case, res)
+        self.result(case)["end_to_end"][result_key(variant, "train")] = res
+        return res
+
+    def _train_net(self, case: Case) -> EDMPrecond:
+        """The workload's training net with its initial weights, on the CPU: randomised once per
+        workload, copied to the device by each variant (all start from the same weights)."""
+        if self._train_init is None or self._train_init[0] != case:
+            self._train_init = None
+            gc.collect()
+            self._train_init = (case, build_train_net(case, "cpu", self.config.seed))
+        return self._train_init[1]
+
     def _derive(self, case: Case, res: dict) -> None:
         """TFLOP/s, fraction of the matrix peak and of the floor for a timed variant."""
         if "ms" not in res:
@@ -1165,7 +1357,7 @@ class BenchSession:
             res["tflops_release_count"] = mult * fl["forward_release"] / s / 1e12
             res["frac_peak"] = res["tflops"] / self.peak_tflops
         floor = self.result(case).get("floor")
-        if floor:
+        if floor and res["mode"] == "infer":  # the floor is of one forward
             res["frac_floor"] = floor["ms"] / res["ms"]
 
     def kernel(self, case: Case, key: str, backend: str, runner: Optional[Runner] = None) -> dict:
@@ -1173,7 +1365,7 @@ class BenchSession:
         if self._state is not None and self._state.case != case:
             self.close()  # only the recorded specs are needed: free the other workload's model
         if case not in self.op_cases:
-            self.state(case)
+            self._record_op_cases(case, self.state(case))
         cases = self.op_cases[case]
         if key not in cases:
             res = {"key": key, "backend": backend, "error": f"call site {key} was not seen in the forward of "
@@ -1192,24 +1384,24 @@ class BenchSession:
 
     # ---- the whole run ------------------------------------------------------------------------
     def run(self, log: Callable[[str], None] = print, checkpoint: Optional[Callable[[dict], Any]] = None) -> dict:
-        """Everything the config asks for: the device limits; per workload the floor, the eager
-        variants and the kernels; then torch.compile of every workload (last: it is the slowest
-        and the least certain part). `checkpoint(report)` is called after each piece, so an
-        interrupted run still leaves its numbers."""
+        """Everything the config asks for: the device limits; per inference workload the floor,
+        the eager variants and the kernels; per training workload the eager training variants;
+        then torch.compile of every workload (last: it is the slowest and the least certain
+        part). `checkpoint(report)` is called after each piece, so an interrupted run still
+        leaves its numbers."""
         cfg = self.config
         lim = self.limits()
         log(f"[bench] {self.env.get('gpu') or self.env['device']}: matmul peak {lim['matmul_peak']['tflops']:.1f} TFLOP/s "
             f"({cfg.peak_size}^3 {lim['matmul_peak']['dtype']}), copy {lim['copy_bandwidth']['gbps']:.0f} GB/s")
-        eager = [v for v in cfg.variants if v != "compile"]
-        for case in cfg.cases:
+        eager = [v for v in cfg.variants_for("infer") if v != "compile"]
+        for case in (cfg.cases if "infer" in cfg.modes else []):
             t0 = time.perf_counter()
             self.state(case)
             if cfg.floor:
                 fl = self.floor(case)
                 log(f"[bench] {case.describe()}: floor {fl['ms']:.2f} ms = {fl['img_per_s']:.0f} img/s")
-            for mode in cfg.modes:
-                for variant in eager:
-                    self._log_e2e(log, self.end_to_end(case, variant, mode))
+            for variant in eager:
+                self._log_e2e(log, self.end_to_end(case, variant, "infer"))
             if checkpoint:
                 checkpoint(self.report())
             if cfg.kernels:
@@ -1220,11 +1412,20 @@ class BenchSession:
                 if checkpoint:
                     checkpoint(self.report())
             log(f"[bench]   {case.name} done in {time.perf_counter() - t0:.0f} s")
-        if "compile" in cfg.variants:
-            log("[bench] torch.compile of the reference model, per workload:")
-            for case in cfg.cases:
-                for mode in cfg.modes:
-                    self._log_e2e(log, self.end_to_end(case, "compile", mode), case)
+        if "train" in cfg.modes:
+            eager = [v for v in cfg.variants_for("train") if v != "compile"]
+            log("[bench] training steps (forward + EDM loss + backward + AdamW), per workload:")
+            for case in cfg.cases_for("train"):
+                for variant in eager:
+                    self._log_e2e(log, self.end_to_end(case, variant, "train"), case)
+                if checkpoint:
+                    checkpoint(self.report())
+        for mode in cfg.modes:
+            if "compile" not in cfg.variants_for(mode):
+                continue
+            log("[bench] torch.compile of the reference model, per workload" + ("" if mode == "infer" else f" ({mode})") + ":")
+            for case in cfg.cases_for(mode):
+                self._log_e2e(log, self.end_to_end(case, "compile", mode), case)
                 if checkpoint:
                     checkpoint(self.report())
         self.close()
@@ -1235,11 +1436,16 @@ class BenchSession:
         where = f"{case.name} " if case is not None else ""
         extra = (f"  (first call {r['first_call_s']:.1f} s, {r.get('graph_breaks', 0)} graph breaks)"
                  if r["variant"] == "compile" and "first_call_s" in r else "")
+        if r["mode"] == "train":
+            where = f"{case.name} B={case.batch} " if case is not None else ""
+            if "ms" in r:
+                extra += f"  loss {r['loss']:.3g}" + (f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "")
         log(f"[bench]   {where}{result_key(r['variant'], r['mode']):14s} " + (
             f"{r['img_per_s']:9.1f} img/s  {r['ms']:8.2f} ms" + extra
             if "ms" in r else f"error: {_first_line(Exception(r['error']), 200)}"))
 
     def close(self) -> None:
+        self._train_init = None
         if self._state is not None:
             self._state.close()
             self._state = None
@@ -1272,6 +1478,11 @@ def _targets(case: Case, res: dict, env: dict) -> dict:
     ref = e2e.get("reference", {})
     if "ms" in fast and "ms" in ref:
         out["vs_reference_eager"] = {"value": ref["ms"] / fast["ms"]}
+    fast_train = e2e.get(result_key("fastlego", "train"), {})
+    for other in ("reference", "compile"):  # training speed-ups (no target number recorded here)
+        r = e2e.get(result_key(other, "train"), {})
+        if "ms" in fast_train and "ms" in r:
+            out[f"train_vs_{other}"] = {"value": r["ms"] / fast_train["ms"]}
     return out
 
 
@@ -1385,6 +1596,14 @@ the full numbers of each run are in its JSON report. Each run is one dated secti
   minimum bytes / bandwidth); "% floor", GB/s (minimum bytes) and TFLOP/s are the chosen
   backend's. "all ops" should come close to the variant's end-to-end ms. "(extra, per call)"
   rows are shapes not in the model (windows of 16 tokens), timed per call.
+- **Training** (`--modes train`; "train step" rows): one step = forward of `EDMPrecond` with every
+  brick trained as a denoiser + EDM loss (P_mean -1.2, P_std 1.2, sigma_data 0.5, averaged over
+  bricks) + backward + AdamW step, fp32 weights under bf16 autocast, TF32 on; random weights
+  (`randomize_` at a small scale), data and labels. Variants `reference`, `fastlego` (auto
+  backend; the backends it chose are listed below the tables) and `compile` (`torch.compile` of
+  the reference EDMPrecond). TFLOP/s = 3 x the forward's FLOPs over the step time. "peak GiB" =
+  everything the variant allocates (weights, gradients, AdamW state, activations). "loss" = the
+  first and last timed steps' losses (finite). A failure (out of memory, a crash) is an error row.
 """
 
 
@@ -1412,13 +1631,18 @@ def results_markdown(report: dict, kernels: bool = True) -> str:
     if lim:
         lines.append(f"Matrix peak {lim['matmul_peak']['tflops']:.1f} TFLOP/s ({lim['matmul_peak']['size']}^3 "
                      f"{lim['matmul_peak']['dtype']}), copy bandwidth {lim['copy_bandwidth']['gbps']:.0f} GB/s.")
-    lines += ["", "| preset (batch) | variant | img/s | ms | TFLOP/s (rel.) | % peak | % floor | x compile | peak GiB | err |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    has_train = any(r.get("mode") == "train" for res in report["cases"] for r in res.get("end_to_end", {}).values())
+    has_infer = any(r.get("mode", "infer") == "infer" for res in report["cases"] for r in res.get("end_to_end", {}).values())
+    if has_infer or not has_train:
+        lines += ["", "| preset (batch) | variant | img/s | ms | TFLOP/s (rel.) | % peak | % floor | x compile | peak GiB | err |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for res in report["cases"]:
         name = f"{res['name']} ({res['case']['batch']})"
         e2e = res.get("end_to_end", {})
         comp = e2e.get("compile", {}).get("ms")
         for variant, r in e2e.items():
+            if r.get("mode", "infer") != "infer":
+                continue
             if "ms" not in r:
                 lines.append(f"| {name} | {variant} | error: {_md_escape(r.get('error', '?'))[:160]} | - | - | - | - | - | - | - |")
                 continue
@@ -1426,6 +1650,8 @@ def results_markdown(report: dict, kernels: bool = True) -> str:
                 f"| {name} | {variant} | {r['img_per_s']:.1f} | {r['ms']:.2f} | {_fmt(r.get('tflops'))} ({_fmt(r.get('tflops_release_count'))}) "
                 f"| {_pct(r.get('frac_peak'))} | {_pct(r.get('frac_floor'))} | {_fmt(comp / r['ms'] if comp else None, '.2f')} "
                 f"| {_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('rel_err_vs_fp32'), '.1e')} |")
+    if has_train:
+        lines += _train_markdown(report)
     floor_rows = []
     for res in report["cases"]:
         fl, fp, tg = res.get("floor"), res.get("flops", {}), res.get("targets", {})
@@ -1465,14 +1691,39 @@ def results_markdown(report: dict, kernels: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_markdown(report: dict) -> List[str]:
+    """The training table: one row per (workload, variant) timed in train mode."""
+    lines = ["", "| preset (batch), train step | variant | img/s | ms / step | TFLOP/s (rel.) | % peak | x compile "
+                 "| peak GiB | loss (first / last) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for res in report["cases"]:
+        name = f"{res['name']} ({res['case']['batch']})"
+        e2e = res.get("end_to_end", {})
+        comp = e2e.get(result_key("compile", "train"), {}).get("ms")
+        for key, r in e2e.items():
+            if r.get("mode") != "train":
+                continue
+            variant = r["variant"]
+            if "ms" not in r:
+                lines.append(f"| {name} | {variant} | error: {_md_escape(r.get('error', '?'))[:160]} | - | - | - | - | - | - |")
+                continue
+            lines.append(
+                f"| {name} | {variant} | {r['img_per_s']:.1f} | {r['ms']:.2f} | {_fmt(r.get('tflops'))} ({_fmt(r.get('tflops_release_count'))}) "
+                f"| {_pct(r.get('frac_peak'))} | {_fmt(comp / r['ms'] if comp else None, '.2f')} "
+                f"| {_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('loss'), '.3g')} / {_fmt(r.get('loss_last'), '.3g')} |")
+    return lines
+
+
 def _backend_lines(report: dict) -> List[str]:
     out = []
     for res in report["cases"]:
-        fast = res.get("end_to_end", {}).get("fastlego", {})
-        chosen = fast.get("backends", {}).get("chosen")
-        if chosen:
-            desc = ", ".join(f"{op}: " + "/".join(f"{b} x{n}" for b, n in c.items()) for op, c in chosen.items())
-            out.append(f"Backends chosen by auto in {res['name']}: {desc}.")
+        for mode in ("infer", "train"):
+            fast = res.get("end_to_end", {}).get(result_key("fastlego", mode), {})
+            chosen = fast.get("backends", {}).get("chosen")
+            if chosen:
+                desc = ", ".join(f"{op}: " + "/".join(f"{b} x{n}" for b, n in c.items()) for op, c in chosen.items())
+                where = res["name"] if mode == "infer" else f"the training step of {res['name']} ({res['case']['batch']})"
+                out.append(f"Backends chosen by auto in {where}: {desc}.")
     return out
 
 
@@ -1549,7 +1800,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark fastlego against the reference ops, torch.compile and the floor (BASELINE.md).")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--presets", default=None,
-                   help="comma-separated presets, NAME or NAME:BATCH (default: lego_S_PG_64:256, lego_L_PG_64:128, lego_XL_U_32:128)")
+                   help="comma-separated presets, NAME or NAME:BATCH, for every mode (default: inference lego_S_PG_64:256, "
+                        "lego_L_PG_64:128, lego_XL_U_32:128; training " + ", ".join(f"{n}:{b}" for n, b in DEFAULT_TRAIN_CASES) + ")")
     p.add_argument("--batch", type=int, default=None, help="batch size for every preset without NAME:BATCH")
     p.add_argument("--depths", default=None, help="comma-separated depth per brick replacing the presets' (smoke tests only)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a full GPU run in about 5 minutes with compile)")
@@ -1560,7 +1812,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--no-bf16-weights", action="store_true", help="skip the fastlego_bf16 variant")
-    p.add_argument("--modes", default="infer", help=f"comma-separated modes (implemented: {','.join(MODES)})")
+    p.add_argument("--modes", default="infer",
+                   help=f"comma-separated modes: {','.join(MODES)} (train: forward + EDM loss + backward + AdamW step, "
+                        "variants reference, fastlego, compile; the floor and kernels are of infer only)")
     p.add_argument("--autocast", default="bf16", choices=sorted(AUTOCAST_DTYPES), help="autocast dtype (none: fp32)")
     p.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full fp32")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel benchmarks")
@@ -1588,10 +1842,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                                compile_mode=args.compile_mode, json_path=args.json, markdown_path=args.markdown)
     if args.presets:
         cfg.cases = parse_cases(args.presets, args.batch)
+        cfg.train_cases = None  # the train mode runs the named workloads too
     elif args.batch:
         cfg.cases = [dataclasses.replace(c, batch=args.batch) for c in cfg.cases]
+        if cfg.train_cases is not None:
+            cfg.train_cases = list(dict.fromkeys(dataclasses.replace(c, batch=args.batch) for c in cfg.train_cases))
     if args.depths:
         cfg.cases = [with_depths(c, args.depths.split(",")) for c in cfg.cases]
+        if cfg.train_cases is not None:
+            cfg.train_cases = [with_depths(c, args.depths.split(",")) for c in cfg.train_cases]
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
     skip_compile = args.no_compile or (not device.startswith("cuda") and not args.compile)
     if skip_compile:
@@ -1620,8 +1879,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"fastlego bench: {exc}", file=sys.stderr)
         return 2
-    print(f"[bench] {len(cfg.cases)} workload(s): " + "; ".join(c.describe() for c in cfg.cases)
-          + f" | variants {', '.join(cfg.variants)} | {cfg.profile} run on {cfg.device}", flush=True)
+    if cfg.modes == ("infer",):
+        print(f"[bench] {len(cfg.cases)} workload(s): " + "; ".join(c.describe() for c in cfg.cases)
+              + f" | variants {', '.join(cfg.variants)} | {cfg.profile} run on {cfg.device}", flush=True)
+    else:
+        for mode in cfg.modes:
+            cases = cfg.cases_for(mode)
+            print(f"[bench] {mode}: {len(cases)} workload(s): " + "; ".join(c.describe() for c in cases)
+                  + f" | variants {', '.join(cfg.variants_for(mode))} | {cfg.profile} run on {cfg.device}", flush=True)
     t0 = time.perf_counter()
     jp, _ = output_paths(session.env, cfg.json_path, cfg.markdown_path)
     # SIGTERM (e.g. `timeout`) ends the run like Ctrl-C: what was measured is still saved

@@ -3,12 +3,14 @@
 The real benchmark runs on a GPU (`fastlego bench`, `pytest bench/`); this checks that the whole
 pipeline works end to end: device limits, FLOP counts, the floor, the end-to-end variants (a
 failing torch.compile recorded as an error string), the per-kernel timings, the JSON report and
-the markdown table; and that it runs without triton.
+the markdown table; the train mode (forward + EDM loss + backward + AdamW step), with a failing
+variant recorded as an error while the run goes on; and that it runs without triton.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -162,8 +164,10 @@ def test_bad_options_fail_clearly(capsys):
     assert "NAME:BATCH" in capsys.readouterr().err
     assert bm.main(["--device", "cpu", "--presets", "lego_S_PG_64", "--depths", "1,1"]) == 2
     assert "3 positive integers" in capsys.readouterr().err
-    assert bm.main(["--device", "cpu", "--modes", "train"]) == 2
+    assert bm.main(["--device", "cpu", "--modes", "backward"]) == 2
     assert "not implemented" in capsys.readouterr().err
+    assert bm.main(["--device", "cpu", "--modes", "train", "--variants", "fastlego_bf16"]) == 2
+    assert "has a train mode" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown LEGO preset"):
         bm.parse_cases("lego_Q")
 
@@ -205,3 +209,131 @@ def test_interrupted_run_keeps_its_numbers(tmp_path, monkeypatch, capsys):
     assert report["interrupted"] == "test"
     assert report["cases"][0]["end_to_end"]["reference"]["img_per_s"] > 0
     assert "interrupted)" in (tmp_path / "R.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Train mode
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, _one_thread):
+    """One tiny CLI run of the train mode: reference, fastlego and torch.compile (dynamo +
+    AOTAutograd with the eager backend: the same graph capture, forward and backward, without
+    inductor's minutes of code generation on a CPU)."""
+    out = tmp_path_factory.mktemp("train")
+    md = out / "RESULTS.md"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    try:
+        rc = bm.main(TINY + ["--modes", "train", "--variants", "reference,fastlego,compile", "--compile",
+                             "--json", str(out / "r.json"), "--markdown", str(md)])
+    finally:
+        mp.undo()
+    return rc, json.loads((out / "r.json").read_text()), md
+
+
+def test_train_rows(train_run):
+    rc, report, _ = train_run
+    assert rc == 0
+    [case] = report["cases"]
+    e2e = case["end_to_end"]
+    assert set(e2e) == {"reference@train", "fastlego@train", "compile@train"}
+    flops = case["flops"]["forward"]
+    for key, r in e2e.items():
+        assert "error" not in r, (key, r.get("error"))
+        assert r["mode"] == "train" and r["batch"] == 1
+        for k in ("ms", "img_per_s", "tflops", "tflops_release_count", "frac_peak", "weights_gib"):
+            assert r[k] > 0, (key, k, r[k])
+        assert "frac_floor" not in r  # the floor is of an inference forward
+        # TFLOP/s counts a step as 3 forwards
+        assert math.isclose(r["tflops"], 3 * flops / (r["ms"] * 1e-3) / 1e12, rel_tol=1e-9)
+        assert math.isclose(r["img_per_s"], 1 / (r["ms"] * 1e-3), rel_tol=1e-9)
+        assert r["timing"]["rounds"] == 2
+        # EDM's whitened loss of a small random network: finite and about 1 (D(x) ~ c_skip x)
+        assert r["loss_finite"] and 0.3 < r["loss"] < 3 and 0.3 < r["loss_last"] < 3, (key, r["loss"], r["loss_last"])
+    # same weights, data and label-dropout draws: the variants' first steps agree
+    ref = e2e["reference@train"]["loss"]
+    assert math.isclose(e2e["fastlego@train"]["loss"], ref, rel_tol=1e-3)
+    assert math.isclose(e2e["compile@train"]["loss"], ref, rel_tol=1e-2)
+    # AdamW steps happened: the loss moved (the same batch every step)
+    assert e2e["reference@train"]["loss_last"] != ref
+    assert e2e["compile@train"]["graph_breaks"] == 0
+    # the auto backend's choices in the training step are recorded (reference ops on the CPU)
+    chosen = e2e["fastlego@train"]["backends"]["chosen"]
+    assert set(chosen) >= {"brick_embed", "modulated_linear", "final_layer"}
+    assert {b for c in chosen.values() for b in c} == {"reference"}
+    assert case["kernels"] == [] and "floor" not in case and "op_cases" not in case  # infer-only pieces skipped
+    assert case["targets"]["train_vs_reference"]["value"] > 0
+
+
+def test_train_markdown(train_run):
+    _, report, md = train_run
+    text = md.read_text()
+    assert "| preset (batch), train step | variant |" in text
+    for variant in ("reference", "fastlego", "compile"):
+        assert f"| lego_S_U_32[depths=1,1,1,1,1] (1) | {variant} | " in text
+    assert "| preset (batch) | variant | img/s | ms | TFLOP/s (rel.) |" not in text  # no inference rows: no table
+    assert "Backends chosen by auto in the training step of lego_S_U_32[depths=1,1,1,1,1] (1)" in text
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| lego_S_U_32[depths=1,1,1,1,1] (1) | ")}
+    e2e = report["cases"][0]["end_to_end"]
+    for variant in ("reference", "fastlego", "compile"):
+        r = e2e[f"{variant}@train"]
+        cells = rows[variant]  # preset, variant, img/s, ms, TFLOP/s (rel.), % peak, x compile, peak GiB, loss
+        assert cells[2] == f"{r['img_per_s']:.1f}" and cells[3] == f"{r['ms']:.2f}"
+        assert cells[6] == f"{e2e['compile@train']['ms'] / r['ms']:.2f}"
+        assert cells[8].startswith(f"{r['loss']:.3g} / {r['loss_last']:.3g}")
+
+
+def test_train_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One variant's step builder raises MemoryError (as an out-of-memory would): the report
+    holds the error string for it, the other variant and the inference rows are measured."""
+    build = bm.STEP_BUILDERS["train"]
+
+    def failing(model, inputs, backend, device, autocast_dtype):
+        if backend == "reference":
+            raise MemoryError("injected: out of memory")
+        return build(model, inputs, backend, device, autocast_dtype)
+    monkeypatch.setitem(bm.STEP_BUILDERS, "train", failing)
+    rc = bm.main(TINY + ["--modes", "infer,train", "--variants", "reference,fastlego", "--no-kernels", "--no-floor",
+                         "--no-check", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
+    assert rc == 0
+    [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
+    e2e = case["end_to_end"]
+    assert set(e2e) == {"reference", "fastlego", "reference@train", "fastlego@train"}
+    assert e2e["reference@train"]["error"] == "MemoryError: injected: out of memory"
+    assert "ms" not in e2e["reference@train"]
+    assert e2e["fastlego@train"]["img_per_s"] > 0 and math.isfinite(e2e["fastlego@train"]["loss"])
+    assert e2e["reference"]["img_per_s"] > 0 and e2e["fastlego"]["img_per_s"] > 0  # inference untouched
+    text = (tmp_path / "R.md").read_text()
+    # both tables: inference rows keep their format, the failure is a train row with its error
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | fastlego | " in text
+    assert "| preset (batch), train step | variant |" in text
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | reference | error: MemoryError: injected: out of memory |" in text
+    inference_table = text.split("| preset (batch), train step")[0]
+    assert inference_table.count("| lego_S_U_32[depths=1,1,1,1,1] (1) |") == 2  # no train rows in it
+
+
+def test_train_default_workloads():
+    """`--modes train` without --presets: issue 4's training batches; --presets / --tiny name
+    the workloads of every mode; --batch and --depths apply to the training workloads too."""
+    parse = lambda *argv: bm.config_from_args(bm.build_parser().parse_args(["--device", "cpu", *argv]))  # noqa: E731
+    cfg = parse("--modes", "train")
+    got = [(c.preset, c.batch) for c in cfg.cases_for("train")]
+    assert sorted(got) == sorted([("lego_S_PG_64", 32), ("lego_S_PG_64", 64), ("lego_S_PG_64", 256),
+                                  ("lego_L_PG_64", 64), ("lego_L_PG_64", 128), ("lego_XL_U_32", 128)])
+    assert got[-2:] == [("lego_S_PG_64", 256), ("lego_L_PG_64", 128)]  # the release's failures last
+    s64 = next(c for c in cfg.cases_for("train") if c.preset == "lego_S_PG_64")
+    xl = next(c for c in cfg.cases_for("train") if c.preset == "lego_XL_U_32")
+    assert (s64.in_channels, s64.resolution, s64.label_dim) == (3, 64, 0)
+    assert (xl.in_channels, xl.resolution, xl.label_dim) == (4, 32, 1000)
+    assert [(c.preset, c.batch) for c in cfg.cases_for("infer")] == [(n, b) for n, b, *_ in bm.DEFAULT_CASES]
+    assert cfg.variants_for("train") == ("reference", "fastlego")  # compile skipped on the CPU, no bf16 weights
+    assert parse("--modes", "train", "--compile").variants_for("train") == ("reference", "fastlego", "compile")
+    assert [(c.preset, c.batch) for c in parse("--modes", "train", "--presets", "lego_XL_U_32:8").cases_for("train")] \
+        == [("lego_XL_U_32", 8)]
+    assert parse("--modes", "train", "--tiny").cases_for("train") == parse("--tiny").cases
+    assert [(c.preset, c.batch) for c in parse("--modes", "train", "--batch", "4").cases_for("train")] \
+        == [("lego_S_PG_64", 4), ("lego_L_PG_64", 4), ("lego_XL_U_32", 4)]
+    deep = parse("--modes", "train", "--presets", "lego_S_PG_64:2", "--depths", "1,1,1")
+    assert deep.cases_for("train")[0].depths == (1, 1, 1)
