@@ -1039,6 +1039,16 @@ def result_key(variant: str, mode: str = "infer") -> str:
     return variant if mode == "infer" else f"{variant}@{mode}"
 
 
+def _first_call(step, variant: str, res: dict):
+    """Run `step` once; outside torch.compile, record in `res` the backends the dispatcher chose."""
+    if variant == "compile":
+        return step()
+    with dispatch.record() as decisions:
+        out = step()
+    res["backends"] = _decision_summary(decisions)
+    return out
+
+
 def _decision_summary(decisions) -> dict:
     """{op: {backend: calls}} and the first reasons each refused backend gave."""
     chosen: Dict[str, Dict[str, int]] = {}
@@ -1217,12 +1227,7 @@ class BenchSession:
                 start_bytes = torch.cuda.memory_allocated(dev)
             with precision(dev, cfg.tf32):
                 t0 = time.perf_counter()
-                if variant == "compile":
-                    out = step()
-                else:
-                    with dispatch.record() as decisions:
-                        out = step()
-                    res["backends"] = _decision_summary(decisions)
+                out = _first_call(step, variant, res)
                 _sync(dev)
                 res["first_call_s"] = time.perf_counter() - t0
                 if variant == "compile":
@@ -1299,12 +1304,7 @@ class BenchSession:
             step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype)
             with precision(dev, cfg.tf32):
                 t0 = time.perf_counter()
-                if variant == "compile":
-                    loss = step()
-                else:
-                    with dispatch.record() as decisions:
-                        loss = step()
-                    res["backends"] = _decision_summary(decisions)
+                loss = _first_call(step, variant, res)
                 res["loss"] = float(loss)  # the first step's: a sanity value (finite, about 1)
                 res["first_call_s"] = time.perf_counter() - t0
                 if variant == "compile":

@@ -306,12 +306,9 @@ def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.floa
     kernel casts every operand, `mixed_dtypes_ok`), the dtype it computes in (`compute_dtype`,
     e.g. autocast's), and, for kernels without a backward (`forward_only`), autograd recording a
     tensor that requires grad."""
-    reasons = []
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
-    devices = {t.device for t in ts}
-    if len(devices) > 1:
-        reasons.append(f"tensors on several devices {sorted(map(str, devices))}")
-    for dev in devices:
+    reasons = device_problems(ts)
+    for dev in {t.device for t in ts}:
         if dev.type == "cpu" and not triton_interpreting():
             reasons.append("tensors are on the CPU: Triton kernels need a CUDA device "
                            "(or TRITON_INTERPRET=1, Triton's interpreter, for testing)")
@@ -333,6 +330,14 @@ def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.floa
     if forward_only:
         reasons += forward_only_reasons(ts)
     return reasons
+
+
+def device_problems(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
+    """One problem if the tensors are not all on one device."""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        return [f"tensors on several devices {sorted(map(str, devices))}: move them to one"]
+    return []
 
 
 def forward_only_reasons(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, device_problems, triton_interpreting, triton_reasons
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -238,9 +238,7 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
     Same result as `fastlego.reference.brick_embed`. `out`, if given, must be (B * L, T, D) of the
     compute dtype (the autocast dtype under autocast, else x's) on x's device; it is returned."""
     problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
-    devices = {t.device for t in (x, prev, weight, bias, pos_embed) if isinstance(t, torch.Tensor)}
-    if len(devices) > 1:
-        problems.append(f"tensors on several devices {sorted(map(str, devices))}: move them to one")
+    problems += device_problems([x, prev, weight, bias, pos_embed])
     if problems:
         raise ValueError("brick_embed: " + "; ".join(problems))
     dtype = _compute_dtype(x)

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, device_problems, triton_interpreting, triton_reasons
 
 LN_EPS = 1e-6
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -240,9 +240,7 @@ def final_layer(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weigh
     Same result as `fastlego.reference.final_layer`. `out`, if given, must be image_shape of the
     compute dtype (the autocast dtype under autocast, else h's) on h's device; it is returned."""
     problems = _shape_problems(h, shift, scale, weight, bias, region, image_shape)
-    devices = {t.device for t in (h, shift, scale, weight, bias) if isinstance(t, torch.Tensor)}
-    if len(devices) > 1:
-        problems.append(f"tensors on several devices {sorted(map(str, devices))}: move them to one")
+    problems += device_problems([h, shift, scale, weight, bias])
     if problems:
         raise ValueError("final_layer: " + "; ".join(problems))
     dtype = _compute_dtype(h)
