@@ -31,12 +31,12 @@ _map_source_kernels()
 from .presets import PRESETS, Preset, get_preset  # noqa: E402
 from .model import LegoBackbone  # noqa: E402
 from .edm import EDMPrecond  # noqa: E402
-from .dispatch import use_backend, set_backend, BackendNotSupported  # noqa: E402
+from .dispatch import use_backend, set_backend, BackendNotSupported, set_deterministic, deterministic  # noqa: E402
 from .info import explain  # noqa: E402
 from . import ops, reference, dispatch  # noqa: E402,F401
 
 __all__ = ["LegoBackbone", "EDMPrecond", "PRESETS", "Preset", "get_preset", "use_backend", "set_backend",
-           "BackendNotSupported", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
+           "BackendNotSupported", "set_deterministic", "deterministic", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
 
 
 def __getattr__(name):

@@ -274,6 +274,50 @@ def record(site_modules: Optional[torch.nn.Module] = None):
 
 
 # --------------------------------------------------------------------------------------------
+# Deterministic mode
+# --------------------------------------------------------------------------------------------
+
+_deterministic = False
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Bitwise-reproducible gradients: the same seed and inputs give the same bits run to run.
+
+    fastlego's Triton kernels never use atomics (every per-image or per-column sum is a
+    fixed-order sum of per-program partials), so they are deterministic in any mode. This mode
+    additionally (1) turns on `torch.use_deterministic_algorithms` (PyTorch's own ops, cuBLAS with
+    CUBLAS_WORKSPACE_CONFIG=:4096:8, set here if unset: set it yourself before CUDA starts to be
+    safe), (2) fixes the fused-vs-cuBLAS path of the matmul ops to cuBLAS instead of timing both
+    (timing, and Triton's autotuner, could pick different tilings, hence summation orders, in two
+    processes), and (3) trains global attention (regions > 64 tokens) with the reference backward
+    (softmax recomputed in fp32, fixed-order matmuls) instead of SDPA's flash/efficient backward,
+    which may accumulate with atomics. Costs some speed; off by default."""
+    global _deterministic
+    enabled = bool(enabled)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    _deterministic = enabled
+
+
+def is_deterministic() -> bool:
+    return _deterministic
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """`set_deterministic` inside a `with` block (restores the previous state, PyTorch's too)."""
+    global _deterministic
+    saved = (_deterministic, torch.are_deterministic_algorithms_enabled())
+    set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[1])
+        _deterministic = saved[0]
+
+
+# --------------------------------------------------------------------------------------------
 # Shared support checks for kernels
 # --------------------------------------------------------------------------------------------
 
@@ -343,7 +387,7 @@ def device_problems(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
 def forward_only_reasons(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
     """Why a kernel without a backward cannot take a call that autograd records."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return ["an input requires grad and autograd is recording: fastlego's Triton kernels are "
-                "forward-only (no backward yet); the reference op computes gradients (or run "
-                "under torch.no_grad() / torch.inference_mode())"]
+        return ["an input requires grad and autograd is recording: this Triton launcher is forward-only "
+                "(fastlego.ops runs the fused ops as custom ops with a Triton backward when autograd "
+                "records; call those, or run under torch.no_grad() / torch.inference_mode())"]
     return []

@@ -7,7 +7,10 @@ always there and always last. Triton kernels live in `fastlego.kernels` (the rep
 
 from __future__ import annotations
 
-from .dispatch import call, register
+import torch
+
+from . import custom_ops
+from .dispatch import call, is_deterministic, register
 
 _K = "fastlego.kernels"
 
@@ -39,32 +42,75 @@ _BACKENDS = {
                               ("reference", "fastlego.reference:linear_gated_residual", None)],
     "final_layer": [("triton", *_T["final_layer"]), ("reference", "fastlego.reference:final_layer", None)],
 }
+# The backward pieces of the fused ops (run by fastlego.custom_ops' backward): Triton kernels with
+# their reference twins.
+_FL = f"{_K}.fused_linear"
+_BACKENDS.update({
+    "layernorm_modulate": [("triton", f"{_FL}:layernorm_modulate", f"{_FL}:layernorm_modulate_not_supported_reasons"),
+                           ("reference", "fastlego.reference:layernorm_modulate_as", None)],
+    "layernorm_modulate_backward": [
+        ("triton", f"{_FL}:layernorm_modulate_backward", f"{_FL}:layernorm_modulate_backward_not_supported_reasons"),
+        ("reference", "fastlego.reference:layernorm_modulate_backward", None)],
+    "gated_residual_backward": [
+        ("triton", f"{_FL}:gated_residual_backward", f"{_FL}:gated_residual_backward_not_supported_reasons"),
+        ("reference", "fastlego.reference:gated_residual_backward", None)],
+    "window_attention_backward": [
+        ("triton", f"{_K}.window_attention:window_attention_backward",
+         f"{_K}.window_attention:backward_not_supported_reasons"),
+        ("reference", "fastlego.reference:attention_backward", None)],
+    "brick_embed_input_grad": [
+        ("triton", f"{_K}.brick_embed:brick_embed_input_grad",
+         f"{_K}.brick_embed:brick_embed_input_grad_not_supported_reasons"),
+        ("reference", "fastlego.reference:brick_embed_input_grad", None)],
+})
 for _op, _list in _BACKENDS.items():
     for _i, (_name, _target, _reasons) in enumerate(_list):
         register(_op, _name, _target, _reasons, priority=_i)
 
 
+# Each fused op: when autograd records it (or torch.compile traces it) under a non-reference
+# backend it runs as a custom op with a Triton backward (fastlego.custom_ops); otherwise eagerly
+# through the dispatcher.
+
 def brick_embed(x, prev, weight, bias, pos_embed, region: int):
     """(B,C,H,W) input [+ previous brick output] -> tokens (B*L, T, D); see reference.brick_embed."""
+    if custom_ops.wants_custom_op("brick_embed", (x, prev, weight, bias, pos_embed, region)):
+        return custom_ops.brick_embed(x, prev, weight, bias, pos_embed, region)
     return call("brick_embed", x, prev, weight, bias, pos_embed, region)
 
 
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
     """act(Linear(LN(h) * (1 + scale[img]) + shift[img])); see reference.modulated_linear."""
+    if custom_ops.wants_custom_op("modulated_linear", (h, shift, scale, weight, bias, activation)):
+        return custom_ops.modulated_linear(h, shift, scale, weight, bias, activation)
     return call("modulated_linear", h, shift, scale, weight, bias, activation)
 
 
 def attention(qkv, num_heads: int):
     """Softmax attention inside each region: window attention for small regions, global otherwise."""
-    op = "window_attention" if qkv.shape[1] <= WINDOW_MAX_TOKENS else "global_attention"
-    return call(op, qkv, num_heads)
+    if qkv.shape[1] > WINDOW_MAX_TOKENS:
+        if is_deterministic() and qkv.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # forward by the dispatcher, backward by the fixed-order reference (see set_deterministic)
+            return custom_ops.window_attention(qkv, num_heads, op="global_attention")
+        if torch.compiler.is_compiling():
+            # the compiler traces PyTorch's SDPA (flash / cuDNN / efficient kernels, their backward)
+            from .reference import attention as sdpa_attention
+            return sdpa_attention(qkv, num_heads)
+        return call("global_attention", qkv, num_heads)   # every backend but triton has a backward
+    if custom_ops.wants_custom_op("window_attention", (qkv, num_heads)):
+        return custom_ops.window_attention(qkv, num_heads)
+    return call("window_attention", qkv, num_heads)
 
 
 def linear_gated_residual(a, weight, bias, gate, residual):
     """residual + gate[img] * Linear(a); see reference.linear_gated_residual."""
+    if custom_ops.wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)):
+        return custom_ops.linear_gated_residual(a, weight, bias, gate, residual)
     return call("linear_gated_residual", a, weight, bias, gate, residual)
 
 
 def final_layer(h, shift, scale, weight, bias, region: int, image_shape):
     """LN + modulate + Linear + fold back to (B, C, H, W); see reference.final_layer."""
+    if custom_ops.wants_custom_op("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape))):
+        return custom_ops.final_layer(h, shift, scale, weight, bias, region, image_shape)
     return call("final_layer", h, shift, scale, weight, bias, region, tuple(image_shape))

@@ -214,3 +214,109 @@ def final_layer(h, shift, scale, weight, bias, region: int, image_shape: Sequenc
     p = math.isqrt(weight.shape[0] // C)
     y = F.linear(layernorm_modulate(h, shift, scale), weight, bias)
     return fold_regions(unpatchify(y, p, C), B, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward pieces: the oracle for the Triton backward kernels and the fallback of the backward
+# of fastlego.custom_ops. Written out (not autograd) because a custom op's implementation runs
+# below autograd; each is checked against autograd of the forward op above (gradcheck in fp64).
+# --------------------------------------------------------------------------------------------
+
+def layernorm_modulate_as(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`layernorm_modulate` in fp32 (fp64 for fp64 h) as an (M, K) matrix rounded once to `dtype`
+    (default h's): the A operand of modulated_linear, recomputed by its backward."""
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    a = layernorm_modulate(h.to(work), shift.to(work), scale.to(work))
+    return a.reshape(-1, h.shape[-1]).to(dtype or h.dtype)
+
+
+def layernorm_modulate_backward(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, grad_a: torch.Tensor):
+    """Gradients of a = LN(h) * (1 + scale[img]) + shift[img] given grad_a = dL/da:
+    (grad_h, grad_shift, grad_scale) in the dtypes of h, shift, scale. fp32 math (fp64 for fp64).
+        xhat = (h - mean) * rstd,  dxhat = grad_a * (1 + scale[img]),
+        grad_h = rstd * (dxhat - mean_k dxhat - xhat * mean_k(dxhat * xhat)),
+        grad_shift[img] = sum_rows grad_a,  grad_scale[img] = sum_rows grad_a * xhat."""
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    B = shift.shape[0]
+    x = h.to(work).reshape(B, -1, h.shape[-1])
+    g = grad_a.to(work).reshape(x.shape)
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+    xhat = (x - mean) * rstd
+    dxhat = g * (1 + scale.to(work)[:, None, :])
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return (dx.reshape(h.shape).to(h.dtype), g.sum(1).to(shift.dtype), (g * xhat).sum(1).to(scale.dtype))
+
+
+def gated_residual_backward(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                            dy_dtype: Optional[torch.dtype] = None):
+    """The elementwise part of the backward of out = residual + gate[img] * y:
+    (dy = grad_out * gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of
+    grad_out * y in gate's dtype); d residual = grad_out."""
+    work = torch.float64 if y.dtype == torch.float64 else torch.float32
+    B = gate.shape[0]
+    g = grad_out.to(work).reshape(B, -1, y.shape[-1])
+    dy = (g * gate.to(work)[:, None, :]).reshape(y.shape).to(dy_dtype or y.dtype)
+    dgate = (g * y.to(work).reshape(g.shape)).sum(1).to(gate.dtype)
+    return dy, dgate
+
+
+def attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """d qkv of `attention` given grad_out (N, T, D): P = softmax(q k^T s) recomputed, then
+    dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s; fp32 math
+    (fp64 for fp64), chunked over regions so that P (T x T per region and head) stays bounded."""
+    work = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    N, T, three_d = qkv.shape
+    rows = max(1, (1 << 26) // max(1, num_heads * T * T))
+    parts = []
+    for qc, gc in zip(qkv.split(rows), grad_out.split(rows)):
+        q, k, v = (t.to(work) for t in split_qkv(qc, num_heads))
+        s = q.shape[-1] ** -0.5
+        p = ((q @ k.transpose(-1, -2)) * s).softmax(-1)
+        do = gc.to(work).reshape(qc.shape[0], T, num_heads, -1).transpose(1, 2)
+        dv = p.transpose(-1, -2) @ do
+        dp = do @ v.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq, dk = (ds @ k) * s, (ds.transpose(-1, -2) @ q) * s
+        parts.append(torch.stack([dq, dk, dv], 2).permute(0, 3, 2, 1, 4).reshape(qc.shape))
+    return torch.cat(parts).to(qkv.dtype) if parts else torch.zeros_like(qkv)
+
+
+def patches(x: torch.Tensor, prev: Optional[torch.Tensor], patch: int, region: int,
+            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The brick input's patches as the (M, Cin * p * p) matrix that brick_embed multiplies by its
+    (D, Cin * p * p) weight: rows (region, token) as brick_embed's tokens, columns (channel, row, col)."""
+    z = brick_input(x if dtype is None else x.to(dtype), prev)
+    r = unfold_regions(z, region)
+    Nr, C, _, _ = r.shape
+    g = region // patch
+    r = r.reshape(Nr, C, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5)
+    return r.reshape(Nr * g * g, C * patch * patch)
+
+
+def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, image_shape: Sequence[int],
+                           has_prev: bool, region: int):
+    """(d prev or None, d x) of brick_embed: grad_tokens (B*L, T, D) @ weight (D, Cin*p*p) folded
+    back onto the pixels (every pixel is in exactly one patch), the coordinate channels dropped.
+    Returned in grad_tokens' dtype."""
+    B, C, H, W = image_shape
+    D, cin, p, _ = weight.shape
+    dp = grad_tokens.reshape(-1, D) @ weight.reshape(D, -1).to(grad_tokens.dtype)   # (M, Cin p p)
+    g = region // p
+    L = (H // region) * (W // region)
+    z = dp.reshape(B * L, g, g, cin, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B * L, cin, region, region)
+    z = fold_regions(z, B, H, W)
+    if has_prev:
+        return z[:, :C], z[:, C:2 * C]
+    return None, z[:, :C]
+
+
+def patchify_image_grad(grad_image: torch.Tensor, patch: int, region: int) -> torch.Tensor:
+    """The inverse of final_layer's unpatchify + fold for a gradient: (B, C, H, W) -> (M, p*p*C)
+    token rows in final_layer's (patch_row, patch_col, channel) feature order."""
+    B, C, H, W = grad_image.shape
+    r = unfold_regions(grad_image, region)                       # (N, C, r, r)
+    g = region // patch
+    r = r.reshape(r.shape[0], C, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1)
+    return r.reshape(-1, patch * patch * C)

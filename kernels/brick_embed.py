@@ -146,6 +146,60 @@ def _brick_embed_kernel(
     tl.store(out_ptr + out_off, acc.to(compute_dtype), mask=out_mask)
 
 
+@triton.jit
+def _brick_embed_input_grad_kernel(
+    g_ptr, w_ptr, dx_ptr, dprev_ptr,
+    M, D, K_IMG, L, REGIONS_PER_ROW, C, CP,
+    stride_gm, stride_gd,                       # grad tokens seen as (M, D)
+    stride_wd, stride_wk,                       # weight seen as (D, K)
+    stride_xb, stride_xc, stride_xh, stride_xw,  # dx (B, C, H, W)
+    stride_pb, stride_pc, stride_ph, stride_pw,  # dprev (B, C, H, W)
+    REGION: tl.constexpr, PATCH: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward of the embedding's gather, to the images: dA[m, k] = sum_d g[m, d] W[d, k] for the
+    image channels' columns k < K_IMG = (CP + C) p^2 (the coordinate channels have no gradient),
+    each stored straight into its pixel z[b, ci, y0 + kr, x0 + kc] (the forward's index map run
+    backwards). Patches do not overlap, so every pixel gets exactly one value: no atomics, no
+    zero-fill, no (M, K) buffer."""
+    GRID: tl.constexpr = REGION // PATCH
+    TOKENS: tl.constexpr = GRID * GRID
+    PP: tl.constexpr = PATCH * PATCH
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    region_idx = offs_m // TOKENS
+    t = offs_m % TOKENS
+    img = (region_idx // L).to(tl.int64)
+    l = region_idx % L
+    y0 = (l // REGIONS_PER_ROW) * REGION + (t // GRID) * PATCH
+    x0 = (l % REGIONS_PER_ROW) * REGION + (t % GRID) * PATCH
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K_IMG
+    g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        g = tl.load(g_rows + offs_d[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk,
+                    mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)
+    ch = offs_k // PP
+    kr = (offs_k % PP) // PATCH
+    kc = offs_k % PATCH
+    mask = row_ok[:, None] & k_ok[None, :]
+    in_x = ch >= CP
+    x_off = (img * stride_xb + y0 * stride_xh + x0 * stride_xw)[:, None] + \
+        (tl.maximum(ch - CP, 0) * stride_xc + kr * stride_xh + kc * stride_xw)[None, :]
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mask & in_x[None, :])
+    if HAS_PREV:
+        p_off = (img * stride_pb + y0 * stride_ph + x0 * stride_pw)[:, None] + \
+            (tl.minimum(ch, CP - 1) * stride_pc + kr * stride_ph + kc * stride_pw)[None, :]
+        tl.store(dprev_ptr + p_off, acc.to(dprev_ptr.dtype.element_ty), mask=mask & (ch < CP)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
@@ -278,3 +332,60 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, image_shape, has_prev: bool,
+                           region: int):
+    """(d prev or None, d x) of brick_embed, in grad_tokens' dtype: grad_tokens (B*L, T, D) times
+    the embedding weight (D, Cin, p, p), stored straight onto the pixels (see the kernel)."""
+    problems = brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shape, has_prev, region)
+    shape_problems = [p for p in problems if "Triton" not in p and "CPU" not in p and "interpreter" not in p]
+    if shape_problems:
+        raise ValueError("brick_embed_input_grad: " + "; ".join(shape_problems))
+    B, C, H, W = (int(v) for v in image_shape)
+    D, cin, p, _ = weight.shape
+    dtype = grad_tokens.dtype
+    dx = torch.empty((B, C, H, W), dtype=dtype, device=grad_tokens.device)
+    dprev = torch.empty_like(dx) if has_prev else None
+    g2 = grad_tokens.reshape(-1, D)
+    M = g2.shape[0]
+    cp = C if has_prev else 0
+    k_img = (cp + C) * p * p
+    if M == 0:
+        return dprev, dx
+    w2 = weight.reshape(D, cin * p * p)
+    block_k = max(16, min(64, triton.next_power_of_2(k_img)))
+    block_d = max(16, min(64, triton.next_power_of_2(D)))
+    block_m = 64
+    precision = _fp32_precision() if dtype == torch.float32 else "tf32"
+    dp = dprev if dprev is not None else dx
+    grid = (triton.cdiv(M, block_m), triton.cdiv(k_img, block_k))
+    _brick_embed_input_grad_kernel[grid](
+        g2, w2, dx, dp, M, D, k_img, (H // region) * (W // region), W // region, C, cp,
+        g2.stride(0), g2.stride(1), w2.stride(0), w2.stride(1), *dx.stride(), *dp.stride(),
+        REGION=region, PATCH=p, HAS_PREV=has_prev, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4, num_stages=1 if triton_interpreting() else 2)
+    return dprev, dx
+
+
+def brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shape, has_prev, region) -> List[str]:
+    """Why `brick_embed_input_grad` cannot take this call (empty list: it can)."""
+    if not isinstance(grad_tokens, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return ["grad_tokens must be a tensor and weight the (D, Cin, p, p) embedding weight"]
+    try:
+        B, C, H, W = (int(v) for v in image_shape)
+    except (TypeError, ValueError):
+        return [f"image_shape must be (B, C, H, W), got {image_shape!r}"]
+    D, cin, p, _ = weight.shape
+    problems = []
+    if cin != (2 * C if has_prev else C) + 2:
+        problems.append(f"weight has {cin} input channels, expected {(2 * C if has_prev else C) + 2}")
+    if region % p or H % region or W % region:
+        problems.append(f"image {H}x{W} and region {region} do not fit patch {p}")
+    else:
+        M = B * (H // region) * (W // region) * (region // p) ** 2
+        if grad_tokens.numel() != M * D:
+            problems.append(f"grad_tokens must hold ({M} tokens, {D}); got {tuple(grad_tokens.shape)}")
+    if problems:
+        return problems
+    return triton_reasons([grad_tokens, weight], mixed_dtypes_ok=True, forward_only=False)

@@ -92,7 +92,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, forward_only_reasons, triton_interpreting, triton_reasons
+from fastlego.dispatch import (autocast_dtype, forward_only_reasons, is_deterministic, triton_interpreting,
+                              triton_reasons)
 from fastlego.reference import LN_EPS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -203,6 +204,85 @@ def _layernorm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, M, K, rows_
         sh = tl.load(shift_ptr + img[:, None] * stride_shift_b + cols[None, :] * stride_shift_k, mask=mask, other=0.0)
         y = (x - mean[:, None]) * rstd[:, None] * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
         tl.store(out_rows + cols[None, :] * stride_ok, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layernorm_modulate_backward_kernel(
+        x_ptr, scale_ptr, ga_ptr, dx_ptr, dshift_part_ptr, dscale_part_ptr,
+        K, rows_per_image, blocks_per_image,
+        stride_xm, stride_xk, stride_scale_b, stride_scale_k, stride_gm, stride_gk, stride_dm, stride_dk, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
+    """Backward of a = LN(x) * (1 + scale[img]) + shift[img] for the rows of one image block.
+
+    Program p takes ROW_ITERS x BLOCK_ROWS rows of image img = p // blocks_per_image (a block never
+    straddles two images) and whole rows (BLOCK_K >= K). Per row, with xhat = (x - mean) * rstd
+    recomputed from x (nothing was saved by the forward; the row is in registers anyway) and the
+    incoming gradient ga = dL/da:
+        dxhat = ga * (1 + scale[img])
+        dx    = rstd * (dxhat - mean_k(dxhat) - xhat * mean_k(dxhat * xhat))     (LN, no affine)
+    and the per-image parameter gradients are column sums over the image's rows,
+        dshift[img, k] = sum_rows ga,   dscale[img, k] = sum_rows ga * xhat,
+    accumulated over this program's rows in fp32 registers and stored as one partial row per
+    program (dshift_part / dscale_part are (B * blocks_per_image, K)); the launcher sums the
+    partials of each image in a fixed order. No atomics: the result is bitwise reproducible."""
+    pid = tl.program_id(0)
+    img = pid // blocks_per_image
+    blk = pid % blocks_per_image
+    cols = tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    sc1 = 1.0 + tl.load(scale_ptr + img * stride_scale_b + cols * stride_scale_k, mask=col_mask, other=0.0).to(tl.float32)
+    acc_shift = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_K], dtype=tl.float32)
+    first = blk * (BLOCK_ROWS * ROW_ITERS)
+    for it in range(ROW_ITERS):
+        local = first + it * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        rows = img.to(tl.int64) * rows_per_image + local
+        mask = (local < rows_per_image)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / K
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+        xhat = d * rstd[:, None]
+        ga = tl.load(ga_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gk, mask=mask, other=0.0).to(tl.float32)
+        acc_shift += tl.sum(ga, axis=0)
+        acc_scale += tl.sum(ga * xhat, axis=0)
+        dxhat = ga * sc1[None, :]
+        c1 = tl.sum(dxhat, axis=1) / K
+        c2 = tl.sum(dxhat * xhat, axis=1) / K
+        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dk, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dshift_part_ptr + pid.to(tl.int64) * K + cols, acc_shift, mask=col_mask)
+    tl.store(dscale_part_ptr + pid.to(tl.int64) * K + cols, acc_scale, mask=col_mask)
+
+
+@triton.jit
+def _gated_residual_backward_kernel(
+        g_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr,
+        N, rows_per_image, blocks_per_image,
+        stride_gm, stride_gn, stride_ym, stride_yn, stride_gate_b, stride_gate_n, stride_dm, stride_dn,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ITERS: tl.constexpr):
+    """Backward of out = residual + gate[img] * y, the elementwise part: dy = g * gate[img]
+    (stored in dy's dtype, the matmul dtype of the backward GEMMs) and dgate[img, n] = sum_rows
+    g * y as one fp32 partial row per program (rows of one image; summed by the launcher in a fixed
+    order: no atomics). d residual = g needs no kernel."""
+    pid = tl.program_id(0)
+    img = pid // blocks_per_image
+    blk = pid % blocks_per_image
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    gate = tl.load(gate_ptr + img * stride_gate_b + cols * stride_gate_n, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = blk * (BLOCK_ROWS * ROW_ITERS)
+    for it in range(ROW_ITERS):
+        local = first + it * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        rows = img.to(tl.int64) * rows_per_image + local
+        mask = (local < rows_per_image)[:, None] & col_mask[None, :]
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(g * y, axis=0)
+        tl.store(dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+                 (g * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_part_ptr + pid.to(tl.int64) * N + cols, acc, mask=col_mask)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
@@ -683,8 +763,8 @@ def _fastest(key, candidates, x):
     names = list(candidates)
     if triton_interpreting() or not x.is_cuda:
         return names[0]
-    if torch.cuda.is_current_stream_capturing():
-        return names[-1]
+    if torch.cuda.is_current_stream_capturing() or is_deterministic():
+        return names[-1]   # no timing possible / a fixed, autotune-free path (deterministic mode)
     times = {name: _time_ms(fn) for name, fn in candidates.items()}
     _PATH_CACHE[key] = min(times, key=times.get)
     return _PATH_CACHE[key]
@@ -717,15 +797,7 @@ def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[
     K, N = h.shape[-1], weight.shape[0]
     out_shape = tuple(h.shape[:-1]) + (N,)
     _raise_if(_out_problems(out, out_shape, compute_dtype, h.device, inputs), "modulated_linear_cublas")
-    x2d = _rows(h)
-    M = x2d.shape[0]
-    a = torch.empty((M, K), dtype=compute_dtype, device=h.device)
-    if M:
-        block_rows, block_k, warps = _stats_blocks(K)
-        _layernorm_modulate_kernel[(triton.cdiv(M, block_rows),)](
-            x2d, shift, scale, a, M, K, M // shift.shape[0], x2d.stride(0), x2d.stride(1),
-            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), a.stride(0), a.stride(1), LN_EPS,
-            BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+    a = layernorm_modulate(h, shift, scale, compute_dtype)
     w = weight.to(compute_dtype)
     b = bias.to(compute_dtype) if bias is not None else None
     # the operands are already in the compute dtype: keep autocast from re-casting them
@@ -799,6 +871,155 @@ def linear_gated_residual_cublas(a, weight, bias, gate, residual, *, out=None):
     if out is None:
         return out3.view(residual.shape)
     return out.copy_(out3.view(residual.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward pieces (used by fastlego.custom_ops; the GEMMs of the backward are cuBLAS's)
+# --------------------------------------------------------------------------------------------
+
+# The row-wise backward kernels hold whole rows (K or N features) in registers.
+BACKWARD_MAX_WIDTH = 4096
+# Rows per program of the row-wise backward kernels: the per-image partial sums are one fp32 row
+# per program, so more rows per program means fewer partials to sum (M / 64 rows of K floats).
+_BACKWARD_ROWS_PER_PROGRAM = 64
+
+
+def _row_backward_blocks(width: int, rows_per_image: int):
+    """(BLOCK_ROWS, BLOCK_W, ROW_ITERS, blocks_per_image, num_warps) of the row-wise backward
+    kernels: ~4K elements per row tile, up to 64 rows of one image per program. Fixed by the
+    shape alone (no autotuning), so the summation order, hence the result, is reproducible."""
+    block_w = triton.next_power_of_2(width)
+    block_rows = max(1, min(16, 4096 // block_w))
+    rows = min(_BACKWARD_ROWS_PER_PROGRAM, max(rows_per_image, 1))
+    row_iters = triton.cdiv(rows, block_rows)
+    blocks_per_image = triton.cdiv(max(rows_per_image, 1), block_rows * row_iters)
+    return block_rows, block_w, row_iters, blocks_per_image, (8 if block_w >= 2048 else 4)
+
+
+def _row_backward_problems(x_name: str, x, width: int) -> List[str]:
+    if width > BACKWARD_MAX_WIDTH:
+        return [f"{x_name} rows have {width} features: the Triton backward kernels hold whole rows of at most "
+                f"{BACKWARD_MAX_WIDTH} (the reference backward takes wider ones)"]
+    return []
+
+
+def layernorm_modulate(h, shift, scale, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LN(h) * (1 + scale[img]) + shift[img] as an (M, K) matrix of `dtype` (default h's): one
+    memory-bound Triton pass (fp32 math). The A operand of modulated_linear, written out."""
+    problems = _per_image_problems("shift", shift, None, h.shape[-1]) + _per_image_problems(
+        "scale", scale, shift.shape[0] if isinstance(shift, torch.Tensor) else None, h.shape[-1])
+    if not problems:
+        problems = _rows_per_image_problems("h", h, shift.shape[0])
+    _raise_if(problems, "layernorm_modulate")
+    _check_device([h, shift, scale], "layernorm_modulate")
+    x2d = _rows(h)
+    M, K = x2d.shape
+    a = torch.empty((M, K), dtype=dtype or h.dtype, device=h.device)
+    if M:
+        block_rows, block_k, warps = _stats_blocks(K)
+        _layernorm_modulate_kernel[(triton.cdiv(M, block_rows),)](
+            x2d, shift, scale, a, M, K, M // shift.shape[0], x2d.stride(0), x2d.stride(1),
+            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), a.stride(0), a.stride(1), LN_EPS,
+            BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+    return a
+
+
+def layernorm_modulate_backward(h, shift, scale, grad_a):
+    """Gradients of a = LN(h) * (1 + scale[img]) + shift[img] given grad_a = dL/da (..., K):
+    (grad_h in h's dtype and shape, grad_shift in shift's dtype, grad_scale in scale's dtype).
+    One Triton pass over h and grad_a (the LN statistics are recomputed from h in registers),
+    per-image sums as per-program partial rows summed in a fixed order: deterministic."""
+    problems = layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a)
+    _raise_if([p for p in problems if "Triton" not in p and "CPU" not in p], "layernorm_modulate_backward")
+    _check_device([h, shift, scale, grad_a], "layernorm_modulate_backward")
+    _raise_if(_row_backward_problems("h", h, h.shape[-1]), "layernorm_modulate_backward")
+    x2d, g2d = _rows(h), _rows(grad_a)
+    M, K = x2d.shape
+    B = shift.shape[0]
+    rpi = M // B if B else 0
+    dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+    block_rows, block_k, row_iters, bpi, warps = _row_backward_blocks(K, rpi)
+    parts = torch.empty((2, B * bpi, K), dtype=torch.float32, device=h.device)
+    if M:
+        _layernorm_modulate_backward_kernel[(B * bpi,)](
+            x2d, scale, g2d, dx, parts[0], parts[1], K, rpi, bpi,
+            x2d.stride(0), x2d.stride(1), scale.stride(0), scale.stride(1), g2d.stride(0), g2d.stride(1),
+            dx.stride(0), dx.stride(1), LN_EPS,
+            BLOCK_ROWS=block_rows, BLOCK_K=block_k, ROW_ITERS=row_iters, num_warps=warps)
+    else:
+        parts.zero_()
+    dshift, dscale = (part.view(B, bpi, K).sum(1) for part in parts)   # two separate buffers
+    return dx.view(h.shape), dshift.to(shift.dtype), dscale.to(scale.dtype)
+
+
+def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] = None):
+    """The elementwise part of the backward of out = residual + gate[img] * y: (dy = grad_out *
+    gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of grad_out * y in
+    gate's dtype). d residual is grad_out itself. One Triton pass; deterministic sums."""
+    problems = gated_residual_backward_not_supported_reasons(grad_out, y, gate)
+    _raise_if([p for p in problems if "Triton" not in p and "CPU" not in p], "gated_residual_backward")
+    _check_device([grad_out, y, gate], "gated_residual_backward")
+    _raise_if(_row_backward_problems("y", y, y.shape[-1]), "gated_residual_backward")
+    g2d, y2d = _rows(grad_out), _rows(y)
+    M, N = y2d.shape
+    B = gate.shape[0]
+    rpi = M // B if B else 0
+    dy = torch.empty((M, N), dtype=dy_dtype or y.dtype, device=y.device)
+    block_rows, block_n, row_iters, bpi, warps = _row_backward_blocks(N, rpi)
+    parts = torch.empty((B * bpi, N), dtype=torch.float32, device=y.device)
+    if M:
+        _gated_residual_backward_kernel[(B * bpi,)](
+            g2d, y2d, gate, dy, parts, N, rpi, bpi,
+            g2d.stride(0), g2d.stride(1), y2d.stride(0), y2d.stride(1), gate.stride(0), gate.stride(1),
+            dy.stride(0), dy.stride(1),
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, ROW_ITERS=row_iters, num_warps=warps)
+    else:
+        parts.zero_()
+    return dy.view(y.shape), parts.view(B, bpi, N).sum(1).to(gate.dtype)
+
+
+def layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a) -> List[str]:
+    """Why `layernorm_modulate_backward` cannot take this call (empty: it can)."""
+    if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale, grad_a)):
+        return ["h, shift, scale and grad_a must be tensors"]
+    problems = _per_image_problems("shift", shift, None, h.shape[-1])
+    problems += _per_image_problems("scale", scale, shift.shape[0], h.shape[-1])
+    if tuple(grad_a.shape) != tuple(h.shape):
+        problems.append(f"grad_a must have h's shape {tuple(h.shape)}; got {tuple(grad_a.shape)}")
+    if not problems:
+        problems += _rows_per_image_problems("h", h, shift.shape[0])
+    if problems:
+        return problems
+    return _row_backward_problems("h", h, h.shape[-1]) + triton_reasons(
+        [h, shift, scale, grad_a], mixed_dtypes_ok=True, forward_only=False)
+
+
+def layernorm_modulate_not_supported_reasons(h, shift, scale, dtype=None) -> List[str]:
+    """Why `layernorm_modulate` cannot take this call (empty: it can)."""
+    if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale)):
+        return ["h, shift and scale must be tensors"]
+    problems = _per_image_problems("shift", shift, None, h.shape[-1])
+    problems += _per_image_problems("scale", scale, shift.shape[0], h.shape[-1])
+    if not problems:
+        problems += _rows_per_image_problems("h", h, shift.shape[0])
+    if dtype is not None and dtype not in _DTYPES:
+        problems.append(f"output dtype {dtype} not supported: expected float32, float16 or bfloat16")
+    return problems or triton_reasons([h, shift, scale], mixed_dtypes_ok=True, forward_only=False)
+
+
+def gated_residual_backward_not_supported_reasons(grad_out, y, gate, dy_dtype=None) -> List[str]:
+    """Why `gated_residual_backward` cannot take this call (empty: it can)."""
+    if not all(isinstance(t, torch.Tensor) for t in (grad_out, y, gate)):
+        return ["grad_out, y and gate must be tensors"]
+    problems = _per_image_problems("gate", gate, None, y.shape[-1])
+    if tuple(grad_out.shape) != tuple(y.shape):
+        problems.append(f"grad_out must have y's shape {tuple(y.shape)}; got {tuple(grad_out.shape)}")
+    if not problems:
+        problems += _rows_per_image_problems("y", y, gate.shape[0])
+    if problems:
+        return problems
+    return _row_backward_problems("y", y, y.shape[-1]) + triton_reasons(
+        [grad_out, y, gate], mixed_dtypes_ok=True, forward_only=False)
 
 
 # --------------------------------------------------------------------------------------------

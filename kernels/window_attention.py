@@ -1,5 +1,6 @@
 """Attention inside each region, read straight from the fused qkv tensor: the `window_attention`
-op (regions of <= 64 tokens) and the Triton backend of `global_attention` (any token count).
+op (regions of <= 64 tokens) and the Triton backend of `global_attention` (any token count), and
+the gradient of the first, `window_attention_backward` (regions of <= 64 tokens).
 
 Semantics of `fastlego.reference.attention`: qkv is (N, T, 3D) with the last dim laid out
 (3, heads, head_dim); for every region n and head h, out[n, :, h] = softmax(q k^T * hd^-0.5) v,
@@ -43,8 +44,29 @@ PyTorch's TF32 matmul switch is on (`torch.backends.cuda.matmul.allow_tf32`), th
 computes in the autocast dtype and returns that dtype, as `scaled_dot_product_attention` does
 (autocast of the tensor's device: CPU autocast applies under the interpreter).
 
-Forward only: `not_supported_reasons` refuses qkv that requires grad while grad mode is on, so
-training falls back to the reference (PyTorch SDPA, chunked over regions).
+Backward (`window_attention_backward`, T <= 64; `backward_not_supported_reasons` says when):
+grad_qkv (N, T, 3D) from qkv and grad_out = dL/d out (N, T, D). Same packing as the forward: one
+program per head of R = BLOCK_M // T whole regions, so every row of P is whole in one tile. It
+recomputes S = q k^T * scale and P = softmax(S) (nothing is saved by the forward), then
+  dV = P^T dO,  dP = dO V^T,  Delta_i = sum_j P_ij dP_ij (= rowsum(dO * O)),
+  dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q,
+and writes dq, dk, dv straight into grad_qkv at the columns the forward reads q, k, v from. Each
+grad_qkv element is written by exactly one program: no atomics, no zero-fill, bitwise
+deterministic. fp32 P, dP, Delta and accumulators; for 16-bit inputs P and dS are rounded to the
+input dtype before the dots that use them (as flash attention does). Cost for the brick above
+(lego_S_PG_64, batch 256, brick 0, bf16):
+  reads  N*T*3D*2 B = 604 MB (qkv) + N*T*D*2 B = 201 MB (grad_out), writes 604 MB (grad_qkv):
+  1409 MB per block -> 0.35 ms at ~4 TB/s, 0.70 ms for the brick's 2 blocks (fp32: twice that).
+  Useful FLOPs 10*T*T*hd per (region, head) (five T x T x hd products: S, dV, dP, dQ, dK) = 4.0
+  GFLOP. Packed with BLOCK_M = 64 the five dots compute 10*BLOCK_M*hd FLOP per row = 64.4 GFLOP,
+  46 FLOP/byte: under the bf16 ridge (~250), ~65 us of tensor-core time under 350 us of memory
+  time. fp32 (BLOCK_M = 16): 16.1 GFLOP over 2.8 GB, 5.7 FLOP/byte (ridge ~20). The tile holds
+  about twice the forward's registers (q, k, v, dO, fp32 dq, dk, dv, P, dP), so 16-bit tiles drop
+  to 32 rows for head_dim 128 and 16 for 256, and head dims that would still spill go to the
+  reference (SDPA) backward (`PACKED_BACKWARD_MAX_BLOCK_D`).
+Autograd is wired outside this module (fastlego.custom_ops pairs the forward with this backward
+through the `window_attention_backward` op); called directly, `window_attention` itself is
+forward-only (`not_supported_reasons` refuses qkv that requires grad while grad mode is on).
 """
 
 from __future__ import annotations
@@ -63,6 +85,11 @@ PACKED_MAX_TOKENS = 64
 # scores) in registers; above this many elements a tile it would spill (fp32 64-token regions with
 # head_dim > 64), and the flash kernel's smaller tiles take the call instead. Keyed by element size.
 PACKED_MAX_TILE_ELEMENTS = {2: 64 * 256, 4: 64 * 64}
+# The packed backward holds about twice the forward's registers per tile (q, k, v, dO, fp32 dq, dk,
+# dv, P, dP): the largest BLOCK_D it takes without spilling, per BLOCK_M, keyed by element size
+# (ptxas -v for sm_90: 16-bit 64 x 256 and fp32 64 x 128 / 32 x 128 spill). Larger head dims go to
+# the reference (SDPA) backward.
+PACKED_BACKWARD_MAX_BLOCK_D = {2: {16: 256, 32: 256, 64: 128}, 4: {16: 256, 32: 64, 64: 64}}
 # Head dims are padded to a power of two (72 -> 128) with masked loads; 256 is the largest tile.
 MAX_HEAD_DIM = 256
 
@@ -177,6 +204,81 @@ def _flash_attention_kernel(
     out_ptrs = (out_ptr + region.to(tl.int64) * stride_out_n + offs_m[:, None] * stride_out_t
                 + (head * HEAD_DIM + cols)[None, :] * stride_out_c)
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_m < seq_len)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _packed_window_attention_backward_kernel(
+    qkv_ptr, grad_out_ptr, grad_qkv_ptr,
+    num_regions, num_heads, width,            # width D = heads * head_dim: q at column 0, k at D, v at 2D
+    stride_qkv_n, stride_qkv_t, stride_qkv_c,
+    stride_do_n, stride_do_t, stride_do_c,
+    stride_dqkv_n, stride_dqkv_t, stride_dqkv_c,
+    qk_scale,                                 # head_dim^-0.5 * log2(e): the softmax runs in base 2
+    sm_scale,                                 # head_dim^-0.5: dS is the gradient of the natural-base S
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, REGIONS_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Same packing as the forward: program -> (block of R = REGIONS_PER_BLOCK whole regions, head),
+    # tile row i = token i % T of region block * R + i // T. A region's rows are all in this tile,
+    # so this program writes every gradient element of its (regions, head) and nothing else:
+    # no atomics, no second pass, bitwise-deterministic.
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    block = pid // num_heads
+
+    rows = tl.arange(0, BLOCK_M)
+    local_region = rows // TOKENS
+    token = rows % TOKENS
+    region = block * REGIONS_PER_BLOCK + local_region
+    row_ok = (local_region < REGIONS_PER_BLOCK) & (region < num_regions)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    mask = row_ok[:, None] & col_ok[None, :]
+    head_cols = (head * HEAD_DIM + cols)[None, :]
+
+    # q, k, v (BLOCK_M x BLOCK_D) at qkv columns s*D + h*hd + d, dO at grad_out column h*hd + d.
+    # Padding rows and columns load as zeros: their scores are 0 (finite softmax) and their dO is
+    # 0, so they add nothing to the real rows' dP, dS or dV, and they are never stored.
+    qkv_row = region.to(tl.int64) * stride_qkv_n + token * stride_qkv_t
+    q_ptrs = qkv_ptr + qkv_row[:, None] + head_cols * stride_qkv_c
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    k = tl.load(q_ptrs + width * stride_qkv_c, mask=mask, other=0.0)
+    v = tl.load(q_ptrs + 2 * width * stride_qkv_c, mask=mask, other=0.0)
+    do_row = region.to(tl.int64) * stride_do_n + token * stride_do_t
+    do = tl.load(grad_out_ptr + do_row[:, None] + head_cols * stride_do_c, mask=mask, other=0.0)
+
+    # Recompute P like the forward (fp32 max, exp2, sum; no saved statistics needed: every row is
+    # whole in the tile): S2 = q k^T * scale * log2(e) with the block-diagonal mask,
+    # P = exp2(S2 - max) / sum, i.e. P = softmax(q k^T * scale) within each region.
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    same_region = local_region[:, None] == local_region[None, :]
+    s = tl.where(same_region, s, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp2(s - m[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]            # masked entries are exactly 0
+
+    # O = P V  =>  dV = P^T dO, dP = dO V^T. For 16-bit inputs P is rounded to the input dtype
+    # before its dot (as in the forward and flash attention); accumulation is fp32.
+    dv = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+
+    # Softmax backward: dS_ij = P_ij (dP_ij - Delta_i), Delta_i = sum_j P_ij dP_ij (= rowsum(dO * O),
+    # computed here from the fp32 P and dP of the tile; masked P_ij = 0 drop out of the sum).
+    delta = tl.sum(p * dp, axis=1)
+    ds = p * (dp - delta[:, None])
+
+    # S = scale * q k^T  =>  dQ = scale * dS K, dK = scale * dS^T Q (dS rounded like P).
+    ds_in = ds.to(q.dtype)
+    dq = tl.dot(ds_in, k, input_precision=PRECISION) * sm_scale
+    dk = tl.dot(tl.trans(ds_in), q, input_precision=PRECISION) * sm_scale
+
+    # grad_qkv has qkv's column layout: dq, dk, dv at columns h*hd + d, D + h*hd + d, 2D + h*hd + d.
+    dqkv_row = region.to(tl.int64) * stride_dqkv_n + token * stride_dqkv_t
+    dq_ptrs = grad_qkv_ptr + dqkv_row[:, None] + head_cols * stride_dqkv_c
+    out_ty = grad_qkv_ptr.dtype.element_ty
+    tl.store(dq_ptrs, dq.to(out_ty), mask=mask)
+    tl.store(dq_ptrs + width * stride_dqkv_c, dk.to(out_ty), mask=mask)
+    tl.store(dq_ptrs + 2 * width * stride_dqkv_c, dv.to(out_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,4 +407,116 @@ def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
                 q_part, o_part, num_heads, T, width, *strides,
                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                 PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (packed regions, T <= 64)
+# --------------------------------------------------------------------------------------------
+
+def _packed_backward_config(tokens: int, head_dim: int, fp32: bool):
+    """(BLOCK_M, regions per program, BLOCK_D, num_warps) of the packed backward. It holds q, k,
+    v, dO and the fp32 dq, dk, dv (BLOCK_M x BLOCK_D each) plus P, dP (BLOCK_M x BLOCK_M), about
+    twice the forward's registers, so 16-bit tiles shrink to 32 rows at head_dim 128 and 16 at
+    256 (never below one region's rows); fp32 takes the fewest rows that hold a region. Every
+    config that `backward_not_supported_reasons` accepts compiles without spills on sm_90
+    (ptxas -v)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = triton.next_power_of_2(tokens)
+    if fp32:
+        block_m = max(16, block_m)
+    else:
+        block_m = max(64 * 64 // block_d if block_d >= 128 else 64, block_m)
+    num_warps = 4 if block_m * max(block_m, block_d) <= 2048 else 8   # P, dP are BLOCK_M x BLOCK_M
+    if fp32 and block_m == 64 and block_d == 32:
+        num_warps = 16   # 8 warps need all 255 registers (and spill at T = 49); 16 use ~60
+    return block_m, block_m // tokens, block_d, num_warps
+
+
+def _backward_problems(qkv, grad_out, num_heads) -> List[str]:
+    """Why the backward launcher cannot compute this call (empty: it can): qkv's shape, grad_out's
+    shape and device, regions of more than PACKED_MAX_TOKENS tokens."""
+    problems = _shape_problems(qkv, num_heads)
+    if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
+        return problems
+    N, T, three_d = qkv.shape
+    expected = (N, T, three_d // 3)
+    if not isinstance(grad_out, torch.Tensor):
+        problems.append(f"grad_out must be a tensor of shape {expected}, got {type(grad_out).__name__}")
+    elif tuple(grad_out.shape) != expected:
+        problems.append(f"grad_out is {tuple(grad_out.shape)}, expected {expected} (the attention output's "
+                        f"shape (N, T, D) for qkv {tuple(qkv.shape)})")
+    elif grad_out.device != qkv.device:
+        problems.append(f"grad_out is on {grad_out.device} but qkv on {qkv.device}: move them to one device")
+    if T > PACKED_MAX_TOKENS:
+        problems.append(f"qkv has T={T} tokens per region: the Triton attention backward covers regions of "
+                        f"<= {PACKED_MAX_TOKENS} tokens; larger regions use the reference (SDPA) backward")
+    return problems
+
+
+def backward_not_supported_reasons(qkv, grad_out, num_heads) -> List[str]:
+    """Why `window_attention_backward` should not take this call (empty list: it can)."""
+    problems = _backward_problems(qkv, grad_out, num_heads)
+    if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
+        return problems
+    dtype = _compute_dtype(qkv)
+    reasons = triton_reasons([qkv, grad_out], compute_dtype=dtype if dtype != qkv.dtype else None,
+                             mixed_dtypes_ok=True,  # the launcher casts both to the compute dtype
+                             forward_only=False) + problems
+    if not problems and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        N, T, three_d = qkv.shape
+        head_dim = three_d // (3 * num_heads)
+        block_m, _, block_d, _ = _packed_backward_config(T, head_dim, dtype == torch.float32)
+        max_block_d = PACKED_BACKWARD_MAX_BLOCK_D[dtype.itemsize][block_m]
+        if block_d > max_block_d:
+            reasons.append(f"head_dim {head_dim} with T={T} in {dtype}: the packed backward's {block_m} x {block_d} "
+                           f"tile would spill registers (it holds head dims up to {max_block_d} at {block_m} rows); "
+                           f"the reference (SDPA) backward takes it")
+    return reasons
+
+
+def window_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_heads: int, *,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of `window_attention` (regions of <= 64 tokens) with respect to qkv.
+
+    qkv (N, T, 3D) is the forward's input, grad_out (N, T, D) the gradient of its output; returns
+    grad_qkv (N, T, 3D) in the compute dtype (the autocast dtype under autocast, else qkv's;
+    grad_out is cast to it). Recomputes the softmax from qkv (nothing saved); deterministic (no
+    atomics). `out`, if given, must be (N, T, 3D) of the compute dtype on qkv's device; it is
+    returned."""
+    problems = _backward_problems(qkv, grad_out, num_heads)
+    if problems:
+        raise ValueError("window_attention_backward: " + "; ".join(problems))
+    dtype = _compute_dtype(qkv)
+    qkv = qkv.to(dtype)
+    grad_out = grad_out.to(dtype)
+    N, T, three_d = qkv.shape
+    width = three_d // 3
+    head_dim = width // num_heads
+    if out is None:
+        out = torch.empty((N, T, three_d), device=qkv.device, dtype=dtype)
+    elif tuple(out.shape) != (N, T, three_d) or out.dtype != dtype or out.device != qkv.device:
+        raise ValueError(f"window_attention_backward: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                         f"({N}, {T}, {three_d}) {dtype} on {qkv.device}: allocate it with "
+                         f"torch.empty(({N}, {T}, {three_d}), dtype={dtype}, device='{qkv.device}') or pass out=None")
+    if N == 0:
+        return out
+
+    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    block_m, regions_per_block, block_d, num_warps = _packed_backward_config(T, head_dim, dtype == torch.float32)
+    # 1-D grid (axis 0 takes up to 2^31 - 1 programs); beyond that, launch whole-block region chunks.
+    chunk = max(1, int(_MAX_PROGRAMS // (num_heads / regions_per_block)))
+    chunk = max(regions_per_block, chunk - chunk % regions_per_block)
+    for n0 in range(0, N, chunk):
+        q_part, do_part, dq_part = qkv[n0:n0 + chunk], grad_out[n0:n0 + chunk], out[n0:n0 + chunk]
+        n = q_part.shape[0]
+        grid = (triton.cdiv(n, regions_per_block) * num_heads,)
+        _packed_window_attention_backward_kernel[grid](
+            q_part, do_part, dq_part, n, num_heads, width,
+            q_part.stride(0), q_part.stride(1), q_part.stride(2),
+            do_part.stride(0), do_part.stride(1), do_part.stride(2),
+            dq_part.stride(0), dq_part.stride(1), dq_part.stride(2),
+            head_dim ** -0.5 * _LOG2E, head_dim ** -0.5,
+            TOKENS=T, HEAD_DIM=head_dim, REGIONS_PER_BLOCK=regions_per_block,
+            BLOCK_M=block_m, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
     return out

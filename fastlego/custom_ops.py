@@ -1,0 +1,455 @@
+"""Training and torch.compile for the fused ops: PyTorch custom ops with a backward.
+
+Each fused op (brick_embed, modulated_linear, window_attention, linear_gated_residual,
+final_layer) is a `torch.library` custom op `fastlego::<op>` with a fake (meta) implementation
+and an autograd formula whose backward is a second custom op `fastlego::<op>_backward`. Both
+implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at run time, so:
+- eager training runs the Triton forward kernels and the Triton backward kernels, each op
+  falling back to its reference twin (with the dispatcher's reasons and warning) where a kernel
+  cannot take a call;
+- `torch.compile(model, fullgraph=True)` sees one opaque op per fused op (its fake
+  implementation gives shapes and dtypes), never the dispatcher's Python, so there are no graph
+  breaks. Under `use_backend("reference")` the compiler traces the reference ops instead.
+
+What the backward of each op saves (no normalised or modulated activations are kept):
+  modulated_linear       its inputs (h is the residual stream, alive anyway) + the pre-GELU
+                         activations for fc1; LN statistics and LN(h)*(1+scale)+shift are
+                         recomputed in the backward's Triton passes.
+  linear_gated_residual  its inputs + y = a W^T + b (needed for d gate).
+  window_attention       qkv; the softmax is recomputed inside the backward kernel.
+  brick_embed            its inputs (images and weights); the patches are re-gathered.
+  final_layer            its inputs.
+The backward's matmuls run on cuBLAS (dA = dY W, dW = dY^T A); the rest are the Triton kernels
+`layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`,
+`window_attention_backward` and `brick_embed_input_grad`, dispatched like every op (reference
+twins in `fastlego.reference`). None uses atomics, so with `fastlego.set_deterministic(True)`
+gradients are bitwise reproducible (see `fastlego.determinism`).
+
+Mixed precision: the autocast dtype of the inputs' device is taken at the call (by the traced
+wrapper) and passed to the op, whose implementations re-enter exactly that autocast state, so the
+compiled graph and eager agree on dtypes: under bf16/fp16 autocast the matmuls run in the
+autocast dtype with fp32 LN statistics, softmax and reductions, as the reference ops do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .dispatch import autocast_dtype, call, choose, current_mode
+
+_NS = "fastlego"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def _amp(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype the op must compute in (None: autocast off, or it would not cast t)."""
+    return autocast_dtype(t)
+
+
+@contextlib.contextmanager
+def _autocast_as(device_type: str, amp: Optional[torch.dtype]):
+    """Re-enter the caller's autocast state inside an op implementation (a compiled graph may run
+    the op outside the autocast region it was traced in)."""
+    if device_type not in ("cuda", "cpu"):
+        yield
+    elif amp is None:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        with torch.autocast(device_type, dtype=amp):
+            yield
+
+
+@contextlib.contextmanager
+def _impl(device_type: str, amp: Optional[torch.dtype]):
+    with torch.no_grad(), _autocast_as(device_type, amp):
+        yield
+
+
+def _noautocast(device_type: str):
+    return _autocast_as(device_type, None)
+
+
+def _empty(like: Tensor) -> Tensor:
+    """A 0-element stand-in for an absent tensor (custom ops return tensors, never None)."""
+    return like.new_empty((0,))
+
+
+def _distinct(outputs, inputs):
+    """Custom ops return fresh contiguous tensors (what their fake implementations promise) and
+    never an input or two views of one buffer: make each output contiguous, and clone any that
+    shares storage with an input or an earlier output (a backend's `.to()` can be a no-op, a
+    reference op can return slices or transposed views of one tensor)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    result = []
+    for t in outputs:
+        t = t.contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        result.append(t)
+    return tuple(result)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in the operands' dtype (cuBLAS; fp32 accumulation)."""
+    return torch.mm(a, b)
+
+
+def wants_custom_op(op: str, args: Sequence) -> Optional[str]:
+    """How `fastlego.ops` runs a fused op called with `args` (its dispatcher arguments):
+    "custom" (the custom op: compiling, or autograd recording a call that a non-reference
+    backend takes), "reference" (compiling under the reference backend: the compiler traces the
+    reference op) or None (the dispatcher, eagerly; with autograd recording that means the
+    reference op, differentiated by PyTorch's autograd)."""
+    if torch.compiler.is_compiling():
+        return "reference" if current_mode(op) == "reference" else "custom"
+    if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        return None
+    if current_mode(op) == "reference":
+        return None
+    with torch.no_grad():   # the forward kernels refuse grad-recording calls; ask as the custom op will
+        backend, _ = choose(op, *args)
+    return None if backend.name == "reference" else "custom"
+
+
+# --------------------------------------------------------------------------------------------
+# modulated_linear: act(Linear(LN(h) * (1 + scale[img]) + shift[img]))
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::modulated_linear", mutates_args=())
+def _modulated_linear(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      activation: Optional[str], amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """(out, pre-activation or empty): the forward keeps fc1's pre-GELU output for its backward."""
+    dt = amp or h.dtype
+    with _impl(h.device.type, amp):
+        y = call("modulated_linear", h, shift, scale, weight, bias, None).to(dt)
+        if activation is None:
+            return _distinct((y, _empty(y)), (h, shift, scale, weight, bias))
+        return F.gelu(y, approximate="tanh"), y
+
+
+@_modulated_linear.register_fake
+def _(h, shift, scale, weight, bias, activation, amp):
+    out = h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=amp or h.dtype)
+    return out, (torch.empty_like(out) if activation is not None else out.new_empty((0,)))
+
+
+@torch.library.custom_op(f"{_NS}::modulated_linear_backward", mutates_args=())
+def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor,
+                               pre: Optional[Tensor], activation: Optional[str], amp: Optional[torch.dtype],
+                               has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dshift, dscale, dweight, dbias or empty)."""
+    dt = amp or h.dtype
+    with _impl(h.device.type, None):
+        g = grad_out.to(dt)
+        if activation == "gelu_tanh":
+            g = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
+        g2 = g.reshape(-1, weight.shape[0])
+        a = call("layernorm_modulate", h, shift, scale, dt)             # A recomputed, (M, K)
+        dweight = _mm(g2.t(), a).to(weight.dtype)
+        dbias = g2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        da = _mm(g2, weight.to(dt)).view(h.shape)
+        dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
+    return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight, pre))
+
+
+@_modulated_linear_backward.register_fake
+def _(grad_out, h, shift, scale, weight, pre, activation, amp, has_bias):
+    return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)))
+
+
+def _modulated_linear_setup(ctx, inputs, output):
+    h, shift, scale, weight, bias, activation, amp = inputs
+    ctx.activation, ctx.amp, ctx.has_bias = activation, amp, bias is not None
+    ctx.save_for_backward(h, shift, scale, weight, output[1] if activation is not None else None)
+
+
+def _modulated_linear_grad(ctx, grad_out, _grad_pre):
+    h, shift, scale, weight, pre = ctx.saved_tensors
+    dh, dshift, dscale, dweight, dbias = torch.ops.fastlego.modulated_linear_backward(
+        grad_out, h, shift, scale, weight, pre, ctx.activation, ctx.amp, ctx.has_bias)
+    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None
+
+
+_modulated_linear.register_autograd(_modulated_linear_grad, setup_context=_modulated_linear_setup)
+
+
+def modulated_linear(h, shift, scale, weight, bias, activation=None):
+    """The custom op (see the module docstring); returns the op's output only."""
+    if wants_custom_op("modulated_linear", (h, shift, scale, weight, bias, activation)) == "reference":
+        return reference.modulated_linear(h, shift, scale, weight, bias, activation)
+    return torch.ops.fastlego.modulated_linear(h, shift, scale, weight, bias, activation, _amp(h))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# linear_gated_residual: residual + gate[img] * Linear(a)
+# --------------------------------------------------------------------------------------------
+
+def _gated_out_dtype(dt: torch.dtype, gate: Tensor, residual: Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(dt, gate.dtype), residual.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::linear_gated_residual", mutates_args=())
+def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, residual: Tensor,
+                           amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """(out, y = a W^T + b): cuBLAS matmul, then one fused residual + gate * y pass; y is kept for
+    the backward (d gate = sum g * y)."""
+    dt = amp or a.dtype
+    with _impl(a.device.type, None):
+        y = F.linear(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+        B = gate.shape[0]
+        out = torch.addcmul(residual.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
+        out = out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
+        return _distinct((out, y), (a, weight, bias, gate, residual))
+
+
+@_linear_gated_residual.register_fake
+def _(a, weight, bias, gate, residual, amp):
+    dt = amp or a.dtype
+    y = a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=dt)
+    return residual.new_empty(residual.shape, dtype=_gated_out_dtype(dt, gate, residual)), y
+
+
+@torch.library.custom_op(f"{_NS}::linear_gated_residual_backward", mutates_args=())
+def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, gate: Tensor, y: Tensor,
+                                    amp: Optional[torch.dtype], has_bias: bool
+                                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dweight, dbias or empty, dgate); d residual is grad_out itself."""
+    dt = amp or a.dtype
+    with _impl(a.device.type, None):
+        dy, dgate = call("gated_residual_backward", grad_out, y, gate, dt)
+        dy2 = dy.reshape(-1, weight.shape[0])
+        da = _mm(dy2, weight.to(dt)).view(a.shape).to(a.dtype)
+        dweight = _mm(dy2.t(), a.reshape(-1, a.shape[-1]).to(dt)).to(weight.dtype)
+        dbias = dy2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+    return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, gate, y))
+
+
+@_linear_gated_residual_backward.register_fake
+def _(grad_out, a, weight, gate, y, amp, has_bias):
+    return (torch.empty_like(a), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)), torch.empty_like(gate))
+
+
+def _linear_gated_residual_setup(ctx, inputs, output):
+    a, weight, bias, gate, residual, amp = inputs
+    ctx.amp, ctx.has_bias, ctx.residual_dtype = amp, bias is not None, residual.dtype
+    ctx.save_for_backward(a, weight, gate, output[1])
+
+
+def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
+    a, weight, gate, y = ctx.saved_tensors
+    da, dweight, dbias, dgate = torch.ops.fastlego.linear_gated_residual_backward(
+        grad_out, a, weight, gate, y, ctx.amp, ctx.has_bias)
+    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None
+
+
+_linear_gated_residual.register_autograd(_linear_gated_residual_grad, setup_context=_linear_gated_residual_setup)
+
+
+def linear_gated_residual(a, weight, bias, gate, residual):
+    if wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)) == "reference":
+        return reference.linear_gated_residual(a, weight, bias, gate, residual)
+    return torch.ops.fastlego.linear_gated_residual(a, weight, bias, gate, residual, _amp(a))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# window_attention: softmax attention inside regions of <= 64 tokens
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::window_attention", mutates_args=())
+def _window_attention(qkv: Tensor, num_heads: int, amp: Optional[torch.dtype], op: str = "window_attention") -> Tensor:
+    """Attention inside regions; `op` is the dispatched forward ("global_attention" for regions of
+    more than 64 tokens in deterministic mode, whose backward is then the reference's)."""
+    with _impl(qkv.device.type, amp):
+        return _distinct((call(op, qkv, num_heads).to(amp or qkv.dtype),), (qkv,))[0]
+
+
+@_window_attention.register_fake
+def _(qkv, num_heads, amp, op="window_attention"):
+    return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3), dtype=amp or qkv.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::window_attention_backward", mutates_args=())
+def _window_attention_backward(grad_out: Tensor, qkv: Tensor, num_heads: int, amp: Optional[torch.dtype],
+                               op: str = "window_attention") -> Tensor:
+    dt = amp or qkv.dtype
+    with _impl(qkv.device.type, None):
+        if op == "global_attention":   # deterministic mode's global attention: the fixed-order reference
+            dqkv = reference.attention_backward(qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
+        else:
+            dqkv = call("window_attention_backward", qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
+        return _distinct((dqkv,), (grad_out, qkv))[0]
+
+
+@_window_attention_backward.register_fake
+def _(grad_out, qkv, num_heads, amp, op="window_attention"):
+    return torch.empty_like(qkv)
+
+
+def _window_attention_setup(ctx, inputs, output):
+    qkv, num_heads, amp, op = inputs
+    ctx.num_heads, ctx.amp, ctx.op = num_heads, amp, op
+    ctx.save_for_backward(qkv)
+
+
+def _window_attention_grad(ctx, grad_out):
+    (qkv,) = ctx.saved_tensors
+    return torch.ops.fastlego.window_attention_backward(grad_out, qkv, ctx.num_heads, ctx.amp, ctx.op), None, None, None
+
+
+_window_attention.register_autograd(_window_attention_grad, setup_context=_window_attention_setup)
+
+
+def window_attention(qkv, num_heads, op: str = "window_attention"):
+    if wants_custom_op(op, (qkv, num_heads)) == "reference":
+        return reference.attention(qkv, num_heads)
+    return torch.ops.fastlego.window_attention(qkv, num_heads, _amp(qkv), op)
+
+
+# --------------------------------------------------------------------------------------------
+# brick_embed: coordinates + concat + unfold + patch embedding + bias + position table
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::brick_embed", mutates_args=())
+def _brick_embed(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
+                 region: int, amp: Optional[torch.dtype]) -> Tensor:
+    with _impl(x.device.type, amp):
+        out = call("brick_embed", x, prev, weight, bias, pos_embed, region).to(amp or x.dtype)
+        return _distinct((out,), (x, prev, weight, bias, pos_embed))[0]
+
+
+@_brick_embed.register_fake
+def _(x, prev, weight, bias, pos_embed, region, amp):
+    B, C, H, W = x.shape
+    L, T = (H // region) * (W // region), (region // weight.shape[-1]) ** 2
+    return x.new_empty((B * L, T, weight.shape[0]), dtype=amp or x.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::brick_embed_backward", mutates_args=())
+def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], weight: Tensor, pos_embed: Tensor,
+                          region: int, amp: Optional[torch.dtype], has_bias: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dprev or empty, dweight, dbias or empty, dpos)."""
+    dt = amp or x.dtype
+    D, _, p, _ = weight.shape
+    with _impl(x.device.type, None):
+        g = grad_out.to(dt)
+        g2 = g.reshape(-1, D)
+        dprev, dx = call("brick_embed_input_grad", g, weight.to(dt), tuple(x.shape), prev is not None, region)
+        a = reference.patches(x, prev, p, region, dt)                      # (M, Cin p p), re-gathered
+        dweight = _mm(g2.t(), a).view(weight.shape).to(weight.dtype)
+        dbias = g2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        dpos = g.float().sum(0).reshape(pos_embed.shape).to(pos_embed.dtype)
+        dprev = dprev.to(prev.dtype) if prev is not None else _empty(x)
+    return _distinct((dx.to(x.dtype), dprev, dweight, dbias, dpos), (grad_out, x, prev, weight, pos_embed))
+
+
+@_brick_embed_backward.register_fake
+def _(grad_out, x, prev, weight, pos_embed, region, amp, has_bias):
+    return (torch.empty_like(x), torch.empty_like(prev) if prev is not None else x.new_empty((0,)),
+            torch.empty_like(weight), weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)),
+            torch.empty_like(pos_embed))
+
+
+def _brick_embed_setup(ctx, inputs, output):
+    x, prev, weight, bias, pos_embed, region, amp = inputs
+    ctx.region, ctx.amp, ctx.has_bias, ctx.has_prev = region, amp, bias is not None, prev is not None
+    ctx.save_for_backward(x, prev, weight, pos_embed)
+
+
+def _brick_embed_grad(ctx, grad_out):
+    x, prev, weight, pos_embed = ctx.saved_tensors
+    dx, dprev, dweight, dbias, dpos = torch.ops.fastlego.brick_embed_backward(
+        grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias)
+    return (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos, None, None)
+
+
+_brick_embed.register_autograd(_brick_embed_grad, setup_context=_brick_embed_setup)
+
+
+def brick_embed(x, prev, weight, bias, pos_embed, region):
+    if wants_custom_op("brick_embed", (x, prev, weight, bias, pos_embed, region)) == "reference":
+        return reference.brick_embed(x, prev, weight, bias, pos_embed, region)
+    return torch.ops.fastlego.brick_embed(x, prev, weight, bias, pos_embed, region, _amp(x))
+
+
+# --------------------------------------------------------------------------------------------
+# final_layer: LN + modulate + Linear + fold back to (B, C, H, W)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::final_layer", mutates_args=())
+def _final_layer(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor], region: int,
+                 image_shape: List[int], amp: Optional[torch.dtype]) -> Tensor:
+    with _impl(h.device.type, amp):
+        out = call("final_layer", h, shift, scale, weight, bias, region, tuple(image_shape)).to(amp or h.dtype)
+        return _distinct((out,), (h, shift, scale, weight, bias))[0]
+
+
+@_final_layer.register_fake
+def _(h, shift, scale, weight, bias, region, image_shape, amp):
+    return h.new_empty(tuple(image_shape), dtype=amp or h.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::final_layer_backward", mutates_args=())
+def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, region: int,
+                          amp: Optional[torch.dtype], has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dshift, dscale, dweight, dbias or empty)."""
+    dt = amp or h.dtype
+    C = grad_out.shape[1]
+    p = int(round((weight.shape[0] // C) ** 0.5))
+    with _impl(h.device.type, None):
+        dy = reference.patchify_image_grad(grad_out.to(dt), p, region)     # (M, p p C)
+        a = call("layernorm_modulate", h, shift, scale, dt)
+        dweight = _mm(dy.t(), a).to(weight.dtype)
+        dbias = dy.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        da = _mm(dy, weight.to(dt)).view(h.shape)
+        dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
+    return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight))
+
+
+@_final_layer_backward.register_fake
+def _(grad_out, h, shift, scale, weight, region, amp, has_bias):
+    return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)))
+
+
+def _final_layer_setup(ctx, inputs, output):
+    h, shift, scale, weight, bias, region, image_shape, amp = inputs
+    ctx.region, ctx.amp, ctx.has_bias = region, amp, bias is not None
+    ctx.save_for_backward(h, shift, scale, weight)
+
+
+def _final_layer_grad(ctx, grad_out):
+    h, shift, scale, weight = ctx.saved_tensors
+    dh, dshift, dscale, dweight, dbias = torch.ops.fastlego.final_layer_backward(
+        grad_out, h, shift, scale, weight, ctx.region, ctx.amp, ctx.has_bias)
+    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None, None
+
+
+_final_layer.register_autograd(_final_layer_grad, setup_context=_final_layer_setup)
+
+
+def final_layer(h, shift, scale, weight, bias, region, image_shape):
+    if wants_custom_op("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape))) == "reference":
+        return reference.final_layer(h, shift, scale, weight, bias, region, image_shape)
+    return torch.ops.fastlego.final_layer(h, shift, scale, weight, bias, region, [int(s) for s in image_shape],
+                                          _amp(h))
+
+
+# The custom ops and their backward, for opcheck and documentation.
+OPS = ("brick_embed", "modulated_linear", "window_attention", "linear_gated_residual", "final_layer")
