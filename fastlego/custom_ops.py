@@ -12,10 +12,12 @@ implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at
   breaks. Under `use_backend("reference")` the compiler traces the reference ops instead.
 
 What the backward of each op saves (no normalised or modulated activations are kept):
-  modulated_linear       its inputs (h is the residual stream, alive anyway) + the pre-GELU
-                         activations for fc1; LN statistics and LN(h)*(1+scale)+shift are
-                         recomputed in the backward's Triton passes.
-  linear_gated_residual  its inputs + y = a W^T + b (needed for d gate).
+  modulated_linear       its inputs (h is the residual stream, alive anyway); LN statistics and
+                         LN(h)*(1+scale)+shift are recomputed in the backward's Triton passes.
+  linear_gated_residual  its inputs + y = act(a) W^T + b (needed for d gate). In training the
+                         MLP (`fastlego.ops.mlp`) runs fc1 without its GELU and fc2 with GELU
+                         applied to its input, so only fc1's pre-activation (M x 4D) is kept,
+                         not also GELU's output (another M x 4D): GELU is recomputed.
   window_attention       qkv; the softmax is recomputed inside the backward kernel.
   brick_embed            its inputs (images and weights); the patches are re-gathered.
   final_layer            its inputs.
@@ -125,11 +127,63 @@ def wants_custom_op(op: str, args: Sequence) -> Optional[str]:
     return None if backend.name == "reference" else "custom"
 
 
+
+# --------------------------------------------------------------------------------------------
+# One mechanism for every op: a custom op for torch.compile, the same functions as an
+# autograd.Function for eager training
+# --------------------------------------------------------------------------------------------
+
+_RAW = {}        # op name -> its Python implementation (forward and backward ops)
+_AUTOGRAD = {}   # forward op name -> (setup_context, backward) as given to register_autograd
+
+
+def _custom_op(name: str):
+    """Register `fastlego::name` as a torch.library custom op, keeping the plain function too."""
+    def wrap(fn):
+        _RAW[name] = fn
+        return torch.library.custom_op(f"{_NS}::{name}", fn, mutates_args=())
+    return wrap
+
+
+def _register_autograd(op, backward, setup_context) -> None:
+    op.register_autograd(backward, setup_context=setup_context)
+    _AUTOGRAD[op._name.split("::")[-1]] = (setup_context, backward)
+
+
+def _backward(ctx, name: str):
+    """The backward op to call from a backward formula: the plain function in eager (see
+    `_EagerOp`), the custom op when torch.compile's AOTAutograd traces it."""
+    return _RAW[name] if getattr(ctx, "eager", False) else getattr(torch.ops.fastlego, name)
+
+
+class _EagerOp(torch.autograd.Function):
+    """Eager training of a fused op: the custom op's own implementation, setup_context and
+    backward, as a plain autograd.Function (no torch.library dispatch: it costs tens of
+    microseconds of Python per call, which added up to ~30 ms per small training step)."""
+
+    @staticmethod
+    def forward(ctx, name, *inputs):
+        ctx.set_materialize_grads(False)
+        ctx.eager, ctx.op_name = True, name
+        outputs = _RAW[name](*inputs)
+        _AUTOGRAD[name][0](ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + tuple(_AUTOGRAD[ctx.op_name][1](ctx, *grads))
+
+
+def _run(name: str, *args):
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fastlego, name)(*args)
+    return _EagerOp.apply(name, *args)
+
 # --------------------------------------------------------------------------------------------
 # modulated_linear: act(Linear(LN(h) * (1 + scale[img]) + shift[img]))
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::modulated_linear", mutates_args=())
+@_custom_op("modulated_linear")
 def _modulated_linear(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor],
                       activation: Optional[str], amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
     """(out, pre-activation or empty): the forward keeps fc1's pre-GELU output for its backward."""
@@ -147,7 +201,7 @@ def _(h, shift, scale, weight, bias, activation, amp):
     return out, (torch.empty_like(out) if activation is not None else out.new_empty((0,)))
 
 
-@torch.library.custom_op(f"{_NS}::modulated_linear_backward", mutates_args=())
+@_custom_op("modulated_linear_backward")
 def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor,
                                pre: Optional[Tensor], activation: Optional[str], amp: Optional[torch.dtype],
                                has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -160,7 +214,7 @@ def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale
         g2 = g.reshape(-1, weight.shape[0])
         a = call("layernorm_modulate", h, shift, scale, dt)             # A recomputed, (M, K)
         dweight = _mm(g2.t(), a).to(weight.dtype)
-        dbias = g2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
         da = _mm(g2, weight.to(dt)).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight, pre))
@@ -180,19 +234,19 @@ def _modulated_linear_setup(ctx, inputs, output):
 
 def _modulated_linear_grad(ctx, grad_out, _grad_pre):
     h, shift, scale, weight, pre = ctx.saved_tensors
-    dh, dshift, dscale, dweight, dbias = torch.ops.fastlego.modulated_linear_backward(
+    dh, dshift, dscale, dweight, dbias = _backward(ctx, "modulated_linear_backward")(
         grad_out, h, shift, scale, weight, pre, ctx.activation, ctx.amp, ctx.has_bias)
     return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None
 
 
-_modulated_linear.register_autograd(_modulated_linear_grad, setup_context=_modulated_linear_setup)
+_register_autograd(_modulated_linear, _modulated_linear_grad, _modulated_linear_setup)
 
 
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
     """The custom op (see the module docstring); returns the op's output only."""
     if wants_custom_op("modulated_linear", (h, shift, scale, weight, bias, activation)) == "reference":
         return reference.modulated_linear(h, shift, scale, weight, bias, activation)
-    return torch.ops.fastlego.modulated_linear(h, shift, scale, weight, bias, activation, _amp(h))[0]
+    return _run("modulated_linear", h, shift, scale, weight, bias, activation, _amp(h))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,75 +257,93 @@ def _gated_out_dtype(dt: torch.dtype, gate: Tensor, residual: Tensor) -> torch.d
     return torch.promote_types(torch.promote_types(dt, gate.dtype), residual.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::linear_gated_residual", mutates_args=())
+@_custom_op("linear_gated_residual")
 def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, residual: Tensor,
-                           amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
-    """(out, y = a W^T + b): cuBLAS matmul, then one fused residual + gate * y pass; y is kept for
-    the backward (d gate = sum g * y)."""
+                           amp: Optional[torch.dtype], input_activation: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """(out, y = act(a) W^T + b): cuBLAS matmul, then one fused residual + gate * y pass; y is kept
+    for the backward (d gate = sum g * y). `input_activation` "gelu_tanh" applies GELU to `a`
+    first (the MLP's fc2 fed with fc1's pre-activation: act(a) is transient, only `a` is kept)."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
-        y = F.linear(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+        x = _input_act(a.to(dt), input_activation)
+        y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
+        del x
         B = gate.shape[0]
         out = torch.addcmul(residual.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
         out = out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
         return _distinct((out, y), (a, weight, bias, gate, residual))
 
 
+def _input_act(x: Tensor, activation: Optional[str]) -> Tensor:
+    if activation is None:
+        return x
+    if activation != "gelu_tanh":
+        raise ValueError(f"unknown activation {activation!r}: expected None or 'gelu_tanh'")
+    return F.gelu(x, approximate="tanh")
+
+
 @_linear_gated_residual.register_fake
-def _(a, weight, bias, gate, residual, amp):
+def _(a, weight, bias, gate, residual, amp, input_activation=None):
     dt = amp or a.dtype
     y = a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=dt)
     return residual.new_empty(residual.shape, dtype=_gated_out_dtype(dt, gate, residual)), y
 
 
-@torch.library.custom_op(f"{_NS}::linear_gated_residual_backward", mutates_args=())
+@_custom_op("linear_gated_residual_backward")
 def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, gate: Tensor, y: Tensor,
-                                    amp: Optional[torch.dtype], has_bias: bool
+                                    amp: Optional[torch.dtype], has_bias: bool, input_activation: Optional[str] = None
                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dweight, dbias or empty, dgate); d residual is grad_out itself."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
         dy, dgate = call("gated_residual_backward", grad_out, y, gate, dt)
         dy2 = dy.reshape(-1, weight.shape[0])
-        da = _mm(dy2, weight.to(dt)).view(a.shape).to(a.dtype)
-        dweight = _mm(dy2.t(), a.reshape(-1, a.shape[-1]).to(dt)).to(weight.dtype)
-        dbias = dy2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        a_dt = a.to(dt)
+        x = _input_act(a_dt, input_activation)                    # recomputed, transient
+        dweight = _mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        del x
+        da = _mm(dy2, weight.to(dt)).view(a.shape)
+        if input_activation is not None:
+            da = torch.ops.aten.gelu_backward(da, a_dt, approximate="tanh")
+        da = da.to(a.dtype)
+        dbias = torch.sum(dy2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
     return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, gate, y))
 
 
 @_linear_gated_residual_backward.register_fake
-def _(grad_out, a, weight, gate, y, amp, has_bias):
+def _(grad_out, a, weight, gate, y, amp, has_bias, input_activation=None):
     return (torch.empty_like(a), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)), torch.empty_like(gate))
 
 
 def _linear_gated_residual_setup(ctx, inputs, output):
-    a, weight, bias, gate, residual, amp = inputs
-    ctx.amp, ctx.has_bias, ctx.residual_dtype = amp, bias is not None, residual.dtype
+    a, weight, bias, gate, residual, amp, input_activation = inputs
+    ctx.amp, ctx.has_bias, ctx.residual_dtype, ctx.act = amp, bias is not None, residual.dtype, input_activation
     ctx.save_for_backward(a, weight, gate, output[1])
 
 
 def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
     a, weight, gate, y = ctx.saved_tensors
-    da, dweight, dbias, dgate = torch.ops.fastlego.linear_gated_residual_backward(
-        grad_out, a, weight, gate, y, ctx.amp, ctx.has_bias)
-    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None
+    da, dweight, dbias, dgate = _backward(ctx, "linear_gated_residual_backward")(
+        grad_out, a, weight, gate, y, ctx.amp, ctx.has_bias, ctx.act)
+    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None
 
 
-_linear_gated_residual.register_autograd(_linear_gated_residual_grad, setup_context=_linear_gated_residual_setup)
+_register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_gated_residual_setup)
 
 
-def linear_gated_residual(a, weight, bias, gate, residual):
+def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None):
+    """residual + gate[img] * Linear(act(a)) as the custom op (act: `input_activation`)."""
     if wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)) == "reference":
-        return reference.linear_gated_residual(a, weight, bias, gate, residual)
-    return torch.ops.fastlego.linear_gated_residual(a, weight, bias, gate, residual, _amp(a))[0]
+        return reference.linear_gated_residual(_input_act(a, input_activation), weight, bias, gate, residual)
+    return _run("linear_gated_residual", a, weight, bias, gate, residual, _amp(a), input_activation)[0]
 
 
 # --------------------------------------------------------------------------------------------
 # window_attention: softmax attention inside regions of <= 64 tokens
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::window_attention", mutates_args=())
+@_custom_op("window_attention")
 def _window_attention(qkv: Tensor, num_heads: int, amp: Optional[torch.dtype], op: str = "window_attention") -> Tensor:
     """Attention inside regions; `op` is the dispatched forward ("global_attention" for regions of
     more than 64 tokens in deterministic mode, whose backward is then the reference's)."""
@@ -284,7 +356,7 @@ def _(qkv, num_heads, amp, op="window_attention"):
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3), dtype=amp or qkv.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::window_attention_backward", mutates_args=())
+@_custom_op("window_attention_backward")
 def _window_attention_backward(grad_out: Tensor, qkv: Tensor, num_heads: int, amp: Optional[torch.dtype],
                                op: str = "window_attention") -> Tensor:
     dt = amp or qkv.dtype
@@ -309,23 +381,23 @@ def _window_attention_setup(ctx, inputs, output):
 
 def _window_attention_grad(ctx, grad_out):
     (qkv,) = ctx.saved_tensors
-    return torch.ops.fastlego.window_attention_backward(grad_out, qkv, ctx.num_heads, ctx.amp, ctx.op), None, None, None
+    return _backward(ctx, "window_attention_backward")(grad_out, qkv, ctx.num_heads, ctx.amp, ctx.op), None, None, None
 
 
-_window_attention.register_autograd(_window_attention_grad, setup_context=_window_attention_setup)
+_register_autograd(_window_attention, _window_attention_grad, _window_attention_setup)
 
 
 def window_attention(qkv, num_heads, op: str = "window_attention"):
     if wants_custom_op(op, (qkv, num_heads)) == "reference":
         return reference.attention(qkv, num_heads)
-    return torch.ops.fastlego.window_attention(qkv, num_heads, _amp(qkv), op)
+    return _run("window_attention", qkv, num_heads, _amp(qkv), op)
 
 
 # --------------------------------------------------------------------------------------------
 # brick_embed: coordinates + concat + unfold + patch embedding + bias + position table
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::brick_embed", mutates_args=())
+@_custom_op("brick_embed")
 def _brick_embed(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
                  region: int, amp: Optional[torch.dtype]) -> Tensor:
     with _impl(x.device.type, amp):
@@ -340,7 +412,7 @@ def _(x, prev, weight, bias, pos_embed, region, amp):
     return x.new_empty((B * L, T, weight.shape[0]), dtype=amp or x.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::brick_embed_backward", mutates_args=())
+@_custom_op("brick_embed_backward")
 def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], weight: Tensor, pos_embed: Tensor,
                           region: int, amp: Optional[torch.dtype], has_bias: bool
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -353,8 +425,8 @@ def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], w
         dprev, dx = call("brick_embed_input_grad", g, weight.to(dt), tuple(x.shape), prev is not None, region)
         a = reference.patches(x, prev, p, region, dt)                      # (M, Cin p p), re-gathered
         dweight = _mm(g2.t(), a).view(weight.shape).to(weight.dtype)
-        dbias = g2.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
-        dpos = g.float().sum(0).reshape(pos_embed.shape).to(pos_embed.dtype)
+        dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
+        dpos = torch.sum(g, 0, dtype=torch.float32).reshape(pos_embed.shape).to(pos_embed.dtype)
         dprev = dprev.to(prev.dtype) if prev is not None else _empty(x)
     return _distinct((dx.to(x.dtype), dprev, dweight, dbias, dpos), (grad_out, x, prev, weight, pos_embed))
 
@@ -374,25 +446,25 @@ def _brick_embed_setup(ctx, inputs, output):
 
 def _brick_embed_grad(ctx, grad_out):
     x, prev, weight, pos_embed = ctx.saved_tensors
-    dx, dprev, dweight, dbias, dpos = torch.ops.fastlego.brick_embed_backward(
+    dx, dprev, dweight, dbias, dpos = _backward(ctx, "brick_embed_backward")(
         grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias)
     return (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos, None, None)
 
 
-_brick_embed.register_autograd(_brick_embed_grad, setup_context=_brick_embed_setup)
+_register_autograd(_brick_embed, _brick_embed_grad, _brick_embed_setup)
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region):
     if wants_custom_op("brick_embed", (x, prev, weight, bias, pos_embed, region)) == "reference":
         return reference.brick_embed(x, prev, weight, bias, pos_embed, region)
-    return torch.ops.fastlego.brick_embed(x, prev, weight, bias, pos_embed, region, _amp(x))
+    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, _amp(x))
 
 
 # --------------------------------------------------------------------------------------------
 # final_layer: LN + modulate + Linear + fold back to (B, C, H, W)
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::final_layer", mutates_args=())
+@_custom_op("final_layer")
 def _final_layer(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor], region: int,
                  image_shape: List[int], amp: Optional[torch.dtype]) -> Tensor:
     with _impl(h.device.type, amp):
@@ -405,7 +477,7 @@ def _(h, shift, scale, weight, bias, region, image_shape, amp):
     return h.new_empty(tuple(image_shape), dtype=amp or h.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::final_layer_backward", mutates_args=())
+@_custom_op("final_layer_backward")
 def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, region: int,
                           amp: Optional[torch.dtype], has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dshift, dscale, dweight, dbias or empty)."""
@@ -416,7 +488,7 @@ def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Ten
         dy = reference.patchify_image_grad(grad_out.to(dt), p, region)     # (M, p p C)
         a = call("layernorm_modulate", h, shift, scale, dt)
         dweight = _mm(dy.t(), a).to(weight.dtype)
-        dbias = dy.float().sum(0).to(weight.dtype) if has_bias else _empty(weight)
+        dbias = torch.sum(dy, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
         da = _mm(dy, weight.to(dt)).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight))
@@ -436,18 +508,18 @@ def _final_layer_setup(ctx, inputs, output):
 
 def _final_layer_grad(ctx, grad_out):
     h, shift, scale, weight = ctx.saved_tensors
-    dh, dshift, dscale, dweight, dbias = torch.ops.fastlego.final_layer_backward(
+    dh, dshift, dscale, dweight, dbias = _backward(ctx, "final_layer_backward")(
         grad_out, h, shift, scale, weight, ctx.region, ctx.amp, ctx.has_bias)
     return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None, None
 
 
-_final_layer.register_autograd(_final_layer_grad, setup_context=_final_layer_setup)
+_register_autograd(_final_layer, _final_layer_grad, _final_layer_setup)
 
 
 def final_layer(h, shift, scale, weight, bias, region, image_shape):
     if wants_custom_op("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape))) == "reference":
         return reference.final_layer(h, shift, scale, weight, bias, region, image_shape)
-    return torch.ops.fastlego.final_layer(h, shift, scale, weight, bias, region, [int(s) for s in image_shape],
+    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape],
                                           _amp(h))
 
 

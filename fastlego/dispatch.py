@@ -87,6 +87,7 @@ def register(op: str, name: str, target: Union[str, Callable], reasons: Union[st
     """Declare a backend of `op`: `target` is a callable or "module:function" (imported on first use),
     `reasons` likewise for its `not_supported_reasons`. Inserted at `priority` (default: just before
     the reference backend); re-registering a name replaces it."""
+    _DECISIONS.clear()
     backends = _REGISTRY.setdefault(op, [])
     backend = Backend(op, name, target, reasons)
     backends[:] = [b for b in backends if b.name != name]
@@ -99,6 +100,7 @@ def register(op: str, name: str, target: Union[str, Callable], reasons: Union[st
 
 def unregister(op: str, name: Optional[str] = None) -> None:
     """Remove backend `name` of `op`, or the whole op when name is None."""
+    _DECISIONS.clear()
     if name is None:
         _REGISTRY.pop(op, None)
     else:
@@ -107,6 +109,7 @@ def unregister(op: str, name: Optional[str] = None) -> None:
 
 def reset_failures() -> None:
     """Forget run-time failures and import results (backends are tried afresh)."""
+    _DECISIONS.clear()
     for bs in _REGISTRY.values():
         for b in bs:
             b._runtime_error = None
@@ -200,8 +203,54 @@ _recorder: Optional[List[Decision]] = None
 _site: List[str] = []
 
 
+# Decisions are cached by everything `not_supported_reasons` looks at: the op, the backend choice,
+# grad and autocast state, the interpreter and deterministic switches, and per argument its
+# metadata (tensors: shape, strides, dtype, device, requires_grad) or value. Asking every backend
+# costs ~0.2 ms of Python per call, which dominated small training steps (~200 ops per step);
+# a cached decision costs a few microseconds. Calls with keyword arguments (`out=`, whose
+# overlap check reads addresses) are not cached. Cleared when backends change or one fails.
+_DECISIONS: Dict[tuple, tuple] = {}
+_DECISIONS_MAX = 8192
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.stride(), a.dtype, a.device, a.requires_grad)
+    if isinstance(a, (list, tuple)):
+        return tuple(_arg_key(x) for x in a)
+    return a if isinstance(a, (int, float, str, bool, type(None), torch.dtype)) else id(a)
+
+
+def _decision_key(op: str, args) -> tuple:
+    autocast = tuple(autocast_state(d) for d in ("cuda", "cpu"))
+    return (op, _config.mode, tuple(sorted(_config.overrides.items())), torch.is_grad_enabled(), autocast,
+            triton_interpreting(), _deterministic, tuple(_arg_key(a) for a in args))
+
+
+def autocast_state(device_type: str):
+    """(enabled, dtype) of autocast for a device type."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
+    except (TypeError, AttributeError):  # torch < 2.4
+        return None
+
+
 def choose(op: str, *args, **kwargs):
     """(backend, refused) for this call: the backend that takes it and why the others do not."""
+    if kwargs:
+        return _choose(op, *args, **kwargs)
+    key = _decision_key(op, args)
+    hit = _DECISIONS.get(key)
+    if hit is None:
+        hit = _choose(op, *args)
+        if len(_DECISIONS) >= _DECISIONS_MAX:
+            _DECISIONS.clear()
+        _DECISIONS[key] = hit
+    return hit
+
+
+def _choose(op: str, *args, **kwargs):
     mode = current_mode(op)
     candidates = backends(op)
     refused: Dict[str, List[str]] = {}
@@ -243,6 +292,7 @@ def call(op: str, *args, **kwargs):
         return backend(*args, **kwargs)
     except Exception as exc:  # a kernel that fails at run time: retire it, fall back, warn once
         backend._runtime_error = f"{type(exc).__name__}: {exc}"
+        _DECISIONS.clear()
         warnings.warn(
             f"fastlego: the {backend.name!r} backend of op {op!r} failed at run time "
             f"({backend._runtime_error}); falling back for the rest of this process",

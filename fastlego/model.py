@@ -66,8 +66,8 @@ class DiTBlock(nn.Module):
         qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
         a = ops.attention(qkv, self.attn.num_heads)
         h = ops.linear_gated_residual(a, self.attn.proj.weight, self.attn.proj.bias, gate1, h)
-        m = ops.modulated_linear(h, shift2, scale2, self.mlp.fc1.weight, self.mlp.fc1.bias, "gelu_tanh")
-        return ops.linear_gated_residual(m, self.mlp.fc2.weight, self.mlp.fc2.bias, gate2, h)
+        return ops.mlp(h, shift2, scale2, self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight,
+                       self.mlp.fc2.bias, gate2)
 
 
 class FinalLayer(nn.Module):

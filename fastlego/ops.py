@@ -102,6 +102,20 @@ def attention(qkv, num_heads: int):
     return call("window_attention", qkv, num_heads)
 
 
+def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
+    """The MLP half of a DiT block: h + gate[img] * fc2(GELU(fc1(LN(h) * (1 + scale[img]) + shift[img]))).
+
+    Inference: modulated_linear with the GELU epilogue, then linear_gated_residual (the fused
+    kernels). Training on the custom ops: fc1 without GELU, fc2 applying GELU to its input, so
+    that autograd keeps fc1's pre-activation alone (GELU's output, as large, is recomputed in
+    the backward). Same values either way."""
+    if custom_ops.wants_custom_op("modulated_linear", (h, shift, scale, fc1_weight, fc1_bias, "gelu_tanh")) == "custom":
+        y = custom_ops.modulated_linear(h, shift, scale, fc1_weight, fc1_bias, None)
+        return custom_ops.linear_gated_residual(y, fc2_weight, fc2_bias, gate, h, input_activation="gelu_tanh")
+    m = modulated_linear(h, shift, scale, fc1_weight, fc1_bias, "gelu_tanh")
+    return linear_gated_residual(m, fc2_weight, fc2_bias, gate, h)
+
+
 def linear_gated_residual(a, weight, bias, gate, residual):
     """residual + gate[img] * Linear(a); see reference.linear_gated_residual."""
     if custom_ops.wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)):

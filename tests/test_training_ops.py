@@ -88,7 +88,15 @@ def final_inputs(B=2, C=3, H=8, W=16, region=8, patch=2, D=32, seed=4):
                 weight=_rand((patch * patch * C, D), g, D ** -0.5), bias=_rand((patch * patch * C,), g, 0.1))
 
 
-# op name -> (ops function taking (tensors..., extras), input maker, extra args)
+def mlp_inputs(B=2, L=3, T=5, K=24, seed=5):
+    g = _gen(seed)
+    ada = _rand((B, 3 * K), g, 0.5)
+    return dict(h=_rand((B * L, T, K), g, 2.0, 0.7), shift=ada[:, :K], scale=ada[:, K:2 * K], gate=ada[:, 2 * K:],
+                w1=_rand((4 * K, K), g, K ** -0.5), b1=_rand((4 * K,), g, 0.1),
+                w2=_rand((K, 4 * K), g, (4 * K) ** -0.5), b2=_rand((K,), g, 0.1))
+
+
+# op name -> (ops function taking the tensors, input maker)
 OPS = {
     "modulated_linear": (lambda t, act=None: fastlego.ops.modulated_linear(t["h"], t["shift"], t["scale"], t["weight"], t["bias"], act),
                          modulated_inputs),
@@ -99,6 +107,8 @@ OPS = {
     "window_attention": (lambda t: fastlego.ops.attention(t["qkv"], 2), attention_inputs),
     "brick_embed": (lambda t: fastlego.ops.brick_embed(t["x"], t["prev"], t["weight"], t["bias"], t["pos_embed"], 4),
                     embed_inputs),
+    "mlp": (lambda t: fastlego.ops.mlp(t["h"], t["shift"], t["scale"], t["w1"], t["b1"], t["w2"], t["b2"], t["gate"]),
+            mlp_inputs),
     "final_layer": (lambda t: fastlego.ops.final_layer(t["h"], t["shift"], t["scale"], t["weight"], t["bias"], 8, (2, 3, 8, 16)),
                     final_inputs),
 }
@@ -140,7 +150,7 @@ def test_reference_op_gradcheck_fp64(op):
     fn, make = OPS[op]
     small = dict(modulated_inputs=dict(B=1, L=2, T=2, K=8, N=6), gated_inputs=dict(B=1, L=2, T=2, K=6, N=8),
                  attention_inputs=dict(N=2, T=3, heads=2, hd=4), embed_inputs=dict(B=1, C=1, H=4, W=8, D=8),
-                 final_inputs=dict(B=1, C=1, H=8, W=8, D=8))[make.__name__]
+                 final_inputs=dict(B=1, C=1, H=8, W=8, D=8), mlp_inputs=dict(B=1, L=2, T=2, K=4))[make.__name__]
     tensors = make(**small)
     if op == "final_layer":
         tensors = make(B=2, C=3, H=8, W=16, D=8)
@@ -405,6 +415,7 @@ def _opcheck_samples(dtype=torch.float32, device="cpu"):
     yield ops.modulated_linear.default, (req(m["h"]), req(m["shift"]), req(m["scale"]), req(m["weight"]), req(m["bias"]), "gelu_tanh", None)
     yield ops.modulated_linear.default, (req(m["h"]), req(m["shift"]), req(m["scale"]), req(m["weight"]), None, None, None)
     yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), req(a["bias"]), req(a["gate"]), req(a["residual"]), None)
+    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), None, req(a["gate"]), req(a["residual"]), None, "gelu_tanh")
     yield ops.window_attention.default, (req(q["qkv"]), 2, None, "window_attention")
     yield ops.brick_embed.default, (req(e["x"]), req(e["prev"]), req(e["weight"]), req(e["bias"]), req(e["pos_embed"]), 4, None)
     yield ops.final_layer.default, (req(f["h"]), req(f["shift"]), req(f["scale"]), req(f["weight"]), req(f["bias"]), 8, [2, 3, 8, 16], None)
