@@ -205,3 +205,40 @@ def test_explain_names_every_call_site():
     # regions of 4 and 16 pixels with patch 2 / 8: 4 tokens; region 64 with patch 2: 1024 tokens
     assert attention_ops == ["window_attention", "window_attention", "global_attention"]
     assert "model.0.blocks.0 attn.qkv" in str(rows)
+
+
+def test_decisions_are_cached_per_call_signature(toy_op):
+    """Reasons are asked once per (op, mode, grad/autocast state, argument metadata); a new shape,
+    a mode change, a re-registered backend or a retired one asks again."""
+    calls = []
+
+    def counting(x):
+        calls.append(x.numel())
+        return _only_small(x)
+
+    dispatch.register("toy", "triton", _fast, counting)
+    for _ in range(3):
+        dispatch.call("toy", torch.ones(3))
+    assert calls == [3]
+    dispatch.call("toy", torch.ones(9))                 # another shape
+    with fastlego.use_backend("reference"):
+        dispatch.call("toy", torch.ones(3))             # another mode: reference only, triton not asked
+    with torch.no_grad():
+        dispatch.call("toy", torch.ones(3))             # another grad state
+    assert calls == [3, 9, 3]
+    x = torch.ones(3, requires_grad=True)
+    dispatch.call("toy", x)                             # requires_grad is part of the signature
+    assert calls == [3, 9, 3, 3]
+    dispatch.register("toy", "triton", _fast, counting)  # re-registering clears the cache
+    dispatch.call("toy", torch.ones(3))
+    assert calls == [3, 9, 3, 3, 3]
+
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    dispatch.register("toy", "triton", broken, counting)
+    with pytest.warns(RuntimeWarning, match="kernel exploded"):
+        assert torch.equal(dispatch.call("toy", torch.ones(2)), torch.full((2,), 2.0))
+    with dispatch.record() as rec:                      # the retired backend is not taken from the cache
+        dispatch.call("toy", torch.ones(2))
+    assert rec[0].chosen == "reference" and "failed at run time" in rec[0].refused["triton"][0]

@@ -461,6 +461,34 @@ def test_deterministic_mode_gives_identical_gradients():
         assert torch.equal(first[n], second[n]), n
 
 
+def _saved_activation_bytes(mode):
+    """Bytes of the distinct tensors autograd keeps for a DiT block's backward, parameters and the
+    block's inputs excluded (a storage saved by several ops counts once)."""
+    block = randomize_(fastlego.model.DiTBlock(64, 2), seed=1)
+    h = torch.randn(8, 16, 64, requires_grad=True)
+    c = torch.randn(2, 64, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with fastlego.use_backend(mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(h, c)
+    out.sum().backward()
+    skip = {t.untyped_storage().data_ptr() for t in [h, c, *block.parameters()]}
+    return sum(v for k, v in seen.items() if k not in skip)
+
+
+def test_backward_keeps_fewer_activations_than_the_reference():
+    """The fused ops keep qkv, the attention output, proj's and fc2's y, the mid residual and
+    fc1's pre-activation (11 M x D in fp32); the reference ops also keep LayerNorm outputs,
+    modulated inputs and GELU's output (19 M x D)."""
+    ref, fused = _saved_activation_bytes("reference"), _saved_activation_bytes("triton")
+    unit = 8 * 16 * 64 * 4
+    assert fused <= 11.5 * unit and fused < 0.62 * ref, (fused / unit, ref / unit)
+
+
 def test_fp16_layernorm_backward_does_not_overflow():
     """fp16 rows with |h| ~ 2e4 (h^2 overflows fp16): the statistics and the backward run in fp32."""
     B, K = 2, 64
