@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
         intermediate=not args.last_brick_only, class_dropout=args.class_dropout, precision=args.precision,
         seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
-        activation_checkpointing=args.activation_checkpointing)
+        activation_checkpointing=args.activation_checkpointing, deterministic=args.deterministic)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU threads")
     p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
                    help="recompute activations in backward per brick or per DiT block (less memory, more compute)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -194,6 +194,7 @@ class TrainConfig:
     progress: bool = True
     threads: Optional[int] = None        # torch CPU threads
     activation_checkpointing: Optional[str] = None  # None, "brick" or "block": recompute to save memory
+    deterministic: bool = False          # bitwise-reproducible gradients (fastlego.set_deterministic)
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -478,11 +479,10 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
         if cfg.batch_size % dctx.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes "
                              f"{dctx.world}: pass e.g. --batch {cfg.batch_size - cfg.batch_size % dctx.world or dctx.world}")
-        backend = contextlib.nullcontext()
-        if cfg.backend:
-            from .dispatch import use_backend
-            backend = use_backend(cfg.backend)
-        with backend:
+        from .dispatch import deterministic, use_backend
+        backend = use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
+        determinism = deterministic() if cfg.deterministic else contextlib.nullcontext()
+        with backend, determinism:
             return _train(cfg, dctx, DataOrder, ImageDataset, images_to_float, step_batches)
     finally:
         if dctx.created_group:

@@ -279,3 +279,27 @@ def test_ddp_nccl_two_gpus_equal_one_gpu(tmp_path):
     assert losses_two == pytest.approx(single.losses, rel=1e-3)
     worst = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
     assert worst < 1e-3, worst
+
+
+def test_deterministic_training_runs_repeat_bitwise(tmp_path):
+    """`deterministic=True` (`fastlego train --deterministic`) turns fastlego's deterministic mode on
+    for the run and restores the previous state after; two runs give the same losses and weights."""
+    seen = []
+    original = fastlego.training._train
+
+    def spy(*args, **kwargs):
+        seen.append((fastlego.dispatch.is_deterministic(), torch.are_deterministic_algorithms_enabled()))
+        return original(*args, **kwargs)
+
+    fastlego.training._train = spy
+    try:
+        a = train(tiny_config(tmp_path / "a", steps=3, deterministic=True))
+        b = train(tiny_config(tmp_path / "b", steps=3, deterministic=True))
+    finally:
+        fastlego.training._train = original
+    assert seen == [(True, True), (True, True)]
+    assert not fastlego.dispatch.is_deterministic() and not torch.are_deterministic_algorithms_enabled()
+    assert a.losses == b.losses
+    wa = load_training_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["model"]
+    wb = load_training_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
