@@ -445,6 +445,12 @@ def test_compile_fullgraph_trains_cpu():
     assert set(comp) == set(eager)
     for n in eager:
         assert max_error(comp[n], eager[n]) <= 1e-6 * max(1.0, eager[n].abs().max().item()), n
+    # inference through the compiled model: the same custom ops, no autograd
+    model.eval()
+    with torch.no_grad(), fastlego.use_backend("triton", global_attention="auto"):
+        want = model(x, t, y)
+        got = compiled(x, t, y)
+    assert max_error(got, want) <= 1e-6 * max(1.0, want.abs().max().item())
 
 
 def test_deterministic_mode_gives_identical_gradients():
