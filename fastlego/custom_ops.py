@@ -2,11 +2,14 @@
 
 Each fused op (brick_embed, modulated_linear, window_attention, linear_gated_residual,
 final_layer) is a `torch.library` custom op `fastlego::<op>` with a fake (meta) implementation
-and an autograd formula whose backward is a second custom op `fastlego::<op>_backward`. Both
-implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at run time, so:
-- eager training runs the Triton forward kernels and the Triton backward kernels, each op
-  falling back to its reference twin (with the dispatcher's reasons and warning) where a kernel
-  cannot take a call;
+and an autograd formula whose backward is a second custom op `fastlego::<op>_backward`. The
+implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at run time
+(linear_gated_residual's forward is cuBLAS + one fused gate/residual pass that keeps y), so:
+- eager training runs the same implementations as a plain `autograd.Function` (`_EagerOp`: no
+  torch.library dispatch per call): the Triton forward and backward kernels, each piece falling
+  back to its reference twin (with the dispatcher's reasons and warning) where a kernel cannot
+  take a call. `fastlego.ops` takes this path only when a non-reference backend takes the
+  forward; otherwise autograd differentiates the reference ops;
 - `torch.compile(model, fullgraph=True)` sees one opaque op per fused op (its fake
   implementation gives shapes and dtypes), never the dispatcher's Python, so there are no graph
   breaks. Under `use_backend("reference")` the compiler traces the reference ops instead.
@@ -25,7 +28,7 @@ The backward's matmuls run on cuBLAS (dA = dY W, dW = dY^T A); the rest are the 
 `layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`,
 `window_attention_backward` and `brick_embed_input_grad`, dispatched like every op (reference
 twins in `fastlego.reference`). None uses atomics, so with `fastlego.set_deterministic(True)`
-gradients are bitwise reproducible (see `fastlego.determinism`).
+gradients are bitwise reproducible (see `fastlego.dispatch.set_deterministic`).
 
 Mixed precision: the autocast dtype of the inputs' device is taken at the call (by the traced
 wrapper) and passed to the op, whose implementations re-enter exactly that autocast state, so the
