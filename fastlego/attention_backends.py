@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 

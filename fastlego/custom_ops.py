@@ -80,10 +80,6 @@ def _impl(device_type: str, amp: Optional[torch.dtype]):
         yield
 
 
-def _noautocast(device_type: str):
-    return _autocast_as(device_type, None)
-
-
 def _empty(like: Tensor) -> Tensor:
     """A 0-element stand-in for an absent tensor (custom ops return tensors, never None)."""
     return like.new_empty((0,))

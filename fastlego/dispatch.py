@@ -269,7 +269,7 @@ def _choose(op: str, *args, **kwargs):
             raise BackendNotSupported(
                 f"fastlego op {op!r}: backend {mode!r} was forced but cannot take this call:\n  - "
                 + "\n  - ".join(reasons)
-                + f"\nuse use_backend('auto') to let fastlego pick a backend that can")
+                + "\nuse use_backend('auto') to let fastlego pick a backend that can")
         return forced[0], {b.name: ["not chosen: backend forced to " + mode] for b in candidates if b is not forced[0]}
     for b in candidates:
         reasons = b.not_supported_reasons(*args, **kwargs)

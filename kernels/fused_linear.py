@@ -802,7 +802,7 @@ def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[
     autocast = _autocast_dtype(inputs)
     _raise_if(_dtype_problems(inputs, autocast) + forward_only_reasons(inputs), "modulated_linear_cublas")
     compute_dtype = autocast or h.dtype
-    K, N = h.shape[-1], weight.shape[0]
+    N = weight.shape[0]
     out_shape = tuple(h.shape[:-1]) + (N,)
     _raise_if(_out_problems(out, out_shape, compute_dtype, h.device, inputs), "modulated_linear_cublas")
     a = layernorm_modulate(h, shift, scale, compute_dtype)

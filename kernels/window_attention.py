@@ -77,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, triton_interpreting, triton_reasons
+from fastlego.dispatch import autocast_dtype, triton_reasons
 
 # Regions of at most this many tokens go to the packed kernel, larger ones to the flash kernel.
 PACKED_MAX_TOKENS = 64

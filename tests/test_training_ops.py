@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlego
-from fastlego import custom_ops, dispatch, reference
+from fastlego import dispatch, reference
 from fastlego.testing import assert_close_to_reference, max_error, randomize_
 
 pytest.importorskip("triton")
@@ -208,7 +208,6 @@ def test_reference_backward_pieces_match_autograd():
     ref = reference.brick_embed(e["x"], e["prev"], e["weight"], e["bias"], e["pos_embed"], 4)
     assert max_error(tokens.reshape(ref.shape) + e["pos_embed"], ref) < 1e-10
 
-    f = final_inputs()
     img = _rand((2, 3, 8, 16), _gen(14))
     # patchify_image_grad inverts unpatchify + fold: <fold(y), img> = <y, patchify(img)>
     y = _rand((4, 16, 12), _gen(15))
