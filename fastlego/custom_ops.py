@@ -241,10 +241,10 @@ def _modulated_linear_grad(ctx, grad_out, _grad_pre):
 _register_autograd(_modulated_linear, _modulated_linear_grad, _modulated_linear_setup)
 
 
+# The entry points `fastlego.ops` routes to (it decides when: see `wants_custom_op`); each returns
+# the op's output only.
+
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
-    """The custom op (see the module docstring); returns the op's output only."""
-    if wants_custom_op("modulated_linear", (h, shift, scale, weight, bias, activation)) == "reference":
-        return reference.modulated_linear(h, shift, scale, weight, bias, activation)
     return _run("modulated_linear", h, shift, scale, weight, bias, activation, _amp(h))[0]
 
 
@@ -332,9 +332,7 @@ _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_
 
 
 def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None):
-    """residual + gate[img] * Linear(act(a)) as the custom op (act: `input_activation`)."""
-    if wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)) == "reference":
-        return reference.linear_gated_residual(_input_act(a, input_activation), weight, bias, gate, residual)
+    """residual + gate[img] * Linear(act(a)) (act: `input_activation`)."""
     return _run("linear_gated_residual", a, weight, bias, gate, residual, _amp(a), input_activation)[0]
 
 
@@ -387,8 +385,6 @@ _register_autograd(_window_attention, _window_attention_grad, _window_attention_
 
 
 def window_attention(qkv, num_heads, op: str = "window_attention"):
-    if wants_custom_op(op, (qkv, num_heads)) == "reference":
-        return reference.attention(qkv, num_heads)
     return _run("window_attention", qkv, num_heads, _amp(qkv), op)
 
 
@@ -454,8 +450,6 @@ _register_autograd(_brick_embed, _brick_embed_grad, _brick_embed_setup)
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region):
-    if wants_custom_op("brick_embed", (x, prev, weight, bias, pos_embed, region)) == "reference":
-        return reference.brick_embed(x, prev, weight, bias, pos_embed, region)
     return _run("brick_embed", x, prev, weight, bias, pos_embed, region, _amp(x))
 
 
@@ -516,10 +510,7 @@ _register_autograd(_final_layer, _final_layer_grad, _final_layer_setup)
 
 
 def final_layer(h, shift, scale, weight, bias, region, image_shape):
-    if wants_custom_op("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape))) == "reference":
-        return reference.final_layer(h, shift, scale, weight, bias, region, image_shape)
-    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape],
-                                          _amp(h))
+    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], _amp(h))
 
 
 # The custom ops and their backward, for opcheck and documentation.

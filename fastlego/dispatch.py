@@ -228,12 +228,17 @@ def _decision_key(op: str, args) -> tuple:
 
 
 def autocast_state(device_type: str):
-    """(enabled, dtype) of autocast for a device type."""
+    """(enabled, dtype or None) of autocast for device type "cuda" or "cpu"."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
-        return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
-    except (TypeError, AttributeError):  # torch < 2.4
-        return None
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return False, None
+    try:
+        return True, torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return True, torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 def choose(op: str, *args, **kwargs):
@@ -377,16 +382,7 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     dev = t.device.type
     if dev not in ("cuda", "cpu") or not t.is_floating_point() or t.dtype == torch.float64:
         return None
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(dev)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+    return autocast_state(dev)[1]
 
 
 def triton_interpreting() -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import custom_ops
+from . import custom_ops, reference
 from .dispatch import call, is_deterministic, register
 
 _K = "fastlego.kernels"
@@ -68,22 +68,29 @@ for _op, _list in _BACKENDS.items():
         register(_op, _name, _target, _reasons, priority=_i)
 
 
-# Each fused op: when autograd records it (or torch.compile traces it) under a non-reference
-# backend it runs as a custom op with a Triton backward (fastlego.custom_ops); otherwise eagerly
-# through the dispatcher.
+def _route(op: str, args: tuple, custom, reference_op):
+    """The one routing rule of the fused ops (see `custom_ops.wants_custom_op`): when autograd
+    records a call that a non-reference backend takes, or torch.compile traces it, the custom op
+    with its Triton backward; the reference op when torch.compile traces under the reference
+    backend; otherwise the dispatcher, eagerly."""
+    how = custom_ops.wants_custom_op(op, args)
+    if how == "custom":
+        return custom(*args)
+    if how == "reference":
+        return reference_op(*args)
+    return call(op, *args)
+
 
 def brick_embed(x, prev, weight, bias, pos_embed, region: int):
     """(B,C,H,W) input [+ previous brick output] -> tokens (B*L, T, D); see reference.brick_embed."""
-    if custom_ops.wants_custom_op("brick_embed", (x, prev, weight, bias, pos_embed, region)):
-        return custom_ops.brick_embed(x, prev, weight, bias, pos_embed, region)
-    return call("brick_embed", x, prev, weight, bias, pos_embed, region)
+    return _route("brick_embed", (x, prev, weight, bias, pos_embed, region), custom_ops.brick_embed,
+                  reference.brick_embed)
 
 
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
     """act(Linear(LN(h) * (1 + scale[img]) + shift[img])); see reference.modulated_linear."""
-    if custom_ops.wants_custom_op("modulated_linear", (h, shift, scale, weight, bias, activation)):
-        return custom_ops.modulated_linear(h, shift, scale, weight, bias, activation)
-    return call("modulated_linear", h, shift, scale, weight, bias, activation)
+    return _route("modulated_linear", (h, shift, scale, weight, bias, activation), custom_ops.modulated_linear,
+                  reference.modulated_linear)
 
 
 def attention(qkv, num_heads: int):
@@ -94,12 +101,9 @@ def attention(qkv, num_heads: int):
             return custom_ops.window_attention(qkv, num_heads, op="global_attention")
         if torch.compiler.is_compiling():
             # the compiler traces PyTorch's SDPA (flash / cuDNN / efficient kernels, their backward)
-            from .reference import attention as sdpa_attention
-            return sdpa_attention(qkv, num_heads)
+            return reference.attention(qkv, num_heads)
         return call("global_attention", qkv, num_heads)   # every backend but triton has a backward
-    if custom_ops.wants_custom_op("window_attention", (qkv, num_heads)):
-        return custom_ops.window_attention(qkv, num_heads)
-    return call("window_attention", qkv, num_heads)
+    return _route("window_attention", (qkv, num_heads), custom_ops.window_attention, reference.attention)
 
 
 def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
@@ -118,13 +122,11 @@ def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
 
 def linear_gated_residual(a, weight, bias, gate, residual):
     """residual + gate[img] * Linear(a); see reference.linear_gated_residual."""
-    if custom_ops.wants_custom_op("linear_gated_residual", (a, weight, bias, gate, residual)):
-        return custom_ops.linear_gated_residual(a, weight, bias, gate, residual)
-    return call("linear_gated_residual", a, weight, bias, gate, residual)
+    return _route("linear_gated_residual", (a, weight, bias, gate, residual), custom_ops.linear_gated_residual,
+                  reference.linear_gated_residual)
 
 
 def final_layer(h, shift, scale, weight, bias, region: int, image_shape):
     """LN + modulate + Linear + fold back to (B, C, H, W); see reference.final_layer."""
-    if custom_ops.wants_custom_op("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape))):
-        return custom_ops.final_layer(h, shift, scale, weight, bias, region, image_shape)
-    return call("final_layer", h, shift, scale, weight, bias, region, tuple(image_shape))
+    return _route("final_layer", (h, shift, scale, weight, bias, region, tuple(image_shape)), custom_ops.final_layer,
+                  reference.final_layer)

@@ -338,10 +338,10 @@ def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, imag
                            region: int):
     """(d prev or None, d x) of brick_embed, in grad_tokens' dtype: grad_tokens (B*L, T, D) times
     the embedding weight (D, Cin, p, p), stored straight onto the pixels (see the kernel)."""
-    problems = brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shape, has_prev, region)
-    shape_problems = [p for p in problems if "Triton" not in p and "CPU" not in p and "interpreter" not in p]
-    if shape_problems:
-        raise ValueError("brick_embed_input_grad: " + "; ".join(shape_problems))
+    problems = _input_grad_problems(grad_tokens, weight, image_shape, has_prev, region)
+    problems = problems or device_problems([grad_tokens, weight])
+    if problems:
+        raise ValueError("brick_embed_input_grad: " + "; ".join(problems))
     B, C, H, W = (int(v) for v in image_shape)
     D, cin, p, _ = weight.shape
     dtype = grad_tokens.dtype
@@ -368,8 +368,7 @@ def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, imag
     return dprev, dx
 
 
-def brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shape, has_prev, region) -> List[str]:
-    """Why `brick_embed_input_grad` cannot take this call (empty list: it can)."""
+def _input_grad_problems(grad_tokens, weight, image_shape, has_prev, region) -> List[str]:
     if not isinstance(grad_tokens, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         return ["grad_tokens must be a tensor and weight the (D, Cin, p, p) embedding weight"]
     try:
@@ -386,6 +385,10 @@ def brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shap
         M = B * (H // region) * (W // region) * (region // p) ** 2
         if grad_tokens.numel() != M * D:
             problems.append(f"grad_tokens must hold ({M} tokens, {D}); got {tuple(grad_tokens.shape)}")
-    if problems:
-        return problems
-    return triton_reasons([grad_tokens, weight], mixed_dtypes_ok=True, forward_only=False)
+    return problems
+
+
+def brick_embed_input_grad_not_supported_reasons(grad_tokens, weight, image_shape, has_prev, region) -> List[str]:
+    """Why `brick_embed_input_grad` cannot take this call (empty list: it can)."""
+    return _input_grad_problems(grad_tokens, weight, image_shape, has_prev, region) or triton_reasons(
+        [grad_tokens, weight], mixed_dtypes_ok=True, forward_only=False)

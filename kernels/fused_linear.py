@@ -623,10 +623,13 @@ def _out_problems(out, shape, dtype, device, inputs) -> List[str]:
 def _modulated_linear_problems(h, shift, scale, weight, bias, activation) -> List[str]:
     if activation not in _ACTIVATIONS:
         return [f"unknown activation {activation!r}: expected None or 'gelu_tanh'"]
-    problems = _linear_problems("h", h, weight, bias)
-    if problems:
-        return problems
-    problems += _per_image_problems("shift", shift, None, h.shape[-1])
+    return _linear_problems("h", h, weight, bias) or _modulate_problems(h, shift, scale)
+
+
+def _modulate_problems(h, shift, scale) -> List[str]:
+    """shift/scale must be per-image (B, K) tables for tokens h (..., K) whose rows split evenly
+    into the B images (LN-modulate's arguments, in every op that has it)."""
+    problems = _per_image_problems("shift", shift, None, h.shape[-1])
     problems += _per_image_problems("scale", scale, shift.shape[0] if isinstance(shift, torch.Tensor) else None, h.shape[-1])
     if not problems:
         problems += _rows_per_image_problems("h", h, shift.shape[0])
@@ -914,11 +917,7 @@ def _row_backward_problems(x_name: str, x, width: int) -> List[str]:
 def layernorm_modulate(h, shift, scale, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LN(h) * (1 + scale[img]) + shift[img] as an (M, K) matrix of `dtype` (default h's): one
     memory-bound Triton pass (fp32 math). The A operand of modulated_linear, written out."""
-    problems = _per_image_problems("shift", shift, None, h.shape[-1]) + _per_image_problems(
-        "scale", scale, shift.shape[0] if isinstance(shift, torch.Tensor) else None, h.shape[-1])
-    if not problems:
-        problems = _rows_per_image_problems("h", h, shift.shape[0])
-    _raise_if(problems, "layernorm_modulate")
+    _raise_if(_modulate_problems(h, shift, scale), "layernorm_modulate")
     _check_device([h, shift, scale], "layernorm_modulate")
     x2d = _rows(h)
     M, K = x2d.shape
@@ -937,8 +936,7 @@ def layernorm_modulate_backward(h, shift, scale, grad_a):
     (grad_h in h's dtype and shape, grad_shift in shift's dtype, grad_scale in scale's dtype).
     One Triton pass over h and grad_a (the LN statistics are recomputed from h in registers),
     per-image sums as per-program partial rows summed in a fixed order: deterministic."""
-    problems = layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a)
-    _raise_if([p for p in problems if "Triton" not in p and "CPU" not in p], "layernorm_modulate_backward")
+    _raise_if(_layernorm_modulate_backward_problems(h, shift, scale, grad_a), "layernorm_modulate_backward")
     _check_device([h, shift, scale, grad_a], "layernorm_modulate_backward")
     _raise_if(_row_backward_problems("h", h, h.shape[-1]), "layernorm_modulate_backward")
     x2d, g2d = _rows(h), _rows(grad_a)
@@ -964,8 +962,7 @@ def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] =
     """The elementwise part of the backward of out = residual + gate[img] * y: (dy = grad_out *
     gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of grad_out * y in
     gate's dtype). d residual is grad_out itself. One Triton pass; deterministic sums."""
-    problems = gated_residual_backward_not_supported_reasons(grad_out, y, gate)
-    _raise_if([p for p in problems if "Triton" not in p and "CPU" not in p], "gated_residual_backward")
+    _raise_if(_gated_residual_backward_problems(grad_out, y, gate), "gated_residual_backward")
     _check_device([grad_out, y, gate], "gated_residual_backward")
     _raise_if(_row_backward_problems("y", y, y.shape[-1]), "gated_residual_backward")
     g2d, y2d = _rows(grad_out), _rows(y)
@@ -986,37 +983,16 @@ def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] =
     return dy.view(y.shape), parts.view(B, bpi, N).sum(1).to(gate.dtype)
 
 
-def layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a) -> List[str]:
-    """Why `layernorm_modulate_backward` cannot take this call (empty: it can)."""
+def _layernorm_modulate_backward_problems(h, shift, scale, grad_a) -> List[str]:
     if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale, grad_a)):
         return ["h, shift, scale and grad_a must be tensors"]
-    problems = _per_image_problems("shift", shift, None, h.shape[-1])
-    problems += _per_image_problems("scale", scale, shift.shape[0], h.shape[-1])
+    problems = _modulate_problems(h, shift, scale)
     if tuple(grad_a.shape) != tuple(h.shape):
         problems.append(f"grad_a must have h's shape {tuple(h.shape)}; got {tuple(grad_a.shape)}")
-    if not problems:
-        problems += _rows_per_image_problems("h", h, shift.shape[0])
-    if problems:
-        return problems
-    return _row_backward_problems("h", h, h.shape[-1]) + triton_reasons(
-        [h, shift, scale, grad_a], mixed_dtypes_ok=True, forward_only=False)
+    return problems
 
 
-def layernorm_modulate_not_supported_reasons(h, shift, scale, dtype=None) -> List[str]:
-    """Why `layernorm_modulate` cannot take this call (empty: it can)."""
-    if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale)):
-        return ["h, shift and scale must be tensors"]
-    problems = _per_image_problems("shift", shift, None, h.shape[-1])
-    problems += _per_image_problems("scale", scale, shift.shape[0], h.shape[-1])
-    if not problems:
-        problems += _rows_per_image_problems("h", h, shift.shape[0])
-    if dtype is not None and dtype not in _DTYPES:
-        problems.append(f"output dtype {dtype} not supported: expected float32, float16 or bfloat16")
-    return problems or triton_reasons([h, shift, scale], mixed_dtypes_ok=True, forward_only=False)
-
-
-def gated_residual_backward_not_supported_reasons(grad_out, y, gate, dy_dtype=None) -> List[str]:
-    """Why `gated_residual_backward` cannot take this call (empty: it can)."""
+def _gated_residual_backward_problems(grad_out, y, gate) -> List[str]:
     if not all(isinstance(t, torch.Tensor) for t in (grad_out, y, gate)):
         return ["grad_out, y and gate must be tensors"]
     problems = _per_image_problems("gate", gate, None, y.shape[-1])
@@ -1024,10 +1000,31 @@ def gated_residual_backward_not_supported_reasons(grad_out, y, gate, dy_dtype=No
         problems.append(f"grad_out must have y's shape {tuple(y.shape)}; got {tuple(grad_out.shape)}")
     if not problems:
         problems += _rows_per_image_problems("y", y, gate.shape[0])
-    if problems:
-        return problems
-    return _row_backward_problems("y", y, y.shape[-1]) + triton_reasons(
-        [grad_out, y, gate], mixed_dtypes_ok=True, forward_only=False)
+    return problems
+
+
+def layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a) -> List[str]:
+    """Why `layernorm_modulate_backward` cannot take this call (empty: it can)."""
+    return _layernorm_modulate_backward_problems(h, shift, scale, grad_a) or (
+        _row_backward_problems("h", h, h.shape[-1])
+        + triton_reasons([h, shift, scale, grad_a], mixed_dtypes_ok=True, forward_only=False))
+
+
+def layernorm_modulate_not_supported_reasons(h, shift, scale, dtype=None) -> List[str]:
+    """Why `layernorm_modulate` cannot take this call (empty: it can)."""
+    if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale)):
+        return ["h, shift and scale must be tensors"]
+    problems = _modulate_problems(h, shift, scale)
+    if dtype is not None and dtype not in _DTYPES:
+        problems.append(f"output dtype {dtype} not supported: expected float32, float16 or bfloat16")
+    return problems or triton_reasons([h, shift, scale], mixed_dtypes_ok=True, forward_only=False)
+
+
+def gated_residual_backward_not_supported_reasons(grad_out, y, gate, dy_dtype=None) -> List[str]:
+    """Why `gated_residual_backward` cannot take this call (empty: it can)."""
+    return _gated_residual_backward_problems(grad_out, y, gate) or (
+        _row_backward_problems("y", y, y.shape[-1])
+        + triton_reasons([grad_out, y, gate], mixed_dtypes_ok=True, forward_only=False))
 
 
 # --------------------------------------------------------------------------------------------
