@@ -55,11 +55,6 @@ _NS = "fastlego"
 # Helpers
 # --------------------------------------------------------------------------------------------
 
-def _amp(t: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype the op must compute in (None: autocast off, or it would not cast t)."""
-    return autocast_dtype(t)
-
-
 @contextlib.contextmanager
 def _autocast_as(device_type: str, amp: Optional[torch.dtype]):
     """Re-enter the caller's autocast state inside an op implementation (a compiled graph may run
@@ -104,11 +99,6 @@ def _distinct(outputs, inputs):
     return tuple(result)
 
 
-def _mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b in the operands' dtype (cuBLAS; fp32 accumulation)."""
-    return torch.mm(a, b)
-
-
 def wants_custom_op(op: str, args: Sequence) -> Optional[str]:
     """How `fastlego.ops` runs a fused op called with `args` (its dispatcher arguments):
     "custom" (the custom op: compiling, or autograd recording a call that a non-reference
@@ -124,7 +114,6 @@ def wants_custom_op(op: str, args: Sequence) -> Optional[str]:
     with torch.no_grad():   # the forward kernels refuse grad-recording calls; ask as the custom op will
         backend, _ = choose(op, *args)
     return None if backend.name == "reference" else "custom"
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,9 +201,9 @@ def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale
             g = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
         g2 = g.reshape(-1, weight.shape[0])
         a = call("layernorm_modulate", h, shift, scale, dt)             # A recomputed, (M, K)
-        dweight = _mm(g2.t(), a).to(weight.dtype)
+        dweight = torch.mm(g2.t(), a).to(weight.dtype)
         dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
-        da = _mm(g2, weight.to(dt)).view(h.shape)
+        da = torch.mm(g2, weight.to(dt)).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight, pre))
 
@@ -245,7 +234,7 @@ _register_autograd(_modulated_linear, _modulated_linear_grad, _modulated_linear_
 # the op's output only.
 
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
-    return _run("modulated_linear", h, shift, scale, weight, bias, activation, _amp(h))[0]
+    return _run("modulated_linear", h, shift, scale, weight, bias, activation, autocast_dtype(h))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,9 +288,9 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
         dy2 = dy.reshape(-1, weight.shape[0])
         a_dt = a.to(dt)
         x = _input_act(a_dt, input_activation)                    # recomputed, transient
-        dweight = _mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        dweight = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         del x
-        da = _mm(dy2, weight.to(dt)).view(a.shape)
+        da = torch.mm(dy2, weight.to(dt)).view(a.shape)
         if input_activation is not None:
             da = torch.ops.aten.gelu_backward(da, a_dt, approximate="tanh")
         da = da.to(a.dtype)
@@ -333,7 +322,7 @@ _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_
 
 def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None):
     """residual + gate[img] * Linear(act(a)) (act: `input_activation`)."""
-    return _run("linear_gated_residual", a, weight, bias, gate, residual, _amp(a), input_activation)[0]
+    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), input_activation)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,7 +374,7 @@ _register_autograd(_window_attention, _window_attention_grad, _window_attention_
 
 
 def window_attention(qkv, num_heads, op: str = "window_attention"):
-    return _run("window_attention", qkv, num_heads, _amp(qkv), op)
+    return _run("window_attention", qkv, num_heads, autocast_dtype(qkv), op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +408,7 @@ def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], w
         g2 = g.reshape(-1, D)
         dprev, dx = call("brick_embed_input_grad", g, weight.to(dt), tuple(x.shape), prev is not None, region)
         a = reference.patches(x, prev, p, region, dt)                      # (M, Cin p p), re-gathered
-        dweight = _mm(g2.t(), a).view(weight.shape).to(weight.dtype)
+        dweight = torch.mm(g2.t(), a).view(weight.shape).to(weight.dtype)
         dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
         dpos = torch.sum(g, 0, dtype=torch.float32).reshape(pos_embed.shape).to(pos_embed.dtype)
         dprev = dprev.to(prev.dtype) if prev is not None else _empty(x)
@@ -450,7 +439,7 @@ _register_autograd(_brick_embed, _brick_embed_grad, _brick_embed_setup)
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region):
-    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, _amp(x))
+    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, autocast_dtype(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,9 +469,9 @@ def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Ten
     with _impl(h.device.type, None):
         dy = reference.patchify_image_grad(grad_out.to(dt), p, region)     # (M, p p C)
         a = call("layernorm_modulate", h, shift, scale, dt)
-        dweight = _mm(dy.t(), a).to(weight.dtype)
+        dweight = torch.mm(dy.t(), a).to(weight.dtype)
         dbias = torch.sum(dy, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
-        da = _mm(dy, weight.to(dt)).view(h.shape)
+        da = torch.mm(dy, weight.to(dt)).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight))
 
@@ -510,7 +499,7 @@ _register_autograd(_final_layer, _final_layer_grad, _final_layer_setup)
 
 
 def final_layer(h, shift, scale, weight, bias, region, image_shape):
-    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], _amp(h))
+    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], autocast_dtype(h))
 
 
 # The custom ops and their backward, for opcheck and documentation.
