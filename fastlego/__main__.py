@@ -87,7 +87,8 @@ def cmd_train(args) -> int:
         intermediate=not args.last_brick_only, class_dropout=args.class_dropout, precision=args.precision,
         seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
-        activation_checkpointing=args.activation_checkpointing, deterministic=args.deterministic)
+        activation_checkpointing=args.activation_checkpointing, deterministic=args.deterministic,
+        cuda_graph=args.cuda_graph)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
@@ -279,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward per brick or per DiT block (less memory, more compute)")
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
+                       help="replay the whole training step as one CUDA graph (default: on for one CUDA process)")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                       help="run every step eagerly (e.g. to profile op by op)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

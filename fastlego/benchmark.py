@@ -20,7 +20,8 @@ What one run measures, all on the same device in the same process:
 Modes (`STEP_BUILDERS`): `infer`, a `torch.no_grad()` forward, and `train`, one training step =
 forward of `EDMPrecond` (every brick trained as a denoiser) + EDM loss (`training.EDMLoss`,
 averaged over bricks) + backward + AdamW step, fp32 weights under bf16 autocast, for the
-variants `reference`, `fastlego` and `compile` (`TRAIN_VARIANTS`), at the training batches of
+variants `reference`, `fastlego`, `fastlego_graph` (the step replayed as one CUDA graph) and
+`compile` (`MODE_VARIANTS["train"]`), at the training batches of
 `DEFAULT_TRAIN_CASES` unless --presets names others; FLOPs = 3x the forward's. The floor and the
 per-kernel timings are of the inference forward (infer mode only). Nothing here imports triton:
 without it the auto backend runs the reference ops, and the recorded decisions say so.
@@ -58,7 +59,7 @@ from .edm import EDMPrecond
 from .model import LegoBackbone
 from .presets import BRICK_TYPES, get_preset
 from .testing import randomize_
-from .training import EDMLoss
+from .training import EDMLoss, TrainStep, make_capturable
 
 SCHEMA_VERSION = 1
 GIB = float(1 << 30)
@@ -84,6 +85,8 @@ VARIANT_HELP = {
 TRAIN_VARIANT_HELP = {
     "reference": "use_backend('reference') eager training step, fp32 weights + autocast",
     "fastlego": "use_backend('auto') training step, fp32 weights + autocast",
+    "fastlego_graph": "the fastlego step captured once as a CUDA graph and replayed (fastlego train's default "
+                      "on one GPU), fp32 weights + autocast",
     "compile": "torch.compile(EDMPrecond) under use_backend('reference'), then eager loss, backward, AdamW; "
                "fp32 weights + autocast",
 }
@@ -96,7 +99,8 @@ DEFAULT_TRAIN_CASES = (
     ("lego_S_PG_64", 256), ("lego_L_PG_64", 128),
 )
 # The variants a mode times: training keeps fp32 weights (AdamW on bf16 weights is not a recipe).
-MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "compile")}
+MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "fastlego_graph", "compile")}
+ALL_VARIANTS = tuple(dict.fromkeys(v for vs in MODE_VARIANTS.values() for v in vs))
 # A training step: EDM's loss (P_mean -1.2, P_std 1.2, sigma_data 0.5), AdamW at this rate, and
 # weights from `randomize_` at this scale: small enough that the joint loss is finite at every
 # depth, large enough that no gradient is zero.
@@ -194,7 +198,7 @@ class BenchConfig:
     # the workloads of the train mode; None: the same as `cases` (--presets, --tiny)
     train_cases: Optional[List[Case]] = field(default_factory=default_train_cases)
     modes: Tuple[str, ...] = ("infer",)
-    variants: Tuple[str, ...] = VARIANTS
+    variants: Tuple[str, ...] = ALL_VARIANTS
     compile_mode: Optional[str] = None
     autocast_dtype: Optional[torch.dtype] = torch.bfloat16
     tf32: bool = True
@@ -252,9 +256,9 @@ class BenchConfig:
         bad = [m for m in self.modes if m not in STEP_BUILDERS]
         if bad:
             raise ValueError(f"mode(s) {bad} are not implemented: expected a subset of {sorted(STEP_BUILDERS)}")
-        bad = [v for v in self.variants if v not in VARIANTS]
+        bad = [v for v in self.variants if v not in ALL_VARIANTS]
         if bad:
-            raise ValueError(f"unknown variant(s) {bad}: expected a subset of {', '.join(VARIANTS)}")
+            raise ValueError(f"unknown variant(s) {bad}: expected a subset of {', '.join(ALL_VARIANTS)}")
         for mode in self.modes:
             if not self.variants_for(mode):
                 raise ValueError(f"none of the variants {list(self.variants)} has a {mode} mode: pick from "
@@ -1009,22 +1013,31 @@ def _infer_step(model, inputs, backend: str, device: torch.device, autocast_dtyp
     return step
 
 
-def _train_step(net, inputs, backend: str, device: torch.device, autocast_dtype) -> Callable[[], torch.Tensor]:
+def _train_step(net, inputs, backend: str, device: torch.device, autocast_dtype,
+                cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
     """One training step of `net` (an EDMPrecond, or torch.compile of one) on `inputs` =
     `make_train_inputs(...)`: forward + EDM loss under autocast, backward, AdamW step (its state
-    is created by the first step). Returns the loss (detached)."""
+    is created by the first step), as `fastlego.training.TrainStep` runs it: eagerly, or with
+    `cuda_graph` captured after 3 eager steps and replayed. Returns the loss (detached; with a
+    graph, the graph's tensor, overwritten by the next step)."""
     images, sigma, noise, labels = inputs
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=TRAIN_LR)
+    make_capturable(opt, cuda_graph, device)
     loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
 
-    def step():
+    def body(images, sigma, noise, labels):
         with dispatch.use_backend(backend):
-            with _autocast(device, autocast_dtype):
+            with _autocast(device, autocast_dtype, cache=not cuda_graph):
                 loss, _ = loss_fn(net, images, sigma, noise, labels)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return loss.detach()
+
+    run = TrainStep(body, opt, cuda_graph=cuda_graph)
+
+    def step():
+        return run(images, sigma, noise, labels)
+    step.train_step = run
     return step
 
 
@@ -1271,7 +1284,7 @@ class BenchSession:
         res = {"variant": variant, "mode": "train", "description": TRAIN_VARIANT_HELP[variant], "batch": case.batch,
                "loss_fn": "EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5), averaged over bricks",
                "optimizer": f"AdamW(lr={TRAIN_LR})", "init_scale": TRAIN_INIT_SCALE}
-        backend = "auto" if variant == "fastlego" else "reference"
+        backend = "reference" if variant in ("reference", "compile") else "auto"
         net = inputs = model = step = None
         last: List[Optional[torch.Tensor]] = [None]
         try:
@@ -1301,7 +1314,8 @@ class BenchSession:
                 from torch._dynamo.utils import counters
                 counters.clear()
                 model = torch.compile(net, mode=cfg.compile_mode)
-            step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype)
+            step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype,
+                                          cuda_graph=variant == "fastlego_graph")
             with precision(dev, cfg.tf32):
                 t0 = time.perf_counter()
                 loss = _first_call(step, variant, res)
@@ -1315,6 +1329,10 @@ class BenchSession:
                     last[0] = step()
                 t = measure(timed_step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
             res["loss_last"] = float(last[0])
+            if variant == "fastlego_graph":
+                res["captured"] = step.train_step.captured
+                if step.train_step.fallback_reason:
+                    res["capture_failed"] = step.train_step.fallback_reason
             res["loss_finite"] = math.isfinite(res["loss"]) and math.isfinite(res["loss_last"])
             res["timing"] = t.to_dict()
             res["ms"] = t.median_ms
@@ -1478,11 +1496,12 @@ def _targets(case: Case, res: dict, env: dict) -> dict:
     ref = e2e.get("reference", {})
     if "ms" in fast and "ms" in ref:
         out["vs_reference_eager"] = {"value": ref["ms"] / fast["ms"]}
-    fast_train = e2e.get(result_key("fastlego", "train"), {})
-    for other in ("reference", "compile"):  # training speed-ups (no target number recorded here)
-        r = e2e.get(result_key(other, "train"), {})
-        if "ms" in fast_train and "ms" in r:
-            out[f"train_vs_{other}"] = {"value": r["ms"] / fast_train["ms"]}
+    for mine, prefix in (("fastlego", "train"), ("fastlego_graph", "graph_train")):  # training speed-ups
+        fast_train = e2e.get(result_key(mine, "train"), {})
+        for other in ("reference", "compile"):
+            r = e2e.get(result_key(other, "train"), {})
+            if "ms" in fast_train and "ms" in r:
+                out[f"{prefix}_vs_{other}"] = {"value": r["ms"] / fast_train["ms"]}
     return out
 
 
@@ -1810,7 +1829,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     g.add_argument("--compile", action="store_true", help="time torch.compile also on the CPU (skipped there by default)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
     p.add_argument("--no-bf16-weights", action="store_true", help="skip the fastlego_bf16 variant")
     p.add_argument("--modes", default="infer",
                    help=f"comma-separated modes: {','.join(MODES)} (train: forward + EDM loss + backward + AdamW step, "
@@ -1851,10 +1870,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cfg.cases = [with_depths(c, args.depths.split(",")) for c in cfg.cases]
         if cfg.train_cases is not None:
             cfg.train_cases = [with_depths(c, args.depths.split(",")) for c in cfg.train_cases]
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(ALL_VARIANTS)
     skip_compile = args.no_compile or (not device.startswith("cuda") and not args.compile)
     if skip_compile:
         variants = [v for v in variants if v != "compile"]
+    if not device.startswith("cuda") and not args.variants:  # CUDA graphs are CUDA's
+        variants = [v for v in variants if v != "fastlego_graph"]
     if args.no_bf16_weights:
         variants = [v for v in variants if v != "fastlego_bf16"]
     cfg.variants = tuple(variants)

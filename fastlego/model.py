@@ -126,15 +126,18 @@ class Brick(nn.Module):
     def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
         if self.checkpointing == "brick" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, prev, c, use_reentrant=False)
+            return checkpoint(self._forward, x, prev, c, use_reentrant=False, preserve_rng_state=False)
         return self._forward(x, prev, c)
 
+    # A brick draws no random numbers (label dropout happens in the embedder, before the bricks),
+    # so recomputation needs no saved RNG state: preserve_rng_state=False skips that state's
+    # device sync, which also lets a checkpointed step be captured as a CUDA graph.
     def _forward(self, x, prev, c):
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
         per_block = self.checkpointing == "block" and torch.is_grad_enabled()
         for block in self.blocks:
-            h = checkpoint(block, h, c, use_reentrant=False) if per_block else block(h, c)
+            h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False) if per_block else block(h, c)
         return self.final_layer(h, c, self.region, x.shape)
 
 

@@ -27,8 +27,9 @@ import random
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,6 +87,114 @@ class EDMLoss:
         losses = [(weight * (d.to(torch.float32) - y) ** 2).mean() for d in outputs]
         loss = torch.stack(losses).mean()
         return loss, [l.detach() for l in losses]
+
+
+# --------------------------------------------------------------------------------------------
+# The training step, eager or replayed as one CUDA graph
+# --------------------------------------------------------------------------------------------
+
+def make_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device) -> None:
+    """Switch an Adam/AdamW between its capturable form (state steps and the learning rate as
+    device tensors, so a CUDA graph can replay `step()` with a changing rate) and its plain form.
+    Also run after `load_state_dict`, which restores the flag and the step tensors as they were
+    saved."""
+    device = torch.device(device)
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if capturable else lr
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(device if capturable else "cpu", torch.float32)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate, in place when it is a tensor (a captured step reads it)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class TrainStep:
+    """Runs a training step `body(*tensors) -> outputs` (forward, loss, backward, optimizer step;
+    the gradients start from None each step: this object clears them).
+
+    With `cuda_graph=True` the first `warmup` calls run eagerly on a side stream (kernels compile,
+    autotune and cache their dispatch decisions; the optimizer creates its state), then the step
+    is captured once as a CUDA graph and every later call copies its tensors into the graph's
+    static inputs and replays it: no Python, dispatch or kernel-launch cost per op, which is what
+    bounds small batches. Every call is a real step, the capture's too (a capture records without
+    running, so its call replays right after). Needs fixed shapes, an optimizer made capturable
+    (`make_capturable`), autocast with `cache_enabled=False`, and nothing in the step that syncs
+    with the host; the gradients then live in the graph's memory and stay set between calls.
+    Outputs are the graph's static tensors, overwritten by the next call: copy what you keep.
+
+    If the capture fails (an op that syncs, say) the step warns once, says why, and runs eagerly
+    from then on: the same step, only slower."""
+
+    def __init__(self, body: Callable[..., Any], optimizer: torch.optim.Optimizer, cuda_graph: bool = False,
+                 warmup: int = 3):
+        if cuda_graph and not torch.cuda.is_available():
+            raise RuntimeError("cuda_graph=True needs a CUDA GPU: the graph is CUDA's; train without it on this machine")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by an eager step), got {warmup}")
+        self.body, self.optimizer, self.cuda_graph, self.warmup = body, optimizer, cuda_graph, warmup
+        self.calls = 0
+        self.graph = None
+        self.static_inputs: Optional[tuple] = None
+        self.static_outputs: Any = None
+        self.fallback_reason: Optional[str] = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def _eager(self, args):
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.body(*args)
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.graph is not None:
+            for static, value in zip(self.static_inputs, args):
+                if static is not None:
+                    static.copy_(value)
+            self.graph.replay()
+            return self.static_outputs
+        if not self.cuda_graph:
+            return self._eager(args)
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._eager(args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        return self._capture_and_replay(args)
+
+    def _capture_and_replay(self, args):
+        bad = [type(a).__name__ for a in args if a is not None and not (torch.is_tensor(a) and a.is_cuda)]
+        if bad:
+            raise TypeError(f"a CUDA-graph step takes CUDA tensors (or None) only, got {', '.join(bad)}")
+        static = tuple(None if a is None else a.detach().clone() for a in args)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        self.optimizer.zero_grad(set_to_none=True)   # backward then allocates the gradients in the graph's pool
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self.body(*static)
+        except Exception as exc:  # the step cannot be captured: say why, then keep training eagerly
+            torch.cuda.synchronize()
+            self.cuda_graph = False
+            self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"fastlego: the training step could not be captured as a CUDA graph "
+                          f"({self.fallback_reason}); it runs eagerly from now on", RuntimeWarning, stacklevel=3)
+            return self._eager(args)
+        self.graph, self.static_inputs, self.static_outputs = graph, static, outputs
+        graph.replay()
+        return outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +304,7 @@ class TrainConfig:
     threads: Optional[int] = None        # torch CPU threads
     activation_checkpointing: Optional[str] = None  # None, "brick" or "block": recompute to save memory
     deterministic: bool = False          # bitwise-reproducible gradients (fastlego.set_deterministic)
+    cuda_graph: Optional[bool] = None    # replay the whole step as a CUDA graph (None: on for one CUDA process)
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -454,12 +564,26 @@ class TrainResult:
     seconds: float
     images_per_second: float
     network: Optional[EDMPrecond] = None   # the EMA network (eval mode), on rank 0
+    cuda_graph: bool = False               # whether the steps were replayed as a CUDA graph
 
 
-def _autocast(precision: str, device: torch.device):
+def _autocast(precision: str, device: torch.device, cache: bool = True):
+    # a CUDA graph must not keep pointing at autocast's cache of cast weights (freed on exit)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+def _use_cuda_graph(asked: Optional[bool], device: torch.device, world: int) -> bool:
+    """cuda_graph's value for this run: None means on for one CUDA process."""
+    if asked is None:
+        return device.type == "cuda" and world == 1
+    if asked and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, but this run trains on {device}: drop --cuda-graph")
+    if asked and world > 1:
+        raise ValueError(f"cuda_graph=True is for one process; this run has {world} (DDP's all-reduce is not "
+                         f"captured here): drop --cuda-graph, or train on one GPU")
+    return bool(asked)
 
 
 def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
@@ -543,6 +667,8 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
     model = net
     if dctx.world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    graphed = _use_cuda_graph(cfg.cuda_graph, device, dctx.world)
+    make_capturable(opt, graphed, device)
 
     loss_fn = EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data)
     total_steps = cfg.steps
@@ -585,6 +711,21 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
         if dctx.world > 1:
             dist.barrier()
 
+    def body(y, sigma, noise, labels, drop_ids):
+        """Forward, loss, backward, gradient guard and clip, optimizer step -> [loss, brick losses...]."""
+        kwargs = {} if drop_ids is None else {"force_drop_ids": drop_ids}
+        with _autocast(cfg.precision, device, cache=not graphed):
+            loss, per_brick = loss_fn(model, y, sigma, noise, labels, **kwargs)
+        loss.backward()
+        for p in params:  # EDM's guard: a NaN/inf gradient entry becomes 0 rather than poisoning the weights
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        return torch.stack([loss.detach()] + per_brick)
+
+    train_step = TrainStep(body, opt, cuda_graph=graphed)
     pending: List[torch.Tensor] = []           # per-step [loss, brick losses...] on the device
     history: List[float] = []
     t_start = time.perf_counter()
@@ -599,28 +740,14 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
         drop = torch.rand(B, generator=gen, device=device) < cfg.class_dropout
         y = images_to_float(images_u8.to(device, non_blocking=True), flips)
         sigma = loss_fn.sigma(normal[lo:hi])
-        kwargs = {}
-        if label_dim:
-            labels = labels.to(device, non_blocking=True)
-            kwargs["force_drop_ids"] = drop[lo:hi].long().reshape(-1, 1)
-        else:
-            labels = None
+        labels = labels.to(device, non_blocking=True) if label_dim else None
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with _autocast(cfg.precision, device):
-            loss, per_brick = loss_fn(model, y, sigma, noise[lo:hi], labels, **kwargs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in params:  # EDM's guard: a NaN/inf gradient entry becomes 0 rather than poisoning the weights
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        set_lr(opt, lr)
+        drop_ids = drop[lo:hi].long().reshape(-1, 1) if label_dim else None
+        losses = train_step(y, sigma, noise[lo:hi], labels, drop_ids)
         nimg += cfg.batch_size
         update_ema(ema, net, ema_beta(cfg.batch_size, nimg, cfg.ema_halflife_kimg, cfg.ema_rampup))
-        pending.append(torch.stack([loss.detach()] + per_brick))
+        pending.append(losses.clone())
         step += 1
         steps_run += 1
         n_log += cfg.batch_size
@@ -662,4 +789,5 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
     seconds = time.perf_counter() - t_start
     ips = steps_run * cfg.batch_size / max(seconds, 1e-9)
     return TrainResult(outdir=cfg.outdir, checkpoint=ckpt_path, step=step, nimg=nimg, losses=history,
-                       seconds=seconds, images_per_second=ips, network=ema if dctx.main else None)
+                       seconds=seconds, images_per_second=ips, network=ema if dctx.main else None,
+                       cuda_graph=train_step.captured)

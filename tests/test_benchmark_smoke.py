@@ -290,10 +290,10 @@ def test_train_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     holds the error string for it, the other variant and the inference rows are measured."""
     build = bm.STEP_BUILDERS["train"]
 
-    def failing(model, inputs, backend, device, autocast_dtype):
+    def failing(model, inputs, backend, device, autocast_dtype, **kw):
         if backend == "reference":
             raise MemoryError("injected: out of memory")
-        return build(model, inputs, backend, device, autocast_dtype)
+        return build(model, inputs, backend, device, autocast_dtype, **kw)
     monkeypatch.setitem(bm.STEP_BUILDERS, "train", failing)
     rc = bm.main(TINY + ["--modes", "infer,train", "--variants", "reference,fastlego", "--no-kernels", "--no-floor",
                          "--no-check", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])

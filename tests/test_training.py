@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 
 import fastlego
 from fastlego.testing import randomize_
-from fastlego.training import (DEMO_BRICKS, EDMLoss, ProgressBar, TrainConfig, atomic_save, build_network, ema_beta,
-                               load_training_checkpoint, network_from_checkpoint, network_spec, parse_bricks, train,
-                               update_ema)
+from fastlego.training import (DEMO_BRICKS, EDMLoss, ProgressBar, TrainConfig, TrainStep, atomic_save, build_network,
+                               ema_beta, load_training_checkpoint, make_capturable, network_from_checkpoint, network_spec,
+                               parse_bricks, set_lr, train, update_ema)
 
 # The smallest LEGO that still has two bricks: 4x4 regions of one 4x4 patch, then one 8x8 patch.
 TINY = "4:lego_S_4:1,8:lego_S_8:1"
@@ -241,6 +241,75 @@ def test_ddp_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# The step runner and CUDA graphs (the graph itself is tested on the GPU, below)
+# --------------------------------------------------------------------------------------------
+
+def test_cuda_graph_setting_is_checked(tmp_path):
+    from fastlego.training import _use_cuda_graph
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert _use_cuda_graph(None, cpu, 1) is False          # auto: on for one CUDA process only
+    assert _use_cuda_graph(None, cuda, 2) is False
+    assert _use_cuda_graph(None, cuda, 1) is True
+    assert _use_cuda_graph(False, cuda, 1) is False
+    with pytest.raises(ValueError, match="needs a CUDA device.*drop --cuda-graph"):
+        _use_cuda_graph(True, cpu, 1)
+    with pytest.raises(ValueError, match="for one process; this run has 2"):
+        _use_cuda_graph(True, cuda, 2)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train(tiny_config(tmp_path, device="cpu", cuda_graph=True))
+    assert not os.path.exists(tmp_path / "checkpoint.pt")   # refused before any step
+
+
+def test_make_capturable_round_trip_and_set_lr():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn(5)
+    opt.step()
+    saved = opt.state_dict()
+    make_capturable(opt, True, "cpu")
+    group = opt.param_groups[0]
+    assert group["capturable"] and torch.is_tensor(group["lr"]) and group["lr"].item() == pytest.approx(1e-3)
+    assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].item() == 1
+    lr_tensor = group["lr"]
+    set_lr(opt, 5e-4)      # in place: a captured step keeps reading the same tensor
+    assert group["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(5e-4)
+    make_capturable(opt, False, "cpu")
+    assert group["capturable"] is False and group["lr"] == pytest.approx(5e-4) and not torch.is_tensor(group["lr"])
+    set_lr(opt, 2e-4)
+    assert group["lr"] == 2e-4
+    opt.load_state_dict(saved)   # a checkpoint's optimizer: make_capturable puts it in the asked form again
+    make_capturable(opt, True, "cpu")
+    assert opt.param_groups[0]["capturable"] and torch.is_tensor(opt.param_groups[0]["lr"])
+
+
+def test_train_step_clears_gradients_between_steps():
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.0)   # lr 0: the weights stay, only the gradients matter
+
+    def body(x):
+        loss = lin(x).square().sum()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = TrainStep(body, opt)
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    step(x1)
+    step(x2)
+    lin.zero_grad()
+    lin(x2).square().sum().backward()
+    expected = lin.weight.grad.clone()
+    step(x2)
+    assert torch.equal(lin.weight.grad, expected)   # the last step's gradient, not a sum over steps
+    assert not step.captured and step.calls == 3
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        TrainStep(body, opt, warmup=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            TrainStep(body, opt, cuda_graph=True)
+
+
+# --------------------------------------------------------------------------------------------
 # GPU (run by the lead on the device machine)
 # --------------------------------------------------------------------------------------------
 
@@ -303,3 +372,104 @@ def test_deterministic_training_runs_repeat_bitwise(tmp_path):
     wa = load_training_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["model"]
     wb = load_training_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _graph_vs_eager_nets(batches: int):
+    from fastlego.benchmark import build_train_net, default_case
+    case = default_case("lego_S_PG_64", 4)
+    net = build_train_net(case, "cuda", seed=3)
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for _ in range(batches):
+        images = torch.rand(case.input_shape, generator=g) * 2 - 1
+        sigma = EDMLoss().sigma(torch.randn(case.batch, generator=g))
+        data.append(tuple(v.cuda() for v in (images, sigma, torch.randn(case.input_shape, generator=g))))
+    return net, data
+
+
+def _runner(net, cuda_graph: bool):
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    make_capturable(opt, True, "cuda")   # the same optimizer arithmetic in both runs
+    loss_fn = EDMLoss()
+
+    def body(images, sigma, noise):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss, per_brick = loss_fn(net, images, sigma, noise)
+        loss.backward()
+        for p in params:
+            torch.nan_to_num_(p.grad, nan=0.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return torch.stack([loss.detach()] + per_brick)
+
+    return opt, TrainStep(body, opt, cuda_graph=cuda_graph, warmup=2)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_train_step_equals_eager_steps():
+    """Eight AdamW steps of lego_S_PG_64 (random non-zero weights, a new batch and learning rate
+    every step, gradient guard and clip inside the step), eager vs captured after 2 warm-up
+    steps: in deterministic mode the replayed graph gives the same losses and weights, bit for bit."""
+    import copy
+    net, data = _graph_vs_eager_nets(8)
+    results = []
+    with fastlego.deterministic():
+        for cuda_graph in (False, True):
+            model = copy.deepcopy(net)
+            opt, step = _runner(model, cuda_graph)
+            losses = []
+            for i, batch in enumerate(data):
+                set_lr(opt, 1e-3 * (i + 1) / 8)
+                losses.append(step(*batch).clone())
+            torch.cuda.synchronize()
+            assert step.captured is cuda_graph and step.fallback_reason is None
+            results.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
+    (la, wa), (lb, wb) = results
+    assert torch.isfinite(la).all() and torch.equal(la, lb), (la[:, 0], lb[:, 0])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:5]
+    moved = max((wa[k] - v).abs().max().item() for k, v in net.state_dict().items())
+    assert moved > 1e-4   # the steps did train
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_failure_falls_back_with_a_warning():
+    lin = torch.nn.Linear(8, 8).cuda()
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-3)
+    make_capturable(opt, True, "cuda")
+    seen = []
+
+    def body(x):
+        loss = lin(x).square().mean()
+        seen.append(loss.item())   # a host sync: cannot be captured
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = TrainStep(body, opt, cuda_graph=True, warmup=1)
+    x = torch.randn(4, 8, device="cuda")
+    step(x)
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
+        out = step(x)
+    assert not step.captured and step.fallback_reason and math.isfinite(out.item())
+    out = step(x)   # eager from now on, no second warning
+    assert len(seen) >= 3 and math.isfinite(out.item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("checkpointing", [None, "block"])
+def test_train_with_cuda_graph_on_gpu(tmp_path, checkpointing):
+    """`fastlego train` on one GPU replays its steps as a CUDA graph by default (lr warm-up, label
+    dropout, gradient clip inside); in deterministic mode it trains exactly as --no-cuda-graph."""
+    kw = dict(steps=6, checkpoint_every=6, device="cuda", precision="bf16", deterministic=True, warmup_steps=4,
+              grad_clip=1.0, resolution=16, bricks="4:lego_S_2:1,16:lego_S_8:1",
+              activation_checkpointing=checkpointing)
+    graphed = train(tiny_config(tmp_path / "graph", **kw))
+    eager = train(tiny_config(tmp_path / "eager", cuda_graph=False, **kw))
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert all(math.isfinite(v) for v in graphed.losses) and graphed.losses == eager.losses
+    a = load_training_checkpoint(str(tmp_path / "graph" / "checkpoint.pt"))
+    b = load_training_checkpoint(str(tmp_path / "eager" / "checkpoint.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    resumed = train(tiny_config(tmp_path / "graph", resume="auto", **dict(kw, steps=8)))   # resumes into a graph
+    assert resumed.cuda_graph and resumed.step == 8 and all(math.isfinite(v) for v in resumed.losses)

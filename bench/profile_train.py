@@ -1,0 +1,190 @@
+"""Where a fastlego training step spends its time and memory, on one CUDA GPU.
+
+    python3 bench/profile_train.py lego_S_PG_64:64,lego_L_PG_64:128 [--out DIR] [--steps 2]
+
+For each workload (the bench's training step: EDMPrecond with every brick trained, EDM loss,
+backward, AdamW; bf16 autocast, fp32 weights, TF32 on, random non-zero weights):
+- the eager step's wall time and the GPU time its kernels take (torch.profiler), so host
+  overhead = wall - GPU busy time;
+- the same step captured as one CUDA graph (`fastlego.training.TrainStep`): its time;
+- the kernels grouped by family (GEMM, attention, each Triton kernel, elementwise, optimizer),
+  ms per step and calls per step; the top kernels by time;
+- memory: bytes held after the forward (what the backward needs) and the step's peak, both
+  above the weights + gradients + optimizer state.
+Prints a short table per workload and writes the full kernel lists to DIR/profile_*.txt.
+Profiling, not a benchmark: the timed comparisons live in `fastlego bench --modes train`."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastlego import dispatch  # noqa: E402
+from fastlego.benchmark import (TRAIN_LR, build_train_net, default_case, make_train_inputs,  # noqa: E402
+                                precision)
+from fastlego.training import EDMLoss, TrainStep, make_capturable  # noqa: E402
+
+GIB = float(1 << 30)
+
+FAMILIES = (  # first match wins; kernel names of cuBLAS / Triton / PyTorch on Hopper
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "splitk", "_modulated_linear", "_linear_gated")),
+    ("flash/sdpa attention", ("flash", "fmha", "attention_kernel", "efficient_attention", "pytorch_flash")),
+    ("window attention (triton)", ("_packed_window", "window_attention")),
+    ("layernorm_modulate (triton)", ("_layernorm_modulate",)),
+    ("gated_residual_backward (triton)", ("_gated_residual",)),
+    ("brick_embed (triton)", ("_brick_embed",)),
+    ("final_layer (triton)", ("_final",)),
+    ("row stats (triton)", ("_row_stats", "_stats")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("reduce", ("reduce_kernel", "reduce")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "fill", "cat", "index")),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def parse(spec: str):
+    cases = []
+    for item in spec.split(","):
+        preset, _, batch = item.partition(":")
+        cases.append(default_case(preset.strip(), int(batch) if batch else None))
+    return cases
+
+
+def make_step(case, dev, cuda_graph: bool, record: dict):
+    net = build_train_net(case, dev)
+    inputs = make_train_inputs(case, dev)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=TRAIN_LR)
+    make_capturable(opt, cuda_graph, dev)
+    loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+
+    def body(images, sigma, noise, labels):
+        if "before_forward" not in record and not cuda_graph:
+            record["before_forward"] = torch.cuda.memory_allocated(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph):
+            loss, _ = loss_fn(net, images, sigma, noise, labels)
+        if "after_forward" not in record and not cuda_graph:
+            record["after_forward"] = torch.cuda.memory_allocated(dev)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    run = TrainStep(body, opt, cuda_graph=cuda_graph)
+    return net, opt, run, inputs
+
+
+def wall_ms(fn, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def profile_case(case, dev, steps: int, out_dir: str) -> dict:
+    res = {"case": case.describe()}
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    record: dict = {}
+    net, opt, run, inputs = make_step(case, dev, False, record)
+    weights = torch.cuda.memory_allocated(dev) - base
+    for _ in range(3):
+        run(*inputs)
+    torch.cuda.synchronize()
+    state = torch.cuda.memory_allocated(dev) - base          # weights + grads + AdamW state (+ inputs)
+    record.clear()
+    torch.cuda.reset_peak_memory_stats(dev)
+    run(*inputs)
+    torch.cuda.synchronize()
+    res["weights_gib"] = weights / GIB
+    res["state_gib"] = state / GIB
+    res["saved_gib"] = (record["after_forward"] - record["before_forward"]) / GIB
+    res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / GIB
+    res["eager_ms"] = wall_ms(lambda: run(*inputs), 5)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run(*inputs)
+        torch.cuda.synchronize()
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = evt.self_cuda_time_total
+        if t <= 0:
+            continue
+        kernels[evt.key][0] += t / 1e3 / steps
+        kernels[evt.key][1] += evt.count / steps
+    res["gpu_ms"] = sum(v[0] for v in kernels.values())
+    fams = collections.defaultdict(lambda: [0.0, 0])
+    for name, (ms, n) in kernels.items():
+        f = family(name)
+        fams[f][0] += ms
+        fams[f][1] += n
+    res["families"] = dict(sorted(fams.items(), key=lambda kv: -kv[1][0]))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    with open(os.path.join(out_dir, f"profile_{case.preset}_{case.batch}.txt"), "w") as f:
+        f.write(f"{case.describe()}: eager {res['eager_ms']:.2f} ms/step, GPU kernels {res['gpu_ms']:.2f} ms/step\n")
+        for name, (ms, n) in top:
+            f.write(f"{ms:9.3f} ms {n:7.1f} calls  [{family(name)}] {name[:200]}\n")
+    res["top"] = [(name[:90], ms, n) for name, (ms, n) in top[:12]]
+    del net, opt, run, inputs
+    torch.cuda.empty_cache()
+    net, opt, run, inputs = make_step(case, dev, True, {})
+    for _ in range(5):
+        run(*inputs)
+    res["captured"] = run.captured
+    res["graph_ms"] = wall_ms(lambda: run(*inputs), 10)
+    del net, opt, run, inputs
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", help="PRESET:BATCH,...")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--steps", type=int, default=2)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    rows = []
+    with precision(dev, True), dispatch.use_backend("auto"):
+        for case in parse(args.cases):
+            try:
+                r = profile_case(case, dev, args.steps, args.out)
+            except Exception as exc:  # report and go on
+                print(f"{case.describe()}: {type(exc).__name__}: {exc}")
+                continue
+            rows.append(r)
+            print(f"\n== {r['case']}: eager {r['eager_ms']:.2f} ms (GPU kernels {r['gpu_ms']:.2f} ms), "
+                  f"graph {r['graph_ms']:.2f} ms (captured {r['captured']}); memory GiB: weights {r['weights_gib']:.2f}, "
+                  f"weights+grads+adam {r['state_gib']:.2f}, saved by forward {r['saved_gib']:.2f}, peak {r['peak_gib']:.2f}")
+            for fam, (ms, n) in r["families"].items():
+                print(f"   {fam:34s} {ms:8.2f} ms {n:7.0f} calls")
+            for name, ms, n in r["top"]:
+                print(f"   {ms:8.3f} ms {n:6.0f}x {name}")
+    print("\n| workload | eager ms | GPU ms | graph ms | saved GiB | peak GiB |")
+    for r in rows:
+        print(f"| {r['case']} | {r['eager_ms']:.1f} | {r['gpu_ms']:.1f} | {r['graph_ms']:.1f} | "
+              f"{r['saved_gib']:.2f} | {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
