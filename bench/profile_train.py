@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastlego import dispatch  # noqa: E402
 from fastlego.benchmark import (TRAIN_LR, build_train_net, default_case, make_train_inputs,  # noqa: E402
                                 precision)
-from fastlego.training import EDMLoss, TrainStep, make_capturable  # noqa: E402
+from fastlego.training import EDMLoss, TrainStep, adamw, make_capturable  # noqa: E402
 
 GIB = float(1 << 30)
 
@@ -67,7 +67,7 @@ def parse(spec: str):
 def make_step(case, dev, cuda_graph: bool, record: dict):
     net = build_train_net(case, dev)
     inputs = make_train_inputs(case, dev)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=TRAIN_LR)
+    opt = adamw([p for p in net.parameters() if p.requires_grad], dev, lr=TRAIN_LR)
     make_capturable(opt, cuda_graph, dev)
     loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
 
@@ -116,12 +116,21 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / GIB
     res["eager_ms"] = wall_ms(lambda: run(*inputs), 5)
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             run(*inputs)
         torch.cuda.synchronize()
+    ops = []   # aten ops by the device time of the kernels they launched, with their input shapes
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key.startswith("aten::") and evt.device_type.name == "CPU":
+            t = getattr(evt, "self_device_time_total", 0) or 0
+            if t > 0:
+                ops.append((t / 1e3 / steps, evt.count / steps, evt.key, str(evt.input_shapes)[:150]))
+    ops.sort(reverse=True)
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for evt in prof.key_averages():
+        if evt.device_type.name == "CPU":
+            continue
         t = getattr(evt, "self_device_time_total", None)
         if t is None:
             t = evt.self_cuda_time_total
@@ -141,6 +150,9 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
         f.write(f"{case.describe()}: eager {res['eager_ms']:.2f} ms/step, GPU kernels {res['gpu_ms']:.2f} ms/step\n")
         for name, (ms, n) in top:
             f.write(f"{ms:9.3f} ms {n:7.1f} calls  [{family(name)}] {name[:200]}\n")
+        f.write("\naten ops by their kernels' device time (self), with input shapes:\n")
+        for ms, n, key, shapes in ops[:60]:
+            f.write(f"{ms:9.3f} ms {n:7.1f} calls  {key} {shapes}\n")
     res["top"] = [(name[:90], ms, n) for name, (ms, n) in top[:12]]
     del net, opt, run, inputs
     torch.cuda.empty_cache()

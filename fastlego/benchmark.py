@@ -59,7 +59,7 @@ from .edm import EDMPrecond
 from .model import LegoBackbone
 from .presets import BRICK_TYPES, get_preset
 from .testing import randomize_
-from .training import EDMLoss, TrainStep, make_capturable
+from .training import EDMLoss, TrainStep, adamw, make_capturable
 
 SCHEMA_VERSION = 1
 GIB = float(1 << 30)
@@ -1016,12 +1016,13 @@ def _infer_step(model, inputs, backend: str, device: torch.device, autocast_dtyp
 def _train_step(net, inputs, backend: str, device: torch.device, autocast_dtype,
                 cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
     """One training step of `net` (an EDMPrecond, or torch.compile of one) on `inputs` =
-    `make_train_inputs(...)`: forward + EDM loss under autocast, backward, AdamW step (its state
+    `make_train_inputs(...)`: forward + EDM loss under autocast, backward, AdamW step (fused on
+    CUDA, the same in every variant; its state
     is created by the first step), as `fastlego.training.TrainStep` runs it: eagerly, or with
     `cuda_graph` captured after 3 eager steps and replayed. Returns the loss (detached; with a
     graph, the graph's tensor, overwritten by the next step)."""
     images, sigma, noise, labels = inputs
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=TRAIN_LR)
+    opt = adamw([p for p in net.parameters() if p.requires_grad], device, lr=TRAIN_LR)
     make_capturable(opt, cuda_graph, device)
     loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
 

@@ -95,17 +95,25 @@ class EDMLoss:
 
 def make_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device) -> None:
     """Switch an Adam/AdamW between its capturable form (state steps and the learning rate as
-    device tensors, so a CUDA graph can replay `step()` with a changing rate) and its plain form.
-    Also run after `load_state_dict`, which restores the flag and the step tensors as they were
-    saved."""
+    device tensors, so a CUDA graph can replay `step()` with a changing rate) and its plain form
+    (a fused one keeps its steps on the device either way). Also run after `load_state_dict`,
+    which restores the flags and the step tensors as they were saved."""
     device = torch.device(device)
+    on_device = set()
     for group in optimizer.param_groups:
         group["capturable"] = capturable
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if capturable else lr
-    for state in optimizer.state.values():
+        if capturable or group.get("fused"):
+            on_device.update(id(p) for p in group["params"])
+    for p, state in optimizer.state.items():
         if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].to(device if capturable else "cpu", torch.float32)
+            state["step"] = state["step"].to(device if id(p) in on_device else "cpu", torch.float32)
+
+
+def adamw(params, device, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) on CUDA, PyTorch's default elsewhere."""
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda" or None, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -646,7 +654,7 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     net.model.set_activation_checkpointing(cfg.activation_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = adamw(params, device, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     # One generator for every random draw of a step, advanced identically on every rank.
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     step = nimg = 0

@@ -460,16 +460,24 @@ def test_cuda_graph_capture_failure_falls_back_with_a_warning():
 @pytest.mark.parametrize("checkpointing", [None, "block"])
 def test_train_with_cuda_graph_on_gpu(tmp_path, checkpointing):
     """`fastlego train` on one GPU replays its steps as a CUDA graph by default (lr warm-up, label
-    dropout, gradient clip inside); in deterministic mode it trains exactly as --no-cuda-graph."""
+    dropout, gradient clip inside) and trains as --no-cuda-graph does. Not bit for bit: the
+    captured AdamW reads its rate and step from device tensors (fp32 bias corrections) where the
+    eager one uses Python floats (the bitwise comparison with one optimizer is the test above)."""
     kw = dict(steps=6, checkpoint_every=6, device="cuda", precision="bf16", deterministic=True, warmup_steps=4,
               grad_clip=1.0, resolution=16, bricks="4:lego_S_2:1,16:lego_S_8:1",
               activation_checkpointing=checkpointing)
     graphed = train(tiny_config(tmp_path / "graph", **kw))
     eager = train(tiny_config(tmp_path / "eager", cuda_graph=False, **kw))
     assert graphed.cuda_graph and not eager.cuda_graph
-    assert all(math.isfinite(v) for v in graphed.losses) and graphed.losses == eager.losses
+    assert all(math.isfinite(v) for v in graphed.losses)
+    assert graphed.losses == pytest.approx(eager.losses, rel=1e-4)
     a = load_training_checkpoint(str(tmp_path / "graph" / "checkpoint.pt"))
     b = load_training_checkpoint(str(tmp_path / "eager" / "checkpoint.pt"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+    torch.manual_seed(1)   # tiny_config's seed: the run's initial weights
+    start = build_network(a["network"]).state_dict()
+    moved = max((a["model"][k] - start[k]).abs().max().item() for k in a["model"])
+    assert moved > 1e-3   # six steps at lr up to 1e-3 moved the weights far more than the tolerance
     resumed = train(tiny_config(tmp_path / "graph", resume="auto", **dict(kw, steps=8)))   # resumes into a graph
     assert resumed.cuda_graph and resumed.step == 8 and all(math.isfinite(v) for v in resumed.losses)
