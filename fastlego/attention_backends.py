@@ -1,4 +1,4 @@
-"""flash-attn and xformers as backends of the `global_attention` op.
+"""flash-attn, xformers and PyTorch SDPA (token-major) as backends of the `global_attention` op.
 
 Both take the fused qkv tensor (N, T, 3D), last dim laid out (3, heads, head_dim), as views:
 flash-attn's `flash_attn_qkvpacked_func` reads it as (N, T, 3, heads, hd); xformers'
@@ -10,6 +10,10 @@ backend has a `*_not_supported_reasons(qkv, num_heads)` that says exactly why a 
 not installed, installed but broken (a wheel built for another torch: its CUDA extension does not
 load), too old, CPU tensors or too old a GPU, dtype, head dim. Import results and xformers' probe
 call are cached; `clear_caches()` forgets them.
+
+`sdpa` is PyTorch's scaled_dot_product_attention (cuDNN / flash / efficient kernels) on the same
+token-major views: the values of the reference (which cuts qkv as timm does, permute then unbind)
+with a cheaper backward (see `sdpa_attention`).
 
 Both libraries put the batch on grid axis y or z (at most 65,535), so calls are split into
 chunks of at most 65,535 // heads regions (the release's SDPA crash at 65,536 regions).
@@ -26,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import reference
 from .dispatch import autocast_dtype
 
 # CUDA grid axes y and z take at most this many blocks; flash-attn and xformers put batch and
@@ -270,3 +275,27 @@ def xformers_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     outs = [ops.memory_efficient_attention(q[s], k[s], v[s], scale=head_dim ** -0.5)
             for s in _chunks(N, num_heads)]
     return _merge(outs, N, T, three_d // 3)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch SDPA on token-major views
+# --------------------------------------------------------------------------------------------
+
+def sdpa_not_supported_reasons(qkv, num_heads) -> List[str]:
+    """Why the token-major SDPA backend cannot take this call: only a malformed qkv (SDPA itself
+    runs on every device and dtype)."""
+    return _shape_reasons(qkv, num_heads)
+
+
+def sdpa_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax attention over each region with PyTorch's SDPA on token-major views: (N, T, 3D) -> (N, T, D).
+
+    q, k, v are cut by `unbind` along the 3-axis of qkv read as (N, T, 3, heads, hd), then viewed
+    as (N, heads, T, hd). The values are the reference's (timm's permute-then-unbind gives the
+    same views); the difference is autograd's backward of the cut: here one stack of dq, dk, dv
+    lands directly in qkv's (N, T, 3D) layout, where the reference's cut costs that stack plus a
+    copy back. On an H200 that is 28% of global attention's forward + backward time at
+    lego_L_PG_64's shape (bench/attention_layouts.py, bench/RESULTS.md)."""
+    N, T, three_d = qkv.shape
+    q, k, v = (t.transpose(1, 2) for t in qkv.reshape(N, T, 3, num_heads, three_d // (3 * num_heads)).unbind(2))
+    return reference.merge_heads(reference.sdpa(q, k, v))

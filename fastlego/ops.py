@@ -33,9 +33,11 @@ _BACKENDS = {
                          ("reference", "fastlego.reference:modulated_linear", None)],
     "window_attention": [("triton", *_T["attention"]), ("reference", "fastlego.reference:attention", None)],
     # global attention: flash-attn, xformers, then PyTorch SDPA (its flash / cuDNN / efficient
-    # kernels: the reference); the Triton flash kernel is the last resort and can be forced
+    # kernels) on token-major views of qkv, then the reference (SDPA on timm's views: same values,
+    # a slower backward); the Triton flash kernel is the last resort and can be forced
     "global_attention": [("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons"),
                          ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons"),
+                         ("sdpa", f"{_AB}:sdpa_attention", f"{_AB}:sdpa_not_supported_reasons"),
                          ("reference", "fastlego.reference:attention", None),
                          ("triton", *_T["attention"])],
     "linear_gated_residual": [("triton", *_T["linear_gated_residual"]),

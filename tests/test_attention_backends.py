@@ -253,9 +253,9 @@ def test_auto_without_libraries_uses_sdpa(no_libraries):
     qkv = _qkv()
     with dispatch.record() as rec:
         out = fastlego.ops.attention(qkv, HEADS)
-    assert rec[0].op == "global_attention" and rec[0].chosen == "reference"
+    assert rec[0].op == "global_attention" and rec[0].chosen == "sdpa"
     assert "not installed" in rec[0].refused["flash_attn"][0] and "not installed" in rec[0].refused["xformers"][0]
-    assert torch.equal(out, reference.attention(qkv, HEADS))
+    torch.testing.assert_close(out, reference.attention(qkv, HEADS), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_refuses_libraries_for_cpu_tensors(monkeypatch):
@@ -263,7 +263,7 @@ def test_auto_refuses_libraries_for_cpu_tensors(monkeypatch):
     _fake_xformers(monkeypatch)
     with dispatch.record() as rec:
         fastlego.ops.attention(_qkv(), HEADS)
-    assert rec[0].chosen == "reference"
+    assert rec[0].chosen == "sdpa"
     assert rec[0].refused["flash_attn"] == ["tensors are on cpu: flash-attn runs on CUDA GPUs only"]
     assert rec[0].refused["xformers"] == ["tensors are on cpu: xformers runs on CUDA GPUs only"]
 
@@ -303,7 +303,7 @@ def test_forced_backend_raises_with_reasons(monkeypatch, no_libraries):
 
 def test_runtime_failure_falls_back_with_one_warning(monkeypatch, any_device):
     """xformers passes its reasons (the probe works) but the real call raises: in auto the call
-    falls back to SDPA with ONE RuntimeWarning naming the op and the error, and xformers is
+    falls back to SDPA (token-major) with ONE RuntimeWarning naming the op and the error, and xformers is
     retired for the rest of the process (no second warning, no second call)."""
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     calls = _fake_xformers(monkeypatch, fail=lambda i: RuntimeError("CUDA error: no kernel image is available") if i > 1 else None)
@@ -313,14 +313,14 @@ def test_runtime_failure_falls_back_with_one_warning(monkeypatch, any_device):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
     assert "'xformers'" in messages[0] and "'global_attention'" in messages[0] and "no kernel image" in messages[0]
-    assert torch.equal(out, reference.attention(qkv, HEADS))
+    torch.testing.assert_close(out, reference.attention(qkv, HEADS), rtol=1e-5, atol=1e-6)
     n_calls = len(calls)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with dispatch.record() as rec:
             again = fastlego.ops.attention(qkv, HEADS)
     assert torch.equal(again, out) and len(calls) == n_calls
-    assert rec[0].chosen == "reference" and "failed at run time" in rec[0].refused["xformers"][0]
+    assert rec[0].chosen == "sdpa" and "failed at run time" in rec[0].refused["xformers"][0]
 
 
 def test_runtime_failure_of_flash_attn_falls_back_to_xformers(monkeypatch, any_device):
@@ -378,3 +378,27 @@ def test_cuda_report_library_status():
         reasons = fn(qkv, 6)
         print(f"{name}: {reasons or 'usable'}")
         assert all(name in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
+                                          pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+def test_sdpa_backend_equals_the_reference_values_and_gradients(device, dtype):
+    """The token-major SDPA backend computes the reference's attention; its gradient (autograd
+    through SDPA and the cut) is the reference's too, on random non-zero qkv and output grads."""
+    any_device = device
+    torch.manual_seed(3)
+    for N, T, heads, hd in ((3, 80, 2, 16), (2, 130, 4, 8)):
+        qkv = torch.randn(N, T, 3 * heads * hd, device=any_device, dtype=dtype, requires_grad=True)
+        g = torch.randn(N, T, heads * hd, device=any_device, dtype=dtype)
+        out = ab.sdpa_attention(qkv, heads)
+        (dqkv,) = torch.autograd.grad(out, qkv, g)
+        ref = reference.attention(qkv, heads)
+        (dref,) = torch.autograd.grad(ref, qkv, g)
+        assert out.shape == (N, T, heads * hd) and out.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(dqkv, dref, **tol)
+        assert torch.isfinite(dqkv).all() and dqkv.abs().sum() > 0
+    assert ab.sdpa_not_supported_reasons(qkv.detach(), 3)[0].startswith("qkv's last dim")
+    assert ab.sdpa_not_supported_reasons(qkv.detach(), heads) == []
