@@ -95,6 +95,46 @@ def wall_ms(fn, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+def _where(frames) -> str:
+    """The innermost fastlego (else the innermost Python) frame of an allocation's stack."""
+    for f in frames:
+        if "fastlego" in f.get("filename", ""):
+            return f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
+    for f in frames:
+        if f.get("filename", "").endswith(".py"):
+            return f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
+    return "?"
+
+
+def memory_at_peak(run, inputs, dev, top: int = 14):
+    """One step under the allocator's history: the peak of the bytes allocated during the step
+    (above what was held before it), and what was alive at that moment, by allocation site."""
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated(dev)
+    torch.cuda.memory._record_memory_history(max_entries=400000, stacks="python")
+    run(*inputs)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][dev.index or 0]
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    sites = collections.defaultdict(lambda: [0, 0])
+    for size, frames in at_peak.values():
+        key = _where(frames)
+        sites[key][0] += size
+        sites[key][1] += 1
+    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return held, peak, rows
+
+
 def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     res = {"case": case.describe()}
     torch.cuda.empty_cache()
@@ -115,6 +155,9 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     res["saved_gib"] = (record["after_forward"] - record["before_forward"]) / GIB
     res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / GIB
     res["eager_ms"] = wall_ms(lambda: run(*inputs), 5)
+    held, peak, sites = memory_at_peak(run, inputs, dev)
+    res["memory"] = {"held_gib": (held - base) / GIB, "step_peak_gib": peak / GIB,
+                     "sites": [(k, v[0] / GIB, v[1]) for k, v in sites]}
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
@@ -188,6 +231,11 @@ def main():
             print(f"\n== {r['case']}: eager {r['eager_ms']:.2f} ms (GPU kernels {r['gpu_ms']:.2f} ms), "
                   f"graph {r['graph_ms']:.2f} ms (captured {r['captured']}); memory GiB: weights {r['weights_gib']:.2f}, "
                   f"weights+grads+adam {r['state_gib']:.2f}, saved by forward {r['saved_gib']:.2f}, peak {r['peak_gib']:.2f}")
+            m = r["memory"]
+            print(f"   memory: held before the step {m['held_gib']:.2f} GiB, step's own peak {m['step_peak_gib']:.2f} GiB;"
+                  f" alive at that peak, by allocation site:")
+            for where, gib, n in m["sites"]:
+                print(f"      {gib:7.3f} GiB {n:5d}x {where}")
             for fam, (ms, n) in r["families"].items():
                 print(f"   {fam:34s} {ms:8.2f} ms {n:7.0f} calls")
             for name, ms, n in r["top"]:

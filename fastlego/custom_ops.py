@@ -291,8 +291,8 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
         dweight = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         del x
         da = torch.mm(dy2, weight.to(dt)).view(a.shape)
-        if input_activation is not None:
-            da = torch.ops.aten.gelu_backward(da, a_dt, approximate="tanh")
+        if input_activation is not None:   # in place: da is ours, and one M x 4D buffer fewer at once
+            torch.ops.aten.gelu_backward.grad_input(da, a_dt, approximate="tanh", grad_input=da)
         da = da.to(a.dtype)
         dbias = torch.sum(dy2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
     return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, gate, y))
