@@ -17,10 +17,12 @@ implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at
 What the backward of each op saves (no normalised or modulated activations are kept):
   modulated_linear       its inputs (h is the residual stream, alive anyway); LN statistics and
                          LN(h)*(1+scale)+shift are recomputed in the backward's Triton passes.
-  linear_gated_residual  its inputs + y = act(a) W^T + b (needed for d gate). In training the
-                         MLP (`fastlego.ops.mlp`) runs fc1 without its GELU and fc2 with GELU
-                         applied to its input, so only fc1's pre-activation (M x 4D) is kept,
-                         not also GELU's output (another M x 4D): GELU is recomputed.
+  linear_gated_residual  its inputs + y = act(a) W^T + b (needed for d gate) for the MLP's fc2;
+                         the attention projection recomputes its y instead (keep_y=False: one
+                         D x D matmul per block, ~2% of a step, for ~7% of the saved bytes). In
+                         training the MLP (`fastlego.ops.mlp`) runs fc1 without its GELU and fc2
+                         with GELU applied to its input, so only fc1's pre-activation (M x 4D)
+                         is kept, not also GELU's output (another M x 4D): GELU is recomputed.
   window_attention       qkv; the softmax is recomputed inside the backward kernel.
   brick_embed            its inputs (images and weights); the patches are re-gathered.
   final_layer            its inputs.
@@ -247,19 +249,25 @@ def _gated_out_dtype(dt: torch.dtype, gate: Tensor, residual: Tensor) -> torch.d
 
 @_custom_op("linear_gated_residual")
 def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, residual: Tensor,
-                           amp: Optional[torch.dtype], input_activation: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """(out, y = act(a) W^T + b): cuBLAS matmul, then one fused residual + gate * y pass; y is kept
-    for the backward (d gate = sum g * y). `input_activation` "gelu_tanh" applies GELU to `a`
+                           amp: Optional[torch.dtype], input_activation: Optional[str] = None,
+                           keep_y: bool = True) -> Tuple[Tensor, Tensor]:
+    """(out, y = act(a) W^T + b, or empty unless keep_y): cuBLAS matmul, then one fused residual +
+    gate * y pass. The backward needs y for d gate = sum g * y: kept (M x N), or recomputed by
+    one more matmul when `keep_y` is False. `input_activation` "gelu_tanh" applies GELU to `a`
     first (the MLP's fc2 fed with fc1's pre-activation: act(a) is transient, only `a` is kept)."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
-        x = _input_act(a.to(dt), input_activation)
-        y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
-        del x
+        y = _linear_y(a, weight, bias, dt, input_activation)
         B = gate.shape[0]
         out = torch.addcmul(residual.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
         out = out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
-        return _distinct((out, y), (a, weight, bias, gate, residual))
+        return _distinct((out, y if keep_y else _empty(y)), (a, weight, bias, gate, residual))
+
+
+def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype, input_activation: Optional[str]):
+    """y = act(a) W^T + b in the compute dtype (act(a) transient)."""
+    x = _input_act(a.to(dt), input_activation)
+    return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
 
 
 def _input_act(x: Tensor, activation: Optional[str]) -> Tensor:
@@ -271,20 +279,24 @@ def _input_act(x: Tensor, activation: Optional[str]) -> Tensor:
 
 
 @_linear_gated_residual.register_fake
-def _(a, weight, bias, gate, residual, amp, input_activation=None):
+def _(a, weight, bias, gate, residual, amp, input_activation=None, keep_y=True):
     dt = amp or a.dtype
-    y = a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=dt)
+    y = a.new_empty((*a.shape[:-1], weight.shape[0]) if keep_y else (0,), dtype=dt)
     return residual.new_empty(residual.shape, dtype=_gated_out_dtype(dt, gate, residual)), y
 
 
 @_custom_op("linear_gated_residual_backward")
-def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, gate: Tensor, y: Tensor,
-                                    amp: Optional[torch.dtype], has_bias: bool, input_activation: Optional[str] = None
-                                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dweight, dbias or empty, dgate); d residual is grad_out itself."""
+def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
+                                    y: Tensor, amp: Optional[torch.dtype], has_bias: bool,
+                                    input_activation: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dweight, dbias or empty, dgate); d residual is grad_out itself. An empty `y` (not kept
+    by the forward) is recomputed from a, weight and bias."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
+        if y.numel() == 0 and a.numel():
+            y = _linear_y(a, weight, bias, dt, input_activation)
         dy, dgate = call("gated_residual_backward", grad_out, y, gate, dt)
+        del y
         dy2 = dy.reshape(-1, weight.shape[0])
         a_dt = a.to(dt)
         x = _input_act(a_dt, input_activation)                    # recomputed, transient
@@ -295,34 +307,37 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
             torch.ops.aten.gelu_backward.grad_input(da, a_dt, approximate="tanh", grad_input=da)
         da = da.to(a.dtype)
         dbias = torch.sum(dy2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
-    return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, gate, y))
+    return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, bias, gate))
 
 
 @_linear_gated_residual_backward.register_fake
-def _(grad_out, a, weight, gate, y, amp, has_bias, input_activation=None):
+def _(grad_out, a, weight, bias, gate, y, amp, has_bias, input_activation=None):
     return (torch.empty_like(a), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)), torch.empty_like(gate))
 
 
 def _linear_gated_residual_setup(ctx, inputs, output):
-    a, weight, bias, gate, residual, amp, input_activation = inputs
+    a, weight, bias, gate, residual, amp, input_activation, keep_y = inputs
     ctx.amp, ctx.has_bias, ctx.residual_dtype, ctx.act = amp, bias is not None, residual.dtype, input_activation
-    ctx.save_for_backward(a, weight, gate, output[1])
+    ctx.save_for_backward(a, weight, bias, gate, output[1])
 
 
 def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
-    a, weight, gate, y = ctx.saved_tensors
+    a, weight, bias, gate, y = ctx.saved_tensors
     da, dweight, dbias, dgate = _backward(ctx, "linear_gated_residual_backward")(
-        grad_out, a, weight, gate, y, ctx.amp, ctx.has_bias, ctx.act)
-    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None
+        grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias, ctx.act)
+    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None, None
 
 
 _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_gated_residual_setup)
 
 
-def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None):
-    """residual + gate[img] * Linear(act(a)) (act: `input_activation`)."""
-    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), input_activation)[0]
+def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None,
+                          keep_y: bool = True):
+    """residual + gate[img] * Linear(act(a)) (act: `input_activation`); `keep_y` False recomputes
+    y in the backward instead of keeping it (see `fastlego.ops.linear_gated_residual`)."""
+    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), input_activation,
+                keep_y)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, lin.weight, lin.bias).chunk(6, dim=1)
         qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
         a = ops.attention(qkv, self.attn.num_heads)
-        h = ops.linear_gated_residual(a, self.attn.proj.weight, self.attn.proj.bias, gate1, h)
+        h = ops.linear_gated_residual(a, self.attn.proj.weight, self.attn.proj.bias, gate1, h, keep_y=False)
         return ops.mlp(h, shift2, scale2, self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight,
                        self.mlp.fc2.bias, gate2)
 

@@ -122,10 +122,14 @@ def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
     return linear_gated_residual(m, fc2_weight, fc2_bias, gate, h)
 
 
-def linear_gated_residual(a, weight, bias, gate, residual):
-    """residual + gate[img] * Linear(a); see reference.linear_gated_residual."""
-    return _route("linear_gated_residual", (a, weight, bias, gate, residual), custom_ops.linear_gated_residual,
-                  reference.linear_gated_residual)
+def linear_gated_residual(a, weight, bias, gate, residual, keep_y: bool = True):
+    """residual + gate[img] * Linear(a); see reference.linear_gated_residual.
+
+    Training on the custom op keeps y = Linear(a) for d gate = sum g * y unless `keep_y` is
+    False, which recomputes y in the backward: one more matmul, M x N bytes less to keep. The
+    DiT block's attention projection (N = D, where the matmul is cheapest) passes False."""
+    return _route("linear_gated_residual", (a, weight, bias, gate, residual),
+                  lambda *args: custom_ops.linear_gated_residual(*args, keep_y=keep_y), reference.linear_gated_residual)
 
 
 def final_layer(h, shift, scale, weight, bias, region: int, image_shape):
