@@ -3,7 +3,9 @@
 #   bash bench/gpu_training.sh tests            GPU gradient tests: every fused op's backward (fp32/bf16/fp16),
 #                                               DiT blocks at S/L/XL widths, mixed-precision training steps,
 #                                               fullgraph Inductor training, determinism, opcheck on CUDA,
-#                                               the Triton window-attention backward; + the sampling-skip timing
+#                                               the Triton window-attention backward, the token-major SDPA
+#                                               backend, CUDA-graph training steps and `fastlego.train` on
+#                                               the GPU; + the sampling-skip timing
 #   bash bench/gpu_training.sh bench PRESETS    `fastlego bench --modes train --quick` for PRESETS
 #                                               (NAME:BATCH,...), appended to $OUT/RESULTS.md
 set -uo pipefail
@@ -15,7 +17,8 @@ unset TRITON_INTERPRET
 case "${1:-tests}" in
   tests)
     python3 -m pytest -q -rfE -p no:cacheprovider --durations=8 -m cuda tests/test_training_ops.py \
-      tests/test_kernel_window_attention_backward.py \
+      tests/test_training.py tests/test_kernel_window_attention_backward.py \
+      tests/test_attention_backends.py::test_sdpa_backend_equals_the_reference_values_and_gradients \
       tests/test_kernel_window_attention.py::test_cuda_auto_dispatch_picks_the_kernel_for_windows 2>&1 | tee "$OUT/gpu_training_tests.log"
     python3 -m pytest -q -s -rfE -p no:cacheprovider -m cuda tests/test_sampling.py::test_skipping_saves_time_on_gpu 2>&1 \
       | grep -E "\[sampling\]|passed|failed|Error" | tee "$OUT/sampling_skip.log" ;;
