@@ -1204,10 +1204,10 @@ class BenchSession:
         """Time one variant of a workload; an error (compile failure, out of memory) is recorded
         as a string in place of the numbers."""
         cfg, dev = self.config, self.device
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
         if mode not in STEP_BUILDERS:
             raise ValueError(f"mode {mode!r} is not implemented: expected one of {sorted(STEP_BUILDERS)}")
+        if variant not in MODE_VARIANTS[mode]:
+            raise ValueError(f"unknown {mode} variant {variant!r}: expected one of {', '.join(MODE_VARIANTS[mode])}")
         if mode == "train":
             return self._train_end_to_end(case, variant, runner)
         st = self.state(case)

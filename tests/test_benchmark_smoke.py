@@ -287,6 +287,22 @@ def test_train_markdown(train_run):
         assert cells[8].startswith(f"{r['loss']:.3g} / {r['loss_last']:.3g}")
 
 
+def test_every_train_variant_is_accepted_and_the_graph_one_needs_cuda(tmp_path):
+    """Asked for on the CPU, fastlego_graph is a train variant like the others (not an unknown
+    variant): its row records why it cannot run here; variant names are checked per mode."""
+    rc = bm.main(TINY + ["--modes", "train", "--variants", "fastlego,fastlego_graph", "--no-kernels", "--no-floor",
+                         "--no-check", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
+    e2e = case["end_to_end"]
+    assert e2e["fastlego@train"]["img_per_s"] > 0
+    graph = e2e["fastlego_graph@train"]
+    assert "ms" not in graph and ("needs a CUDA GPU" in graph["error"] or torch.cuda.is_available())
+    session = bm.BenchSession(bm.BenchConfig.for_mode(tiny=True, device="cpu"))
+    with pytest.raises(ValueError, match="unknown infer variant 'fastlego_graph'"):
+        session.end_to_end(bm.default_case("lego_S_PG_64", 1), "fastlego_graph", "infer")
+
+
 def test_train_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     """One variant's step builder raises MemoryError (as an out-of-memory would): the report
     holds the error string for it, the other variant and the inference rows are measured."""
