@@ -291,7 +291,7 @@ def test_every_train_variant_is_accepted_and_the_graph_one_needs_cuda(tmp_path):
     """Asked for on the CPU, fastlego_graph is a train variant like the others (not an unknown
     variant): its row records why it cannot run here; variant names are checked per mode."""
     rc = bm.main(TINY + ["--modes", "train", "--variants", "fastlego,fastlego_graph", "--no-kernels", "--no-floor",
-                         "--no-check", "--json", str(tmp_path / "r.json")])
+                         "--no-check", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
     assert rc == 0
     [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
     e2e = case["end_to_end"]
