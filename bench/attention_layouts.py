@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import sys
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastlego.benchmark import measure  # noqa: E402
 
 
 def permuted(qkv, H):     # fastlego.reference.split_qkv / merge_heads
@@ -38,17 +43,8 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 
 def time_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return sorted(out)[len(out) // 2]
+    """Median ms of one call (CUDA events, after warm-up): fastlego.benchmark.measure."""
+    return measure(fn, device="cuda", rounds=reps, warmup=3, inner=1).median_ms
 
 
 def main():
