@@ -293,13 +293,13 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
     by the forward) is recomputed from a, weight and bias."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
+        a_dt = a.to(dt)
+        x = _input_act(a_dt, input_activation)                    # recomputed, transient
         if y.numel() == 0 and a.numel():
-            y = _linear_y(a, weight, bias, dt, input_activation)
+            y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
         dy, dgate = call("gated_residual_backward", grad_out, y, gate, dt)
         del y
         dy2 = dy.reshape(-1, weight.shape[0])
-        a_dt = a.to(dt)
-        x = _input_act(a_dt, input_activation)                    # recomputed, transient
         dweight = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         del x
         da = torch.mm(dy2, weight.to(dt)).view(a.shape)
