@@ -21,15 +21,15 @@ import collections
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastlego import dispatch  # noqa: E402
-from fastlego.benchmark import (TRAIN_LR, build_train_net, default_case, make_train_inputs,  # noqa: E402
+from fastlego.benchmark import (STEP_BUILDERS, build_train_net, default_case, make_train_inputs,  # noqa: E402
                                 precision)
-from fastlego.training import EDMLoss, TrainStep, adamw, make_capturable  # noqa: E402
 
 GIB = float(1 << 30)
 
@@ -64,26 +64,18 @@ def parse(spec: str):
     return cases
 
 
-def make_step(case, dev, cuda_graph: bool, record: dict):
+def make_step(case, dev, cuda_graph: bool, record: Optional[dict] = None):
+    """The bench's training step (`STEP_BUILDERS["train"]`: auto backend, bf16 autocast, fused
+    AdamW) on a fresh network -> (network, its TrainStep, inputs). With `record`, hooks on the
+    network note the bytes allocated before and after the first forward since `record` was
+    last cleared."""
     net = build_train_net(case, dev)
     inputs = make_train_inputs(case, dev)
-    opt = adamw([p for p in net.parameters() if p.requires_grad], dev, lr=TRAIN_LR)
-    make_capturable(opt, cuda_graph, dev)
-    loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
-
-    def body(images, sigma, noise, labels):
-        if "before_forward" not in record and not cuda_graph:
-            record["before_forward"] = torch.cuda.memory_allocated(dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph):
-            loss, _ = loss_fn(net, images, sigma, noise, labels)
-        if "after_forward" not in record and not cuda_graph:
-            record["after_forward"] = torch.cuda.memory_allocated(dev)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    run = TrainStep(body, opt, cuda_graph=cuda_graph)
-    return net, opt, run, inputs
+    if record is not None:
+        net.register_forward_pre_hook(lambda *_: record.setdefault("before_forward", torch.cuda.memory_allocated(dev)))
+        net.register_forward_hook(lambda *_: record.setdefault("after_forward", torch.cuda.memory_allocated(dev)))
+    step = STEP_BUILDERS["train"](net, inputs, "auto", dev, torch.bfloat16, cuda_graph=cuda_graph)
+    return net, step.train_step, inputs
 
 
 def wall_ms(fn, n: int) -> float:
@@ -140,7 +132,7 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(dev)
     record: dict = {}
-    net, opt, run, inputs = make_step(case, dev, False, record)
+    net, run, inputs = make_step(case, dev, False, record)
     weights = torch.cuda.memory_allocated(dev) - base
     for _ in range(3):
         run(*inputs)
@@ -197,14 +189,14 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
         for ms, n, key, shapes in ops[:60]:
             f.write(f"{ms:9.3f} ms {n:7.1f} calls  {key} {shapes}\n")
     res["top"] = [(name[:90], ms, n) for name, (ms, n) in top[:12]]
-    del net, opt, run, inputs
+    del net, run, inputs
     torch.cuda.empty_cache()
-    net, opt, run, inputs = make_step(case, dev, True, {})
+    net, run, inputs = make_step(case, dev, True)
     for _ in range(5):
         run(*inputs)
     res["captured"] = run.captured
     res["graph_ms"] = wall_ms(lambda: run(*inputs), 10)
-    del net, opt, run, inputs
+    del net, run, inputs
     torch.cuda.empty_cache()
     return res
 
