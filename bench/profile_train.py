@@ -39,6 +39,7 @@ FAMILIES = (  # first match wins; kernel names of cuBLAS / Triton / PyTorch on H
     ("window attention (triton)", ("_packed_window", "window_attention")),
     ("layernorm_modulate (triton)", ("_layernorm_modulate",)),
     ("gated_residual_backward (triton)", ("_gated_residual",)),
+    ("gelu_tanh_backward (triton)", ("_gelu_tanh_backward",)),
     ("brick_embed (triton)", ("_brick_embed",)),
     ("final_layer (triton)", ("_final",)),
     ("row stats (triton)", ("_row_stats", "_stats")),
@@ -71,9 +72,13 @@ def make_step(case, dev, cuda_graph: bool, record: Optional[dict] = None):
     last cleared."""
     net = build_train_net(case, dev)
     inputs = make_train_inputs(case, dev)
-    if record is not None:
-        net.register_forward_pre_hook(lambda *_: record.setdefault("before_forward", torch.cuda.memory_allocated(dev)))
-        net.register_forward_hook(lambda *_: record.setdefault("after_forward", torch.cuda.memory_allocated(dev)))
+    if record is not None:   # the hooks return None: a value returned would replace the inputs / output
+        def note(key):
+            def hook(*_):
+                record.setdefault(key, torch.cuda.memory_allocated(dev))
+            return hook
+        net.register_forward_pre_hook(note("before_forward"))
+        net.register_forward_hook(note("after_forward"))
     step = STEP_BUILDERS["train"](net, inputs, "auto", dev, torch.bfloat16, cuda_graph=cuda_graph)
     return net, step.train_step, inputs
 

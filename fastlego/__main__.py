@@ -87,7 +87,8 @@ def cmd_train(args) -> int:
         intermediate=not args.last_brick_only, class_dropout=args.class_dropout, precision=args.precision,
         seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
-        activation_checkpointing=args.activation_checkpointing, deterministic=args.deterministic,
+        activation_checkpointing=args.activation_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
+        deterministic=args.deterministic,
         cuda_graph=args.cuda_graph)
     cfg.validate()
     result = train(cfg)
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU threads")
     p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
                    help="recompute activations in backward per brick or per DiT block (less memory, more compute)")
+    p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
+                   help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower)")
     graph = p.add_mutually_exclusive_group()

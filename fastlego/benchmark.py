@@ -89,6 +89,8 @@ TRAIN_VARIANT_HELP = {
                       "on one GPU), fp32 weights + autocast",
     "compile": "torch.compile(EDMPrecond) under use_backend('reference'), then eager loss, backward, AdamW; "
                "fp32 weights + autocast",
+    "fastlego_graph_ckpt": "fastlego_graph with the first N DiT blocks checkpointed (--checkpoint-blocks N, default "
+                           "all): less memory for recompute; timed only when named in --variants",
 }
 MODES = ("infer", "train")
 # Training (issue 4): the batches to time, (preset, batch); channels, resolution and labels as in
@@ -99,8 +101,13 @@ DEFAULT_TRAIN_CASES = (
     ("lego_S_PG_64", 256), ("lego_L_PG_64", 128),
 )
 # The variants a mode times: training keeps fp32 weights (AdamW on bf16 weights is not a recipe).
-MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "fastlego_graph", "compile")}
+MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "fastlego_graph", "compile",
+                                              "fastlego_graph_ckpt")}
 ALL_VARIANTS = tuple(dict.fromkeys(v for vs in MODE_VARIANTS.values() for v in vs))
+# Variants timed only when asked for (--variants): a memory/speed trade-off, not a default.
+OPT_IN_VARIANTS = ("fastlego_graph_ckpt",)
+DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in OPT_IN_VARIANTS)
+GRAPH_VARIANTS = ("fastlego_graph", "fastlego_graph_ckpt")
 # A training step: EDM's loss (P_mean -1.2, P_std 1.2, sigma_data 0.5), AdamW at this rate, and
 # weights from `randomize_` at this scale: small enough that the joint loss is finite at every
 # depth, large enough that no gradient is zero.
@@ -198,7 +205,8 @@ class BenchConfig:
     # the workloads of the train mode; None: the same as `cases` (--presets, --tiny)
     train_cases: Optional[List[Case]] = field(default_factory=default_train_cases)
     modes: Tuple[str, ...] = ("infer",)
-    variants: Tuple[str, ...] = ALL_VARIANTS
+    variants: Tuple[str, ...] = DEFAULT_VARIANTS
+    checkpoint_blocks: Optional[int] = None   # fastlego_graph_ckpt: the first N DiT blocks (None: all)
     compile_mode: Optional[str] = None
     autocast_dtype: Optional[torch.dtype] = torch.bfloat16
     tf32: bool = True
@@ -1301,6 +1309,9 @@ class BenchSession:
                 start_bytes = torch.cuda.memory_allocated(dev)
             net = copy.deepcopy(init).to(dev)
             del init
+            if variant == "fastlego_graph_ckpt":
+                net.model.set_activation_checkpointing("block", cfg.checkpoint_blocks)
+                res["checkpointed_blocks"] = net.model.checkpointed_blocks
             inputs = make_train_inputs(case, dev, cfg.seed)
             res["weights_gib"] = sum(p.numel() * p.element_size() for p in net.parameters()) / GIB
             model = net
@@ -1316,7 +1327,7 @@ class BenchSession:
                 counters.clear()
                 model = torch.compile(net, mode=cfg.compile_mode)
             step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype,
-                                          cuda_graph=variant == "fastlego_graph")
+                                          cuda_graph=variant in GRAPH_VARIANTS)
             with precision(dev, cfg.tf32):
                 t0 = time.perf_counter()
                 loss = _first_call(step, variant, res)
@@ -1334,7 +1345,7 @@ class BenchSession:
                     torch.cuda.reset_peak_memory_stats(dev)
                 t = measure(timed_step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
             res["loss_last"] = float(last[0])
-            if variant == "fastlego_graph":
+            if variant in GRAPH_VARIANTS:
                 res["captured"] = step.train_step.captured
                 if step.train_step.fallback_reason:
                     res["capture_failed"] = step.train_step.fallback_reason
@@ -1501,7 +1512,8 @@ def _targets(case: Case, res: dict, env: dict) -> dict:
     ref = e2e.get("reference", {})
     if "ms" in fast and "ms" in ref:
         out["vs_reference_eager"] = {"value": ref["ms"] / fast["ms"]}
-    for mine, prefix in (("fastlego", "train"), ("fastlego_graph", "graph_train")):  # training speed-ups
+    for mine, prefix in (("fastlego", "train"), ("fastlego_graph", "graph_train"),
+                         ("fastlego_graph_ckpt", "graph_ckpt_train")):  # training speed-ups
         fast_train = e2e.get(result_key(mine, "train"), {})
         for other in ("reference", "compile"):
             r = e2e.get(result_key(other, "train"), {})
@@ -1728,6 +1740,8 @@ def _train_markdown(report: dict) -> List[str]:
             if r.get("mode") != "train":
                 continue
             variant = r["variant"]
+            if "checkpointed_blocks" in r:
+                variant += f" ({r['checkpointed_blocks']} blocks)"
             if "ms" not in r:
                 lines.append(f"| {name} | {variant} | error: {_md_escape(r.get('error', '?'))[:160]} | - | - | - | - | - | - |")
                 continue
@@ -1836,6 +1850,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
     p.add_argument("--no-bf16-weights", action="store_true", help="skip the fastlego_bf16 variant")
+    p.add_argument("--checkpoint-blocks", type=int, default=None,
+                   help="fastlego_graph_ckpt: checkpoint the first N DiT blocks (default: all)")
     p.add_argument("--modes", default="infer",
                    help=f"comma-separated modes: {','.join(MODES)} (train: forward + EDM loss + backward + AdamW step, "
                         "variants reference, fastlego, compile; the floor and kernels are of infer only)")
@@ -1875,15 +1891,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cfg.cases = [with_depths(c, args.depths.split(",")) for c in cfg.cases]
         if cfg.train_cases is not None:
             cfg.train_cases = [with_depths(c, args.depths.split(",")) for c in cfg.train_cases]
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(ALL_VARIANTS)
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(DEFAULT_VARIANTS)
     skip_compile = args.no_compile or (not device.startswith("cuda") and not args.compile)
     if skip_compile:
         variants = [v for v in variants if v != "compile"]
     if not device.startswith("cuda") and not args.variants:  # CUDA graphs are CUDA's
-        variants = [v for v in variants if v != "fastlego_graph"]
+        variants = [v for v in variants if v not in GRAPH_VARIANTS]
     if args.no_bf16_weights:
         variants = [v for v in variants if v != "fastlego_bf16"]
     cfg.variants = tuple(variants)
+    cfg.checkpoint_blocks = args.checkpoint_blocks
     cfg.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg.autocast_dtype = AUTOCAST_DTYPES[args.autocast]
     cfg.tf32 = not args.no_tf32

@@ -1,6 +1,6 @@
 """Training and torch.compile for the fused ops: PyTorch custom ops with a backward.
 
-Each fused op (brick_embed, modulated_linear, window_attention, linear_gated_residual,
+Each fused op (brick_embed, modulated_linear, window_attention, linear_gated_residual, mlp,
 final_layer) is a `torch.library` custom op `fastlego::<op>` with a fake (meta) implementation
 and an autograd formula whose backward is a second custom op `fastlego::<op>_backward`. The
 implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at run time
@@ -17,18 +17,22 @@ implementations run the dispatcher (`fastlego.dispatch.call`) on real tensors at
 What the backward of each op saves (no normalised or modulated activations are kept):
   modulated_linear       its inputs (h is the residual stream, alive anyway); LN statistics and
                          LN(h)*(1+scale)+shift are recomputed in the backward's Triton passes.
-  linear_gated_residual  its inputs + y = act(a) W^T + b (needed for d gate) for the MLP's fc2;
-                         the attention projection recomputes its y instead (keep_y=False: one
-                         D x D matmul per block, ~2% of a step, for ~7% of the saved bytes). In
-                         training the MLP (`fastlego.ops.mlp`) runs fc1 without its GELU and fc2
-                         with GELU applied to its input, so only fc1's pre-activation (M x 4D)
-                         is kept, not also GELU's output (another M x 4D): GELU is recomputed.
+  linear_gated_residual  its inputs, + y = a W^T + b (needed for d gate) if `keep_y`; the
+                         attention projection recomputes its y instead (keep_y=False: one
+                         D x D matmul per block, ~2% of a step, for ~7% of the saved bytes).
+  mlp                    (the DiT block's MLP half as one op: fc1 = modulated_linear, GELU, fc2
+                         with gate and residual) its inputs + fc1's pre-activation (M x 4D) + fc2's
+                         y (M x D); GELU's output (another M x 4D) is recomputed in the backward,
+                         in the same pass as GELU's backward and fc1's bias gradient
+                         (`gelu_tanh_backward`), and the residual's gradient is added inside the
+                         LN-modulate backward: the elementwise work of both Linears' backward
+                         in three passes.
   window_attention       qkv; the softmax is recomputed inside the backward kernel.
   brick_embed            its inputs (images and weights); the patches are re-gathered.
   final_layer            its inputs.
 The backward's matmuls run on cuBLAS (dA = dY W, dW = dY^T A); the rest are the Triton kernels
 `layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`,
-`window_attention_backward` and `brick_embed_input_grad`, dispatched like every op (reference
+`gelu_tanh_backward`, `window_attention_backward` and `brick_embed_input_grad`, dispatched like every op (reference
 twins in `fastlego.reference`). None uses atomics, so with `fastlego.set_deterministic(True)`
 gradients are bitwise reproducible (see `fastlego.dispatch.set_deterministic`).
 
@@ -249,37 +253,29 @@ def _gated_out_dtype(dt: torch.dtype, gate: Tensor, residual: Tensor) -> torch.d
 
 @_custom_op("linear_gated_residual")
 def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, residual: Tensor,
-                           amp: Optional[torch.dtype], input_activation: Optional[str] = None,
-                           keep_y: bool = True) -> Tuple[Tensor, Tensor]:
-    """(out, y = act(a) W^T + b, or empty unless keep_y): cuBLAS matmul, then one fused residual +
+                           amp: Optional[torch.dtype], keep_y: bool = True) -> Tuple[Tensor, Tensor]:
+    """(out, y = a W^T + b, or empty unless keep_y): cuBLAS matmul, then one fused residual +
     gate * y pass. The backward needs y for d gate = sum g * y: kept (M x N), or recomputed by
-    one more matmul when `keep_y` is False. `input_activation` "gelu_tanh" applies GELU to `a`
-    first (the MLP's fc2 fed with fc1's pre-activation: act(a) is transient, only `a` is kept)."""
+    one more matmul when `keep_y` is False."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
-        y = _linear_y(a, weight, bias, dt, input_activation)
+        y = _linear_y(a, weight, bias, dt)
         B = gate.shape[0]
         out = torch.addcmul(residual.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
         out = out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
         return _distinct((out, y if keep_y else _empty(y)), (a, weight, bias, gate, residual))
 
 
-def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype, input_activation: Optional[str]):
-    """y = act(a) W^T + b in the compute dtype (act(a) transient)."""
-    x = _input_act(a.to(dt), input_activation)
+def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype, gelu_input: bool = False):
+    """y = a W^T + b in the compute dtype, or GELU(a) W^T + b (GELU(a) transient)."""
+    x = a.to(dt)
+    if gelu_input:
+        x = F.gelu(x, approximate="tanh")
     return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
 
 
-def _input_act(x: Tensor, activation: Optional[str]) -> Tensor:
-    if activation is None:
-        return x
-    if activation != "gelu_tanh":
-        raise ValueError(f"unknown activation {activation!r}: expected None or 'gelu_tanh'")
-    return F.gelu(x, approximate="tanh")
-
-
 @_linear_gated_residual.register_fake
-def _(a, weight, bias, gate, residual, amp, input_activation=None, keep_y=True):
+def _(a, weight, bias, gate, residual, amp, keep_y=True):
     dt = amp or a.dtype
     y = a.new_empty((*a.shape[:-1], weight.shape[0]) if keep_y else (0,), dtype=dt)
     return residual.new_empty(residual.shape, dtype=_gated_out_dtype(dt, gate, residual)), y
@@ -287,57 +283,140 @@ def _(a, weight, bias, gate, residual, amp, input_activation=None, keep_y=True):
 
 @_custom_op("linear_gated_residual_backward")
 def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
-                                    y: Tensor, amp: Optional[torch.dtype], has_bias: bool,
-                                    input_activation: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    y: Tensor, amp: Optional[torch.dtype],
+                                    has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dweight, dbias or empty, dgate); d residual is grad_out itself. An empty `y` (not kept
     by the forward) is recomputed from a, weight and bias."""
     dt = amp or a.dtype
     with _impl(a.device.type, None):
-        a_dt = a.to(dt)
-        x = _input_act(a_dt, input_activation)                    # recomputed, transient
+        x = a.to(dt)
         if y.numel() == 0 and a.numel():
             y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
-        dy, dgate = call("gated_residual_backward", grad_out, y, gate, dt)
+        dy, dgate, dbias = call("gated_residual_backward", grad_out, y, gate, dt)
         del y
         dy2 = dy.reshape(-1, weight.shape[0])
         dweight = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         del x
-        da = torch.mm(dy2, weight.to(dt)).view(a.shape)
-        if input_activation is not None:   # in place: da is ours, and one M x 4D buffer fewer at once
-            torch.ops.aten.gelu_backward.grad_input(da, a_dt, approximate="tanh", grad_input=da)
-        da = da.to(a.dtype)
-        dbias = torch.sum(dy2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
+        da = torch.mm(dy2, weight.to(dt)).view(a.shape).to(a.dtype)
+        dbias = dbias.to(weight.dtype) if has_bias else _empty(weight)
     return _distinct((da, dweight, dbias, dgate), (grad_out, a, weight, bias, gate))
 
 
 @_linear_gated_residual_backward.register_fake
-def _(grad_out, a, weight, bias, gate, y, amp, has_bias, input_activation=None):
+def _(grad_out, a, weight, bias, gate, y, amp, has_bias):
     return (torch.empty_like(a), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)), torch.empty_like(gate))
 
 
 def _linear_gated_residual_setup(ctx, inputs, output):
-    a, weight, bias, gate, residual, amp, input_activation, keep_y = inputs
-    ctx.amp, ctx.has_bias, ctx.residual_dtype, ctx.act = amp, bias is not None, residual.dtype, input_activation
+    a, weight, bias, gate, residual, amp, keep_y = inputs
+    ctx.amp, ctx.has_bias, ctx.residual_dtype = amp, bias is not None, residual.dtype
     ctx.save_for_backward(a, weight, bias, gate, output[1])
 
 
 def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
     a, weight, bias, gate, y = ctx.saved_tensors
     da, dweight, dbias, dgate = _backward(ctx, "linear_gated_residual_backward")(
-        grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias, ctx.act)
-    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None, None
+        grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias)
+    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None
 
 
 _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_gated_residual_setup)
 
 
-def linear_gated_residual(a, weight, bias, gate, residual, input_activation: Optional[str] = None,
-                          keep_y: bool = True):
-    """residual + gate[img] * Linear(act(a)) (act: `input_activation`); `keep_y` False recomputes
-    y in the backward instead of keeping it (see `fastlego.ops.linear_gated_residual`)."""
-    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), input_activation,
-                keep_y)[0]
+def linear_gated_residual(a, weight, bias, gate, residual, keep_y: bool = True):
+    """residual + gate[img] * Linear(a); `keep_y` False recomputes y in the backward instead of
+    keeping it (see `fastlego.ops.linear_gated_residual`)."""
+    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), keep_y)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# mlp: h + gate[img] * fc2(GELU(fc1(LN(h) * (1 + scale[img]) + shift[img]))), the training op
+# --------------------------------------------------------------------------------------------
+
+@_custom_op("mlp")
+def _mlp(h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+         fc2_weight: Tensor, fc2_bias: Optional[Tensor], gate: Tensor,
+         amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, pre = fc1's pre-activation, y = fc2's output before the gate): modulated_linear
+    without its GELU, then cuBLAS fc2 on GELU(pre) (transient) and one fused gate/residual pass.
+    The backward keeps pre (M x 4D) and y (M x D) besides the inputs; GELU's output is recomputed."""
+    dt = amp or h.dtype
+    with _impl(h.device.type, amp):
+        pre = call("modulated_linear", h, shift, scale, fc1_weight, fc1_bias, None).to(dt)
+    with _impl(h.device.type, None):
+        y = _linear_y(pre, fc2_weight, fc2_bias, dt, gelu_input=True)
+        B = gate.shape[0]
+        out = torch.addcmul(h.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
+        out = out.reshape(h.shape).to(_gated_out_dtype(dt, gate, h))
+    return _distinct((out, pre, y), (h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate))
+
+
+@_mlp.register_fake
+def _(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp):
+    dt = amp or h.dtype
+    pre = h.new_empty((*h.shape[:-1], fc1_weight.shape[0]), dtype=dt)
+    return (h.new_empty(h.shape, dtype=_gated_out_dtype(dt, gate, h)), pre,
+            h.new_empty((*h.shape[:-1], fc2_weight.shape[0]), dtype=dt))
+
+
+@_custom_op("mlp_backward")
+def _mlp_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, pre: Tensor,
+                  fc2_weight: Tensor, gate: Tensor, y: Tensor, amp: Optional[torch.dtype], has_fc1_bias: bool,
+                  has_fc2_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dshift, dscale, dW1, db1 or empty, dW2, db2 or empty, dgate). Order, so that each
+    elementwise pass is fused with its neighbours: gated residual backward (dy, dgate, db2 in one
+    pass), dP = dy W2 (cuBLAS), then one GELU pass (dP <- dP * GELU'(pre) in place, GELU(pre) for
+    dW2, db1), dW2 = dy^T GELU(pre), LN-modulate recompute, dW1 and dA (cuBLAS), and the
+    LN-modulate backward, which also adds the residual branch's gradient (grad_out) into dh."""
+    dt = amp or h.dtype
+    with _impl(h.device.type, None):
+        dy, dgate, db2 = call("gated_residual_backward", grad_out, y, gate, dt)
+        dy2 = dy.reshape(-1, fc2_weight.shape[0])
+        dpre = torch.mm(dy2, fc2_weight.to(dt))                         # (M, 4D)
+        dpre, act, db1 = call("gelu_tanh_backward", dpre, pre.to(dt).reshape(dpre.shape))
+        dw2 = torch.mm(dy2.t(), act).to(fc2_weight.dtype)
+        del act, dy, dy2
+        a = call("layernorm_modulate", h, shift, scale, dt)             # fc1's input recomputed, (M, D)
+        dw1 = torch.mm(dpre.t(), a).to(fc1_weight.dtype)
+        del a
+        da = torch.mm(dpre, fc1_weight.to(dt)).view(h.shape)
+        del dpre
+        dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da, grad_out.to(h.dtype))
+    db1 = db1.to(fc1_weight.dtype) if has_fc1_bias else _empty(fc1_weight)
+    db2 = db2.to(fc2_weight.dtype) if has_fc2_bias else _empty(fc2_weight)
+    return _distinct((dh, dshift, dscale, dw1, db1, dw2, db2, dgate),
+                     (grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y))
+
+
+@_mlp_backward.register_fake
+def _(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_fc1_bias, has_fc2_bias):
+    def bias_grad(w, has):
+        return w.new_empty((w.shape[0],) if has else (0,))
+    return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(fc1_weight),
+            bias_grad(fc1_weight, has_fc1_bias), torch.empty_like(fc2_weight), bias_grad(fc2_weight, has_fc2_bias),
+            torch.empty_like(gate))
+
+
+def _mlp_setup(ctx, inputs, output):
+    h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp = inputs
+    ctx.amp, ctx.has_b1, ctx.has_b2 = amp, fc1_bias is not None, fc2_bias is not None
+    ctx.save_for_backward(h, shift, scale, fc1_weight, output[1], fc2_weight, gate, output[2])
+
+
+def _mlp_grad(ctx, grad_out, _grad_pre, _grad_y):
+    h, shift, scale, fc1_weight, pre, fc2_weight, gate, y = ctx.saved_tensors
+    dh, dshift, dscale, dw1, db1, dw2, db2, dgate = _backward(ctx, "mlp_backward")(
+        grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, ctx.amp, ctx.has_b1, ctx.has_b2)
+    return (dh, dshift, dscale, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, dgate, None)
+
+
+_register_autograd(_mlp, _mlp_grad, _mlp_setup)
+
+
+def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
+    """h + gate[img] * fc2(GELU(fc1(LN(h) * (1 + scale[img]) + shift[img]))) with the fused backward."""
+    return _run("mlp", h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, autocast_dtype(h))[0]
 
 
 # --------------------------------------------------------------------------------------------

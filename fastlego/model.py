@@ -101,6 +101,7 @@ class Brick(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, out_channels)
         self.checkpointing: Optional[str] = None  # None, "brick" or "block" (see LegoBackbone)
+        self.checkpoint_blocks = depth            # with "block": how many of the first blocks
         self.initialize_weights()
 
     @property
@@ -135,9 +136,12 @@ class Brick(nn.Module):
     def _forward(self, x, prev, c):
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
-        per_block = self.checkpointing == "block" and torch.is_grad_enabled()
-        for block in self.blocks:
-            h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False) if per_block else block(h, c)
+        per_block = self.checkpoint_blocks if self.checkpointing == "block" and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < per_block:
+                h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False)
+            else:
+                h = block(h, c)
         return self.final_layer(h, c, self.region, x.shape)
 
 
@@ -243,20 +247,39 @@ class LegoBackbone(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         self.set_activation_checkpointing(activation_checkpointing)
 
-    def set_activation_checkpointing(self, mode: Optional[str]) -> "LegoBackbone":
+    def set_activation_checkpointing(self, mode: Optional[str], blocks: Optional[int] = None) -> "LegoBackbone":
         """Trade compute for memory in training: "brick" keeps only each brick's input and output
         and recomputes the rest in backward, "block" keeps each DiT block's input; None (the
-        default) keeps every activation. Gradients are the same (the forward is recomputed
-        exactly); it applies only while autograd records."""
+        default) keeps every activation. With "block", `blocks` = N checkpoints only the first N
+        DiT blocks of the network (bricks in order; None: all of them): each one saves about 1/n
+        of the activations for about 1/n of a forward pass, so N can be the fewest blocks that fit
+        a memory budget. Gradients are the same (the forward is recomputed exactly); it applies
+        only while autograd records."""
         if mode not in (None, "brick", "block"):
             raise ValueError(f"activation_checkpointing={mode!r}: expected None, 'brick' or 'block'")
+        total = sum(len(brick.blocks) for brick in self.model)
+        if blocks is not None:
+            if mode != "block":
+                raise ValueError(f"blocks={blocks} counts DiT blocks: it needs activation_checkpointing='block', "
+                                 f"got {mode!r}")
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= total:
+                raise ValueError(f"blocks={blocks!r}: expected an integer from 0 to {total} (this network's "
+                                 f"DiT blocks), or None for all")
+        left = total if blocks is None else blocks
         for brick in self.model:
             brick.checkpointing = mode
+            brick.checkpoint_blocks = min(left, len(brick.blocks))
+            left -= brick.checkpoint_blocks
         return self
 
     @property
     def activation_checkpointing(self) -> Optional[str]:
         return self.model[0].checkpointing
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many DiT blocks recompute their activations in backward (0 unless "block" mode)."""
+        return sum(b.checkpoint_blocks for b in self.model if b.checkpointing == "block")
 
     # ----------------------------------------------------------------------------------------
     @classmethod

@@ -56,6 +56,9 @@ _BACKENDS.update({
     "gated_residual_backward": [
         ("triton", f"{_FL}:gated_residual_backward", f"{_FL}:gated_residual_backward_not_supported_reasons"),
         ("reference", "fastlego.reference:gated_residual_backward", None)],
+    "gelu_tanh_backward": [
+        ("triton", f"{_FL}:gelu_tanh_backward", f"{_FL}:gelu_tanh_backward_not_supported_reasons"),
+        ("reference", "fastlego.reference:gelu_tanh_backward", None)],
     "window_attention_backward": [
         ("triton", f"{_K}.window_attention:window_attention_backward",
          f"{_K}.window_attention:backward_not_supported_reasons"),
@@ -112,12 +115,12 @@ def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
     """The MLP half of a DiT block: h + gate[img] * fc2(GELU(fc1(LN(h) * (1 + scale[img]) + shift[img]))).
 
     Inference: modulated_linear with the GELU epilogue, then linear_gated_residual (the fused
-    kernels). Training on the custom ops: fc1 without GELU, fc2 applying GELU to its input, so
-    that autograd keeps fc1's pre-activation alone (GELU's output, as large, is recomputed in
-    the backward). Same values either way."""
+    kernels). Training on the custom ops: the one `mlp` custom op, which keeps fc1's
+    pre-activation and fc2's output only (GELU's output, as large, is recomputed in the backward)
+    and fuses the backward's elementwise work across both Linears (see custom_ops). Same values
+    either way."""
     if custom_ops.wants_custom_op("modulated_linear", (h, shift, scale, fc1_weight, fc1_bias, "gelu_tanh")) == "custom":
-        y = custom_ops.modulated_linear(h, shift, scale, fc1_weight, fc1_bias, None)
-        return custom_ops.linear_gated_residual(y, fc2_weight, fc2_bias, gate, h, input_activation="gelu_tanh")
+        return custom_ops.mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate)
     m = modulated_linear(h, shift, scale, fc1_weight, fc1_bias, "gelu_tanh")
     return linear_gated_residual(m, fc2_weight, fc2_bias, gate, h)
 

@@ -231,12 +231,14 @@ def layernorm_modulate_as(h: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
     return a.reshape(-1, h.shape[-1]).to(dtype or h.dtype)
 
 
-def layernorm_modulate_backward(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, grad_a: torch.Tensor):
+def layernorm_modulate_backward(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, grad_a: torch.Tensor,
+                                grad_h: Optional[torch.Tensor] = None):
     """Gradients of a = LN(h) * (1 + scale[img]) + shift[img] given grad_a = dL/da:
     (grad_h, grad_shift, grad_scale) in the dtypes of h, shift, scale. fp32 math (fp64 for fp64).
         xhat = (h - mean) * rstd,  dxhat = grad_a * (1 + scale[img]),
-        grad_h = rstd * (dxhat - mean_k dxhat - xhat * mean_k(dxhat * xhat)),
-        grad_shift[img] = sum_rows grad_a,  grad_scale[img] = sum_rows grad_a * xhat."""
+        grad_h = rstd * (dxhat - mean_k dxhat - xhat * mean_k(dxhat * xhat)) [+ grad_h given],
+        grad_shift[img] = sum_rows grad_a,  grad_scale[img] = sum_rows grad_a * xhat.
+    A `grad_h` given (a residual branch's gradient to h) is added before the one rounding."""
     work = torch.float64 if h.dtype == torch.float64 else torch.float32
     B = shift.shape[0]
     x = h.to(work).reshape(B, -1, h.shape[-1])
@@ -246,20 +248,34 @@ def layernorm_modulate_backward(h: torch.Tensor, shift: torch.Tensor, scale: tor
     xhat = (x - mean) * rstd
     dxhat = g * (1 + scale.to(work)[:, None, :])
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    if grad_h is not None:
+        dx = dx + grad_h.to(work).reshape(dx.shape)
     return (dx.reshape(h.shape).to(h.dtype), g.sum(1).to(shift.dtype), (g * xhat).sum(1).to(scale.dtype))
 
 
 def gated_residual_backward(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                             dy_dtype: Optional[torch.dtype] = None):
-    """The elementwise part of the backward of out = residual + gate[img] * y:
+    """The elementwise part of the backward of out = residual + gate[img] * (y = Linear(a)):
     (dy = grad_out * gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of
-    grad_out * y in gate's dtype); d residual = grad_out."""
+    grad_out * y in gate's dtype, dbias = sum over all rows of dy (as rounded) in fp32, fp64 for
+    fp64: the Linear's bias gradient); d residual = grad_out."""
     work = torch.float64 if y.dtype == torch.float64 else torch.float32
     B = gate.shape[0]
     g = grad_out.to(work).reshape(B, -1, y.shape[-1])
     dy = (g * gate.to(work)[:, None, :]).reshape(y.shape).to(dy_dtype or y.dtype)
     dgate = (g * y.to(work).reshape(g.shape)).sum(1).to(gate.dtype)
-    return dy, dgate
+    dbias = dy.reshape(-1, y.shape[-1]).sum(0, dtype=work)
+    return dy, dgate, dbias
+
+
+def gelu_tanh_backward(grad: torch.Tensor, pre: torch.Tensor):
+    """The MLP's GELU backward with fc2's recomputed input and fc1's bias gradient:
+    (grad_pre = grad * gelu'(pre), written into `grad` in place and returned; act = gelu(pre) in
+    pre's dtype; grad_bias = sum over rows of grad_pre as stored, fp32 (fp64 for fp64))."""
+    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grad.copy_(torch.ops.aten.gelu_backward(grad.to(work), pre.to(work), approximate="tanh"))
+    act = F.gelu(pre.to(work), approximate="tanh").to(pre.dtype)
+    return grad, act, grad.reshape(-1, grad.shape[-1]).sum(0, dtype=work)
 
 
 def attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -311,6 +311,7 @@ class TrainConfig:
     progress: bool = True
     threads: Optional[int] = None        # torch CPU threads
     activation_checkpointing: Optional[str] = None  # None, "brick" or "block": recompute to save memory
+    checkpoint_blocks: Optional[int] = None  # with "block": only the first N DiT blocks (None: all)
     deterministic: bool = False          # bitwise-reproducible gradients (fastlego.set_deterministic)
     cuda_graph: Optional[bool] = None    # replay the whole step as a CUDA graph (None: on for one CUDA process)
 
@@ -330,6 +331,8 @@ class TrainConfig:
         need(self.P_std > 0 and self.sigma_data > 0, "P_std and sigma_data must be positive")
         need(self.activation_checkpointing in (None, "brick", "block"),
              f"activation_checkpointing must be None, 'brick' or 'block', got {self.activation_checkpointing!r}")
+        need(self.checkpoint_blocks is None or (self.activation_checkpointing == "block" and self.checkpoint_blocks >= 0),
+             f"checkpoint_blocks={self.checkpoint_blocks!r} needs activation_checkpointing='block' and a count >= 0")
         need(self.precision in ("auto", "fp32", "bf16"),
              f"precision must be auto, fp32 or bf16, got {self.precision!r} (fp16 training needs loss scaling; use bf16)")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
@@ -652,7 +655,7 @@ def _train(cfg: TrainConfig, dctx: _Dist, DataOrder, ImageDataset, images_to_flo
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_network(spec).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    net.model.set_activation_checkpointing(cfg.activation_checkpointing)
+    net.model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.checkpoint_blocks)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = adamw(params, device, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     # One generator for every random draw of a step, advanced identically on every rank.

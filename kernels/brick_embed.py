@@ -52,6 +52,23 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _patch_origin(offs_m, L, REGIONS_PER_ROW, REGION: tl.constexpr, PATCH: tl.constexpr):
+    """Token rows m -> (region n = m // T, token t = m % T, image b = n // L, top-left pixel
+    (y0, x0) of the token's patch): region n % L is (rh, rw) = divmod(n % L, W / r) of its image
+    and token t is patch (ph, pw) = divmod(t, r / p) of its region, so y0 = rh * r + ph * p and
+    x0 = rw * r + pw * p."""
+    GRID: tl.constexpr = REGION // PATCH          # patches per region side
+    TOKENS: tl.constexpr = GRID * GRID            # T
+    region_idx = offs_m // TOKENS
+    t = offs_m % TOKENS
+    img = (region_idx // L).to(tl.int64)           # int64: B * C * H * W may pass 2^31
+    l = region_idx % L
+    y0 = (l // REGIONS_PER_ROW) * REGION + (t // GRID) * PATCH
+    x0 = (l % REGIONS_PER_ROW) * REGION + (t % GRID) * PATCH
+    return region_idx, t, img, y0, x0
+
+
+@triton.jit
 def _brick_embed_kernel(
     x_ptr, prev_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     M, D, K, L, REGIONS_PER_ROW, H, W, C, CP,   # CP: channels taken from prev (0 or C)
@@ -64,8 +81,6 @@ def _brick_embed_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    GRID: tl.constexpr = REGION // PATCH          # patches per region side
-    TOKENS: tl.constexpr = GRID * GRID            # T
     PP: tl.constexpr = PATCH * PATCH
     x_dtype = x_ptr.dtype.element_ty
     compute_dtype = out_ptr.dtype.element_ty      # x's dtype, or the autocast dtype
@@ -76,12 +91,7 @@ def _brick_embed_kernel(
     # Token rows of this tile -> image and top-left pixel (y0, x0) of their patch.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    region_idx = offs_m // TOKENS
-    t = offs_m % TOKENS
-    img = (region_idx // L).to(tl.int64)           # int64: B * C * H * W may pass 2^31
-    l = region_idx % L
-    y0 = (l // REGIONS_PER_ROW) * REGION + (t // GRID) * PATCH
-    x0 = (l % REGIONS_PER_ROW) * REGION + (t % GRID) * PATCH
+    region_idx, t, img, y0, x0 = _patch_origin(offs_m, L, REGIONS_PER_ROW, REGION, PATCH)
     # Address of z[b, ci, y0 + kr, x0 + kc] = row part (b, y0, x0) + column part (ci, kr, kc):
     # the gather is one add per element.
     x_row = img * stride_xb + y0 * stride_xh + x0 * stride_xw
@@ -162,19 +172,12 @@ def _brick_embed_input_grad_kernel(
     each stored straight into its pixel z[b, ci, y0 + kr, x0 + kc] (the forward's index map run
     backwards). Patches do not overlap, so every pixel gets exactly one value: no atomics, no
     zero-fill, no (M, K) buffer."""
-    GRID: tl.constexpr = REGION // PATCH
-    TOKENS: tl.constexpr = GRID * GRID
     PP: tl.constexpr = PATCH * PATCH
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    region_idx = offs_m // TOKENS
-    t = offs_m % TOKENS
-    img = (region_idx // L).to(tl.int64)
-    l = region_idx % L
-    y0 = (l // REGIONS_PER_ROW) * REGION + (t // GRID) * PATCH
-    x0 = (l % REGIONS_PER_ROW) * REGION + (t % GRID) * PATCH
+    _, _, img, y0, x0 = _patch_origin(offs_m, L, REGIONS_PER_ROW, REGION, PATCH)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K_IMG
     g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm

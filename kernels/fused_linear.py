@@ -60,7 +60,8 @@ The launchers above are the forward: called directly with autograd recording a g
 input they refuse. Training runs them inside `fastlego.custom_ops` (autograd.Function in eager,
 torch.library custom ops under torch.compile), whose backward uses the row-wise Triton kernels
 below (`layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`: whole rows
-in registers, per-image sums as fixed-order partials, no atomics) and cuBLAS for dA / dW.
+in registers, per-image sums as fixed-order partials, no atomics; `gelu_tanh_backward`: the MLP's
+GELU backward, GELU recompute and fc1's bias gradient in one pass) and cuBLAS for dA / dW.
 Backward cost per call (bf16, M rows, K = D): LN-modulate recompute reads h, writes A (2 M K x 2
 bytes), its backward reads h + dA and writes dh (3 M K x 2 bytes); gated residual backward reads
 g + y, writes dy (3 M N x 2 bytes). lego_S_PG_64 B = 256, K = 384: ~0.2 GB per LN pass, ~50 us
@@ -216,10 +217,11 @@ def _layernorm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, M, K, rows_
 
 @triton.jit
 def _layernorm_modulate_backward_kernel(
-        x_ptr, scale_ptr, ga_ptr, dx_ptr, dshift_part_ptr, dscale_part_ptr,
+        x_ptr, scale_ptr, ga_ptr, gin_ptr, dx_ptr, dshift_part_ptr, dscale_part_ptr,
         K, rows_per_image, blocks_per_image,
-        stride_xm, stride_xk, stride_scale_b, stride_scale_k, stride_gm, stride_gk, stride_dm, stride_dk, eps,
-        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
+        stride_xm, stride_xk, stride_scale_b, stride_scale_k, stride_gm, stride_gk, stride_im, stride_ik,
+        stride_dm, stride_dk, eps,
+        HAS_GIN: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
     """Backward of a = LN(x) * (1 + scale[img]) + shift[img] for the rows of one image block.
 
     Program p takes ROW_ITERS x BLOCK_ROWS rows of image img = p // blocks_per_image (a block never
@@ -232,7 +234,9 @@ def _layernorm_modulate_backward_kernel(
         dshift[img, k] = sum_rows ga,   dscale[img, k] = sum_rows ga * xhat,
     accumulated over this program's rows in fp32 registers and stored as one partial row per
     program (dshift_part / dscale_part are (B * blocks_per_image, K)); the launcher sums the
-    partials of each image in a fixed order. No atomics: the result is bitwise reproducible."""
+    partials of each image in a fixed order. No atomics: the result is bitwise reproducible.
+    With HAS_GIN, gin (a gradient already flowing to x: the residual branch's) is added to dx in
+    fp32 before its one rounding, which saves autograd's separate read-read-write sum."""
     pid = tl.program_id(0)
     img = pid // blocks_per_image
     blk = pid % blocks_per_image
@@ -258,6 +262,9 @@ def _layernorm_modulate_backward_kernel(
         c1 = tl.sum(dxhat, axis=1) / K
         c2 = tl.sum(dxhat * xhat, axis=1) / K
         dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+        if HAS_GIN:
+            dx += tl.load(gin_ptr + rows[:, None] * stride_im + cols[None, :] * stride_ik, mask=mask,
+                          other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dk, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dshift_part_ptr + pid.to(tl.int64) * K + cols, acc_shift, mask=col_mask)
     tl.store(dscale_part_ptr + pid.to(tl.int64) * K + cols, acc_scale, mask=col_mask)
@@ -265,14 +272,15 @@ def _layernorm_modulate_backward_kernel(
 
 @triton.jit
 def _gated_residual_backward_kernel(
-        g_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr,
+        g_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr, dbias_part_ptr,
         N, rows_per_image, blocks_per_image,
         stride_gm, stride_gn, stride_ym, stride_yn, stride_gate_b, stride_gate_n, stride_dm, stride_dn,
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ITERS: tl.constexpr):
     """Backward of out = residual + gate[img] * y, the elementwise part: dy = g * gate[img]
-    (stored in dy's dtype, the matmul dtype of the backward GEMMs) and dgate[img, n] = sum_rows
-    g * y as one fp32 partial row per program (rows of one image; summed by the launcher in a fixed
-    order: no atomics). d residual = g needs no kernel."""
+    (stored in dy's dtype, the matmul dtype of the backward GEMMs), dgate[img, n] = sum_rows
+    g * y and the Linear's bias gradient dbias[n] = sum_rows dy (of dy as stored, i.e. rounded, as
+    a sum over the stored dy would see it), each as one fp32 partial row per program (rows of one
+    image; summed by the launcher in a fixed order: no atomics). d residual = g needs no kernel."""
     pid = tl.program_id(0)
     img = pid // blocks_per_image
     blk = pid % blocks_per_image
@@ -280,6 +288,7 @@ def _gated_residual_backward_kernel(
     col_mask = cols < N
     gate = tl.load(gate_ptr + img * stride_gate_b + cols * stride_gate_n, mask=col_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = blk * (BLOCK_ROWS * ROW_ITERS)
     for it in range(ROW_ITERS):
         local = first + it * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -288,9 +297,47 @@ def _gated_residual_backward_kernel(
         g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(g * y, axis=0)
-        tl.store(dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
-                 (g * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+        dy = (g * gate[None, :]).to(dy_ptr.dtype.element_ty)
+        acc_bias += tl.sum(dy.to(tl.float32), axis=0)
+        tl.store(dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn, dy, mask=mask)
     tl.store(dgate_part_ptr + pid.to(tl.int64) * N + cols, acc, mask=col_mask)
+    tl.store(dbias_part_ptr + pid.to(tl.int64) * N + cols, acc_bias, mask=col_mask)
+
+
+@triton.jit
+def _gelu_tanh_backward_kernel(
+        g_ptr, a_ptr, act_ptr, dbias_part_ptr, M, N,
+        stride_gm, stride_gn, stride_am, stride_an, stride_xm, stride_xn,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ITERS: tl.constexpr):
+    """The MLP's GELU between fc1 and fc2, backward, one pass over its M x 4D tensors: given the
+    pre-activation a and g = dL/d gelu(a) (fc2's dA), writes in place g <- g * gelu'(a), writes
+    act = gelu(a) (fc2's input, for its dW), and one fp32 partial row per program of fc1's bias
+    gradient sum_rows g * gelu'(a) (of the stored, rounded values; summed by the launcher in a fixed
+    order). Program (i, j) owns ROW_ITERS x BLOCK_ROWS rows and BLOCK_N columns.
+    tanh-GELU: with u = sqrt(2/pi) (a + 0.044715 a^3) and s = sigmoid(2u) = (1 + tanh u) / 2,
+        gelu(a) = a s,   gelu'(a) = s + 2 a s (1 - s) u'(a),   u' = sqrt(2/pi) (1 + 3 * 0.044715 a^2)
+    (1 - tanh^2 u = 4 s (1 - s)); the exponent is capped so that s saturates at 2^-126 or 1, no inf or NaN."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = pid_m.to(tl.int64) * (BLOCK_ROWS * ROW_ITERS)
+    for it in range(ROW_ITERS):
+        rows = first + it * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+        g_ptrs = g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        s = 1.0 / (1.0 + tl.exp2(tl.minimum(-2.0 * 1.4426950408889634 * u, 126.0)))   # no inf: s >= 2^-126
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+        da = (g * (s + 2.0 * a * s * (1.0 - s) * du)).to(g_ptr.dtype.element_ty)
+        tl.store(g_ptrs, da, mask=mask)
+        tl.store(act_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
+                 (a * s).to(act_ptr.dtype.element_ty), mask=mask)
+        acc += tl.sum(da.to(tl.float32), axis=0)
+    tl.store(dbias_part_ptr + pid_m.to(tl.int64) * N + cols, acc, mask=col_mask)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
@@ -931,15 +978,18 @@ def layernorm_modulate(h, shift, scale, dtype: Optional[torch.dtype] = None) -> 
     return a
 
 
-def layernorm_modulate_backward(h, shift, scale, grad_a):
+def layernorm_modulate_backward(h, shift, scale, grad_a, grad_h=None):
     """Gradients of a = LN(h) * (1 + scale[img]) + shift[img] given grad_a = dL/da (..., K):
     (grad_h in h's dtype and shape, grad_shift in shift's dtype, grad_scale in scale's dtype).
-    One Triton pass over h and grad_a (the LN statistics are recomputed from h in registers),
-    per-image sums as per-program partial rows summed in a fixed order: deterministic."""
-    _raise_if(_layernorm_modulate_backward_problems(h, shift, scale, grad_a), "layernorm_modulate_backward")
-    _check_device([h, shift, scale, grad_a], "layernorm_modulate_backward")
+    `grad_h` (optional, h's shape) is a gradient already flowing to h (a residual branch's): it is
+    added to the LN gradient in fp32 before the one rounding. One Triton pass over h and grad_a
+    (the LN statistics are recomputed from h in registers), per-image sums as per-program partial
+    rows summed in a fixed order: deterministic."""
+    _raise_if(_layernorm_modulate_backward_problems(h, shift, scale, grad_a, grad_h), "layernorm_modulate_backward")
+    _check_device([h, shift, scale, grad_a, grad_h], "layernorm_modulate_backward")
     _raise_if(_row_backward_problems("h", h, h.shape[-1]), "layernorm_modulate_backward")
     x2d, g2d = _rows(h), _rows(grad_a)
+    gin = _rows(grad_h) if grad_h is not None else g2d
     M, K = x2d.shape
     B = shift.shape[0]
     rpi = M // B if B else 0
@@ -948,10 +998,11 @@ def layernorm_modulate_backward(h, shift, scale, grad_a):
     parts = torch.empty((2, B * bpi, K), dtype=torch.float32, device=h.device)
     if M:
         _layernorm_modulate_backward_kernel[(B * bpi,)](
-            x2d, scale, g2d, dx, parts[0], parts[1], K, rpi, bpi,
+            x2d, scale, g2d, gin, dx, parts[0], parts[1], K, rpi, bpi,
             x2d.stride(0), x2d.stride(1), scale.stride(0), scale.stride(1), g2d.stride(0), g2d.stride(1),
-            dx.stride(0), dx.stride(1), LN_EPS,
-            BLOCK_ROWS=block_rows, BLOCK_K=block_k, ROW_ITERS=row_iters, num_warps=warps)
+            gin.stride(0), gin.stride(1), dx.stride(0), dx.stride(1), LN_EPS,
+            HAS_GIN=grad_h is not None, BLOCK_ROWS=block_rows, BLOCK_K=block_k, ROW_ITERS=row_iters,
+            num_warps=warps)
     else:
         parts.zero_()
     dshift, dscale = (part.view(B, bpi, K).sum(1) for part in parts)   # two separate buffers
@@ -959,9 +1010,10 @@ def layernorm_modulate_backward(h, shift, scale, grad_a):
 
 
 def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] = None):
-    """The elementwise part of the backward of out = residual + gate[img] * y: (dy = grad_out *
-    gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of grad_out * y in
-    gate's dtype). d residual is grad_out itself. One Triton pass; deterministic sums."""
+    """The elementwise part of the backward of out = residual + gate[img] * (y = Linear(a)):
+    (dy = grad_out * gate[img] in `dy_dtype` (default y's), dgate = sum over each image's rows of
+    grad_out * y in gate's dtype, dbias = the Linear's bias gradient sum_rows dy in fp32). d
+    residual is grad_out itself. One Triton pass; deterministic sums."""
     _raise_if(_gated_residual_backward_problems(grad_out, y, gate), "gated_residual_backward")
     _check_device([grad_out, y, gate], "gated_residual_backward")
     _raise_if(_row_backward_problems("y", y, y.shape[-1]), "gated_residual_backward")
@@ -971,24 +1023,81 @@ def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] =
     rpi = M // B if B else 0
     dy = torch.empty((M, N), dtype=dy_dtype or y.dtype, device=y.device)
     block_rows, block_n, row_iters, bpi, warps = _row_backward_blocks(N, rpi)
-    parts = torch.empty((B * bpi, N), dtype=torch.float32, device=y.device)
+    parts = torch.empty((2, B * bpi, N), dtype=torch.float32, device=y.device)
     if M:
         _gated_residual_backward_kernel[(B * bpi,)](
-            g2d, y2d, gate, dy, parts, N, rpi, bpi,
+            g2d, y2d, gate, dy, parts[0], parts[1], N, rpi, bpi,
             g2d.stride(0), g2d.stride(1), y2d.stride(0), y2d.stride(1), gate.stride(0), gate.stride(1),
             dy.stride(0), dy.stride(1),
             BLOCK_ROWS=block_rows, BLOCK_N=block_n, ROW_ITERS=row_iters, num_warps=warps)
     else:
         parts.zero_()
-    return dy.view(y.shape), parts.view(B, bpi, N).sum(1).to(gate.dtype)
+    return dy.view(y.shape), parts[0].view(B, bpi, N).sum(1).to(gate.dtype), parts[1].sum(0)
 
 
-def _layernorm_modulate_backward_problems(h, shift, scale, grad_a) -> List[str]:
+# Rows per program of the GELU backward: one fp32 partial row of N per program, i.e. 1/128 of the
+# M x N bf16 tensors it passes over.
+_GELU_BACKWARD_ROWS = 256
+
+
+def gelu_tanh_backward(grad, pre):
+    """The MLP's GELU backward, fused: given the pre-activation `pre` (M.., N) and grad = dL/d
+    gelu(pre) (same shape), returns (grad_pre, act, grad_bias) where grad_pre = grad * gelu'(pre) is
+    written IN PLACE into `grad` (which is returned; its old values are gone), act = gelu(pre) in
+    pre's dtype (fc2's input, for fc2's dW) and grad_bias = sum over rows of grad_pre (as stored) in
+    fp32: fc1's bias gradient. One Triton pass (reads grad + pre, writes grad_pre + act) instead of
+    three; deterministic sums."""
+    _raise_if(_gelu_backward_problems(grad, pre), "gelu_tanh_backward")
+    _check_device([grad, pre], "gelu_tanh_backward")
+    g2d, a2d = grad.view(-1, grad.shape[-1]), _rows(pre)
+    M, N = g2d.shape
+    act = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
+    block_n = min(128, triton.next_power_of_2(max(N, 1)))
+    block_rows = max(1, min(32, 4096 // block_n))
+    rows = min(_GELU_BACKWARD_ROWS, max(M, 1))
+    row_iters = triton.cdiv(rows, block_rows)
+    row_blocks = triton.cdiv(M, block_rows * row_iters)
+    parts = torch.empty((row_blocks, N), dtype=torch.float32, device=grad.device)
+    if M and N:
+        _gelu_tanh_backward_kernel[(row_blocks, triton.cdiv(N, block_n))](
+            g2d, a2d, act, parts, M, N, g2d.stride(0), g2d.stride(1), a2d.stride(0), a2d.stride(1),
+            act.stride(0), act.stride(1), BLOCK_ROWS=block_rows, BLOCK_N=block_n, ROW_ITERS=row_iters,
+            num_warps=4)
+    else:
+        parts.zero_()
+    return grad, act.view(pre.shape), parts.sum(0)
+
+
+def _gelu_backward_problems(grad, pre) -> List[str]:
+    if not (isinstance(grad, torch.Tensor) and isinstance(pre, torch.Tensor)):
+        return ["grad and pre must be tensors"]
+    problems = []
+    if tuple(grad.shape) != tuple(pre.shape):
+        problems.append(f"grad must have pre's shape {tuple(pre.shape)}; got {tuple(grad.shape)}")
+    if grad.dim() == 0:
+        problems.append("grad and pre must have at least one dimension (rows x features)")
+    elif not grad.is_contiguous():
+        problems.append("grad is written in place and must be contiguous: pass grad.contiguous()")
+    for name, t in (("grad", grad), ("pre", pre)):
+        if t.dtype not in _DTYPES:
+            problems.append(f"{name} dtype {t.dtype} not supported: expected float32, float16 or bfloat16")
+    return problems
+
+
+def gelu_tanh_backward_not_supported_reasons(grad, pre) -> List[str]:
+    """Why `gelu_tanh_backward` cannot take this call (empty: it can)."""
+    return _gelu_backward_problems(grad, pre) or triton_reasons([grad, pre], mixed_dtypes_ok=True,
+                                                                forward_only=False)
+
+
+def _layernorm_modulate_backward_problems(h, shift, scale, grad_a, grad_h=None) -> List[str]:
     if not all(isinstance(t, torch.Tensor) for t in (h, shift, scale, grad_a)):
         return ["h, shift, scale and grad_a must be tensors"]
     problems = _modulate_problems(h, shift, scale)
-    if tuple(grad_a.shape) != tuple(h.shape):
-        problems.append(f"grad_a must have h's shape {tuple(h.shape)}; got {tuple(grad_a.shape)}")
+    for name, t in (("grad_a", grad_a), ("grad_h", grad_h)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(h.shape)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            problems.append(f"{name} must be a tensor of h's shape {tuple(h.shape)}; got {got}")
     return problems
 
 
@@ -1003,11 +1112,11 @@ def _gated_residual_backward_problems(grad_out, y, gate) -> List[str]:
     return problems
 
 
-def layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a) -> List[str]:
+def layernorm_modulate_backward_not_supported_reasons(h, shift, scale, grad_a, grad_h=None) -> List[str]:
     """Why `layernorm_modulate_backward` cannot take this call (empty: it can)."""
-    return _layernorm_modulate_backward_problems(h, shift, scale, grad_a) or (
+    return _layernorm_modulate_backward_problems(h, shift, scale, grad_a, grad_h) or (
         _row_backward_problems("h", h, h.shape[-1])
-        + triton_reasons([h, shift, scale, grad_a], mixed_dtypes_ok=True, forward_only=False))
+        + triton_reasons([h, shift, scale, grad_a, grad_h], mixed_dtypes_ok=True, forward_only=False))
 
 
 def layernorm_modulate_not_supported_reasons(h, shift, scale, dtype=None) -> List[str]:

@@ -103,6 +103,55 @@ _MAX_PROGRAMS = 2**31 - 1
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _region_tile(pid, num_heads, num_regions,
+                 TOKENS: tl.constexpr, REGIONS_PER_BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The packed kernels' tile of program pid: head pid % heads of the R = REGIONS_PER_BLOCK
+    regions of block pid // heads (the heads of one block are neighbouring programs, so those
+    reading the same qkv rows run together: they share DRAM pages and L2). Row i of the tile is
+    token i % T of region block * R + i // T; column d is element d of the head, at merged-head
+    column h * hd + d. Rows past R * T or past the last region, and columns past hd, are padding:
+    masked off (loaded as zeros, never stored).
+
+    Returns (local_region, region, token) per row (BLOCK_M,), head_cols = h * hd + d as a
+    (1, BLOCK_D) row, and mask (BLOCK_M, BLOCK_D)."""
+    head = pid % num_heads
+    block = pid // num_heads
+    rows = tl.arange(0, BLOCK_M)
+    local_region = rows // TOKENS
+    token = rows % TOKENS
+    region = block * REGIONS_PER_BLOCK + local_region
+    row_ok = (local_region < REGIONS_PER_BLOCK) & (region < num_regions)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    mask = row_ok[:, None] & col_ok[None, :]
+    head_cols = (head * HEAD_DIM + cols)[None, :]
+    return local_region, region, token, head_cols, mask
+
+
+@triton.jit
+def _load_qkv(q_ptrs, width, stride_qkv_c, mask):
+    """q, k, v tiles of one head: q at q_ptrs, k and v width D and 2D qkv columns further."""
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    k = tl.load(q_ptrs + width * stride_qkv_c, mask=mask, other=0.0)
+    v = tl.load(q_ptrs + 2 * width * stride_qkv_c, mask=mask, other=0.0)
+    return q, k, v
+
+
+@triton.jit
+def _region_softmax_numerator(q, k, local_region, qk_scale, PRECISION: tl.constexpr):
+    """exp2(S2 - rowmax S2), S2 = q k^T * qk_scale (base-2 scores), under the block-diagonal mask:
+    row i sees column j only if both are tokens of the same region (masked entries are exactly 0).
+    Each row sees at least itself, so its max is finite (padding rows form their own zero
+    "regions" and stay finite too). Divided by its row sum: P = softmax(q k^T * hd^-0.5) per region."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    same_region = local_region[:, None] == local_region[None, :]
+    s = tl.where(same_region, s, float("-inf"))
+    m = tl.max(s, axis=1)
+    return tl.exp2(s - m[:, None])
+
+
+@triton.jit
 def _packed_window_attention_kernel(
     qkv_ptr, out_ptr,
     num_regions, num_heads, width,            # width D = heads * head_dim: q at column 0, k at D, v at 2D
@@ -112,43 +161,23 @@ def _packed_window_attention_kernel(
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, REGIONS_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # program -> (block of REGIONS_PER_BLOCK regions, head); heads of one block are neighbours so
-    # that the programs reading the same qkv rows run together (they share DRAM pages and L2).
-    pid = tl.program_id(0)
-    head = pid % num_heads
-    block = pid // num_heads
-
-    # Row i of the tile is token i % T of region block * R + i // T. Rows past R * T or past the
-    # last region are padding: loaded as zeros, never stored.
-    rows = tl.arange(0, BLOCK_M)
-    local_region = rows // TOKENS
-    token = rows % TOKENS
-    region = block * REGIONS_PER_BLOCK + local_region
-    row_ok = (local_region < REGIONS_PER_BLOCK) & (region < num_regions)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < HEAD_DIM
-    mask = row_ok[:, None] & col_ok[None, :]
+    # program -> (block of REGIONS_PER_BLOCK regions, head); row i of the tile is token i % T of
+    # region block * R + i // T (see _region_tile).
+    local_region, region, token, head_cols, mask = _region_tile(
+        tl.program_id(0), num_heads, num_regions, TOKENS, REGIONS_PER_BLOCK, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     # q, k, v of this head: hd contiguous elements per row at columns h*hd, D + h*hd, 2D + h*hd.
     row_offset = region.to(tl.int64) * stride_qkv_n + token * stride_qkv_t
-    q_ptrs = qkv_ptr + row_offset[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_qkv_c
-    q = tl.load(q_ptrs, mask=mask, other=0.0)
-    k = tl.load(q_ptrs + width * stride_qkv_c, mask=mask, other=0.0)
-    v = tl.load(q_ptrs + 2 * width * stride_qkv_c, mask=mask, other=0.0)
+    q, k, v = _load_qkv(qkv_ptr + row_offset[:, None] + head_cols * stride_qkv_c, width, stride_qkv_c, mask)
 
-    # Scores of every row against every column of the tile, then the block-diagonal mask: row i
-    # sees column j only if both are tokens of the same region. Each row sees at least itself, so
-    # its max is finite (padding rows form their own zero "regions" and stay finite too).
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    same_region = local_region[:, None] == local_region[None, :]
-    s = tl.where(same_region, s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp2(s - m[:, None])
+    # Scores of every row against every column of the tile under the block-diagonal mask, then
+    # the softmax: P V divided by P's row sums.
+    p = _region_softmax_numerator(q, k, local_region, qk_scale, PRECISION)
     l = tl.sum(p, axis=1)
     o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
 
     out_offset = region.to(tl.int64) * stride_out_n + token * stride_out_t
-    out_ptrs = out_ptr + out_offset[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_out_c
+    out_ptrs = out_ptr + out_offset[:, None] + head_cols * stride_out_c
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -222,39 +251,21 @@ def _packed_window_attention_backward_kernel(
     # tile row i = token i % T of region block * R + i // T. A region's rows are all in this tile,
     # so this program writes every gradient element of its (regions, head) and nothing else:
     # no atomics, no second pass, bitwise-deterministic.
-    pid = tl.program_id(0)
-    head = pid % num_heads
-    block = pid // num_heads
-
-    rows = tl.arange(0, BLOCK_M)
-    local_region = rows // TOKENS
-    token = rows % TOKENS
-    region = block * REGIONS_PER_BLOCK + local_region
-    row_ok = (local_region < REGIONS_PER_BLOCK) & (region < num_regions)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < HEAD_DIM
-    mask = row_ok[:, None] & col_ok[None, :]
-    head_cols = (head * HEAD_DIM + cols)[None, :]
+    local_region, region, token, head_cols, mask = _region_tile(
+        tl.program_id(0), num_heads, num_regions, TOKENS, REGIONS_PER_BLOCK, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     # q, k, v (BLOCK_M x BLOCK_D) at qkv columns s*D + h*hd + d, dO at grad_out column h*hd + d.
     # Padding rows and columns load as zeros: their scores are 0 (finite softmax) and their dO is
     # 0, so they add nothing to the real rows' dP, dS or dV, and they are never stored.
     qkv_row = region.to(tl.int64) * stride_qkv_n + token * stride_qkv_t
-    q_ptrs = qkv_ptr + qkv_row[:, None] + head_cols * stride_qkv_c
-    q = tl.load(q_ptrs, mask=mask, other=0.0)
-    k = tl.load(q_ptrs + width * stride_qkv_c, mask=mask, other=0.0)
-    v = tl.load(q_ptrs + 2 * width * stride_qkv_c, mask=mask, other=0.0)
+    q, k, v = _load_qkv(qkv_ptr + qkv_row[:, None] + head_cols * stride_qkv_c, width, stride_qkv_c, mask)
     do_row = region.to(tl.int64) * stride_do_n + token * stride_do_t
     do = tl.load(grad_out_ptr + do_row[:, None] + head_cols * stride_do_c, mask=mask, other=0.0)
 
     # Recompute P like the forward (fp32 max, exp2, sum; no saved statistics needed: every row is
     # whole in the tile): S2 = q k^T * scale * log2(e) with the block-diagonal mask,
     # P = exp2(S2 - max) / sum, i.e. P = softmax(q k^T * scale) within each region.
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    same_region = local_region[:, None] == local_region[None, :]
-    s = tl.where(same_region, s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp2(s - m[:, None])
+    p = _region_softmax_numerator(q, k, local_region, qk_scale, PRECISION)
     p = p / tl.sum(p, axis=1)[:, None]            # masked entries are exactly 0
 
     # O = P V  =>  dV = P^T dO, dP = dO V^T. For 16-bit inputs P is rounded to the input dtype

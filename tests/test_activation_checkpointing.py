@@ -48,3 +48,27 @@ def test_off_by_default_and_bad_mode():
         m.set_activation_checkpointing("layer")
     assert m.set_activation_checkpointing("block").model[2].checkpointing == "block"
     assert m.activation_checkpointing == "block"
+
+
+def test_first_n_blocks_only():
+    """blocks=N checkpoints the first N DiT blocks (across bricks): same gradients, and the saved
+    bytes fall between none and every block, more blocks saving more."""
+    ref_grads, ref_bytes = _grads_and_saved_bytes(_model())
+    _, all_bytes = _grads_and_saved_bytes(_model("block"))
+    saved = {}
+    for n in (1, 3):
+        m = _model().set_activation_checkpointing("block", blocks=n)
+        assert m.checkpointed_blocks == n
+        assert [b.checkpoint_blocks for b in m.model] == ([1, 0, 0] if n == 1 else [2, 1, 0])
+        grads, saved[n] = _grads_and_saved_bytes(m)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert all_bytes < saved[3] < saved[1] < ref_bytes, (all_bytes, saved, ref_bytes)
+    m = _model()
+    assert m.set_activation_checkpointing("block", blocks=0).checkpointed_blocks == 0
+    assert m.set_activation_checkpointing("block").checkpointed_blocks == 5
+    assert m.set_activation_checkpointing(None).checkpointed_blocks == 0
+    with pytest.raises(ValueError, match="from 0 to 5"):
+        m.set_activation_checkpointing("block", blocks=6)
+    with pytest.raises(ValueError, match="needs activation_checkpointing='block'"):
+        m.set_activation_checkpointing("brick", blocks=2)

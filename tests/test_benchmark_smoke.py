@@ -290,14 +290,19 @@ def test_train_markdown(train_run):
 def test_every_train_variant_is_accepted_and_the_graph_one_needs_cuda(tmp_path):
     """Asked for on the CPU, fastlego_graph is a train variant like the others (not an unknown
     variant): its row records why it cannot run here; variant names are checked per mode."""
-    rc = bm.main(TINY + ["--modes", "train", "--variants", "fastlego,fastlego_graph", "--no-kernels", "--no-floor",
+    rc = bm.main(TINY + ["--modes", "train", "--variants", "fastlego,fastlego_graph,fastlego_graph_ckpt",
+                         "--checkpoint-blocks", "2", "--no-kernels", "--no-floor",
                          "--no-check", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
     assert rc == 0
     [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
     e2e = case["end_to_end"]
     assert e2e["fastlego@train"]["img_per_s"] > 0
-    graph = e2e["fastlego_graph@train"]
-    assert "ms" not in graph and ("needs a CUDA GPU" in graph["error"] or torch.cuda.is_available())
+    for name in ("fastlego_graph", "fastlego_graph_ckpt"):
+        graph = e2e[f"{name}@train"]
+        assert "ms" not in graph and ("needs a CUDA GPU" in graph["error"] or torch.cuda.is_available())
+    assert e2e["fastlego_graph_ckpt@train"]["checkpointed_blocks"] == 2
+    assert "fastlego_graph_ckpt (2 blocks)" in (tmp_path / "R.md").read_text()
+    assert "fastlego_graph_ckpt" not in bm.DEFAULT_VARIANTS   # opt-in
     session = bm.BenchSession(bm.BenchConfig.for_mode(tiny=True, device="cpu"))
     with pytest.raises(ValueError, match="unknown infer variant 'fastlego_graph'"):
         session.end_to_end(bm.default_case("lego_S_PG_64", 1), "fastlego_graph", "infer")

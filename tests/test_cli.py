@@ -110,6 +110,10 @@ def test_value_errors_past_argparse(trained, tmp_path, capsys):
         (["train", "--outdir", str(tmp_path / "r"), "--data", str(tmp_path / "nope"), "--quiet"], "does not exist"),
         (["train", "--outdir", str(tmp_path / "r"), "--resolution", "12", "--bricks", TINY, "--quiet"],
          "multiple of 8"),
+        (["train", "--outdir", str(tmp_path / "r"), "--checkpoint-blocks", "2", "--quiet"],
+         "needs activation_checkpointing='block'"),
+        (["train", "--outdir", str(tmp_path / "r"), "--resolution", "8", "--bricks", TINY, "--max-images", "8",
+          "--activation-checkpointing", "block", "--checkpoint-blocks", "99", "--quiet"], "from 0 to"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

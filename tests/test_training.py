@@ -98,7 +98,8 @@ def test_parse_bricks_and_spec_errors():
     with pytest.raises(ValueError, match="unknown LEGO preset"):
         network_spec(64, 3, 0, preset="lego_S_PG_65")
     for kw, msg in [(dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"), (dict(precision="fp16"), "bf16"),
-                    (dict(class_dropout=1.0), "class_dropout"), (dict(preset="lego_S_PG_64"), "not both")]:
+                    (dict(class_dropout=1.0), "class_dropout"), (dict(preset="lego_S_PG_64"), "not both"),
+                    (dict(checkpoint_blocks=2), "needs activation_checkpointing=.block.")]:
         with pytest.raises(ValueError, match=msg):
             tiny_config("/nonexistent", **kw).validate()
 
@@ -481,3 +482,11 @@ def test_train_with_cuda_graph_on_gpu(tmp_path, checkpointing):
     assert moved > 1e-3   # six steps at lr up to 1e-3 moved the weights far more than the tolerance
     resumed = train(tiny_config(tmp_path / "graph", resume="auto", **dict(kw, steps=12)))   # resumes into a graph
     assert resumed.cuda_graph and resumed.step == 12 and all(math.isfinite(v) for v in resumed.losses)
+
+
+def test_train_checkpointing_first_blocks_only_same_losses(tmp_path):
+    """checkpoint_blocks=1 ("block" mode) trains as without checkpointing: recomputation is exact."""
+    plain = train(tiny_config(tmp_path / "plain", steps=2, checkpoint_every=2))
+    part = train(tiny_config(tmp_path / "part", steps=2, checkpoint_every=2, activation_checkpointing="block",
+                             checkpoint_blocks=1))
+    assert part.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)

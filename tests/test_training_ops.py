@@ -191,8 +191,22 @@ def test_reference_backward_pieces_match_autograd():
     gate = t["gate"].contiguous()
     gout = _rand(y.shape, _gen(11))
     want = _autograd(lambda yy, gg: reference.gated_residual(t["residual"], gg, yy), (y, gate), gout)
-    dy, dgate = reference.gated_residual_backward(gout, y, gate)
+    dy, dgate, dbias = reference.gated_residual_backward(gout, y, gate)
     assert max_error(dy, want[0]) < 1e-12 and max_error(dgate, want[1]) < 1e-10
+    assert max_error(dbias, want[0].reshape(-1, y.shape[-1]).sum(0)) < 1e-10
+    # an incoming residual-branch gradient for h is added to LN's
+    t = modulated_inputs()
+    h, shift, scale = t["h"], t["shift"].contiguous(), t["scale"].contiguous()
+    ga, gres = _rand(h.shape, _gen(16)), _rand(h.shape, _gen(19))
+    want = _autograd(reference.layernorm_modulate, (h, shift, scale), ga)
+    got = reference.layernorm_modulate_backward(h, shift, scale, ga, gres)
+    assert max_error(got[0], want[0] + gres) < 1e-10
+
+    pre, gact = _rand((4, 6, 20), _gen(17), 2.0), _rand((4, 6, 20), _gen(18))
+    (want,) = _autograd(lambda p_: F.gelu(p_, approximate="tanh"), (pre,), gact)
+    dpre, act, dbias = reference.gelu_tanh_backward(gact.clone(), pre)
+    assert max_error(dpre, want) < 1e-12 and max_error(act, F.gelu(pre, approximate="tanh")) < 1e-14
+    assert max_error(dbias, want.reshape(-1, 20).sum(0)) < 1e-10
 
     qkv = attention_inputs(N=4, T=7)["qkv"]
     gout = _rand((4, 7, 16), _gen(12))
@@ -246,6 +260,13 @@ def test_layernorm_modulate_backward_kernel(poisoned_empty, dtype, shape):
     for name, o, r, s in zip(("dh", "dshift", "dscale"), got, ref, same):
         assert o.dtype == dtype and o.shape == r.shape
         _check(o, r, s, dtype, f"layernorm_modulate_backward {name} {dtype} {shape}")
+    # with the residual branch's gradient added in (a strided one: every other column of a wider tensor)
+    gres = _rand((B * L, T, 2 * K), g)[..., ::2]
+    ref = reference.layernorm_modulate_backward(h, shift, scale, ga, gres)
+    same = reference.layernorm_modulate_backward(*cast, gres.to(dtype))
+    got = FL.layernorm_modulate_backward(*cast, gres.to(dtype))
+    for name, o, r, s in zip(("dh+res", "dshift", "dscale"), got, ref, same):
+        _check(o, r, s, dtype, f"layernorm_modulate_backward {name} {dtype} {shape}")
     a = FL.layernorm_modulate(cast[0], cast[1], cast[2], dtype)
     _check(a, reference.layernorm_modulate_as(h, shift, scale), reference.layernorm_modulate_as(*cast[:3], dtype),
            dtype, "layernorm_modulate")
@@ -262,9 +283,27 @@ def test_gated_residual_backward_kernel(poisoned_empty, dtype, shape):
     cast = [t.to(dtype) for t in (gout, y, gate)]
     same = reference.gated_residual_backward(*cast)
     got = FL.gated_residual_backward(*cast)
-    for name, o, r, s in zip(("dy", "dgate"), got, ref, same):
-        assert o.dtype == dtype
+    for name, o, r, s in zip(("dy", "dgate", "dbias"), got, ref, same):
+        assert o.dtype == (torch.float32 if name == "dbias" else dtype) and o.shape == r.shape
         _check(o, r, s, dtype, f"gated_residual_backward {name} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("dtype", _dev_dtypes())
+@pytest.mark.parametrize("shape", [(6, 5, 96), (7, 1, 200), (1, 300, 16)])   # odd widths, > 256 rows
+def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape):
+    g = _gen(23)
+    pre = _rand(shape, g, 2.5, -0.3)            # both tails: saturated and negative-slope GELU
+    pre[0, 0, :4] = torch.tensor([-30.0, 30.0, 0.0, -0.75])
+    gact = _rand(shape, g)
+    ref = reference.gelu_tanh_backward(gact.clone(), pre)
+    cast = [t.to(dtype) for t in (gact, pre)]
+    same = reference.gelu_tanh_backward(cast[0].clone(), cast[1])
+    grad = cast[0].clone()
+    got = FL.gelu_tanh_backward(grad, cast[1])
+    assert got[0].data_ptr() == grad.data_ptr(), "grad_pre is written in place"
+    for name, o, r, s in zip(("grad_pre", "act", "dbias"), got, ref, same):
+        assert o.dtype == (torch.float32 if name == "dbias" else dtype) and o.shape == r.shape
+        _check(o, r, s, dtype, f"gelu_tanh_backward {name} {dtype} {shape}")
 
 
 @pytest.mark.parametrize("dtype", _dev_dtypes())
@@ -287,12 +326,18 @@ def test_brick_embed_input_grad_kernel(poisoned_empty, dtype, cfg):
 def test_backward_kernels_refuse_bad_calls():
     t = modulated_inputs()
     h, shift, scale = (t[k].float() for k in ("h", "shift", "scale"))
-    with pytest.raises(ValueError, match="grad_a must have h's shape"):
+    with pytest.raises(ValueError, match="grad_a must be a tensor of h's shape"):
         FL.layernorm_modulate_backward(h, shift, scale, h[:1])
     assert any("4096" in r for r in FL.layernorm_modulate_backward_not_supported_reasons(
         torch.zeros(2, 1, 5000), torch.zeros(2, 5000), torch.zeros(2, 5000), torch.zeros(2, 1, 5000)))
+    with pytest.raises(ValueError, match="grad_h must be a tensor of h's shape"):
+        FL.layernorm_modulate_backward(h, shift, scale, h, h[:1])
     with pytest.raises(ValueError, match=r"gate must be a per-image \(B, 24\)"):
         FL.gated_residual_backward(h, h, torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="grad must have pre's shape"):
+        FL.gelu_tanh_backward(h, h[:1])
+    with pytest.raises(ValueError, match="written in place and must be contiguous"):
+        FL.gelu_tanh_backward(h.transpose(0, 1), h.transpose(0, 1))
     e = embed_inputs()
     with pytest.raises(ValueError, match="input channels"):
         BE.brick_embed_input_grad(torch.zeros(16, 4, 32), e["weight"], (2, 3, 8, 16), False, 4)
@@ -369,7 +414,7 @@ def test_model_gradients_triton_vs_reference(intermediate):
         out, got = model_grads(model, "triton", x, t, y, drop)
     # (linear_gated_residual's training forward is cuBLAS + one fused pass that keeps y: no dispatch)
     assert {r.op for r in rec} >= {"brick_embed", "modulated_linear", "window_attention", "final_layer", "layernorm_modulate_backward", "gated_residual_backward",
-                                    "window_attention_backward", "brick_embed_input_grad"}
+                                    "gelu_tanh_backward", "window_attention_backward", "brick_embed_input_grad"}
     assert len(out) == (3 if intermediate else 1)
     for o, r in zip(out, ref_out):
         assert max_error(o, r) <= 1e-4 * r.abs().max().item()
@@ -411,14 +456,15 @@ def _opcheck_samples(dtype=torch.float32, device="cpu"):
     def req(t):
         return None if t is None else t.detach().to(device, dtype).requires_grad_()
     m, a, q = modulated_inputs(), gated_inputs(), attention_inputs(N=3, T=4)
-    e, f = embed_inputs(), final_inputs()
+    e, f, p = embed_inputs(), final_inputs(), mlp_inputs()
     ops = torch.ops.fastlego
     yield ops.modulated_linear.default, (req(m["h"]), req(m["shift"]), req(m["scale"]), req(m["weight"]), req(m["bias"]), "gelu_tanh", None)
     yield ops.modulated_linear.default, (req(m["h"]), req(m["shift"]), req(m["scale"]), req(m["weight"]), None, None, None)
     yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), req(a["bias"]), req(a["gate"]), req(a["residual"]), None)
-    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), None, req(a["gate"]), req(a["residual"]), None, "gelu_tanh")
-    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), req(a["bias"]), req(a["gate"]), req(a["residual"]), None, None, False)
-    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), None, req(a["gate"]), req(a["residual"]), None, "gelu_tanh", False)
+    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), req(a["bias"]), req(a["gate"]), req(a["residual"]), None, False)
+    yield ops.linear_gated_residual.default, (req(a["a"]), req(a["weight"]), None, req(a["gate"]), req(a["residual"]), None, False)
+    yield ops.mlp.default, (req(p["h"]), req(p["shift"]), req(p["scale"]), req(p["w1"]), req(p["b1"]), req(p["w2"]), req(p["b2"]), req(p["gate"]), None)
+    yield ops.mlp.default, (req(p["h"]), req(p["shift"]), req(p["scale"]), req(p["w1"]), None, req(p["w2"]), None, req(p["gate"]), None)
     yield ops.window_attention.default, (req(q["qkv"]), 2, None, "window_attention")
     yield ops.brick_embed.default, (req(e["x"]), req(e["prev"]), req(e["weight"]), req(e["bias"]), req(e["pos_embed"]), 4, None)
     yield ops.final_layer.default, (req(f["h"]), req(f["shift"]), req(f["scale"]), req(f["weight"]), req(f["bias"]), 8, [2, 3, 8, 16], None)
