@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastlego.benchmark import STEP_BUILDERS, build_train_net, default_case, make_train_inputs, precision  # noqa: E402
-
-GIB = float(1 << 30)
+from fastlego.benchmark import (GIB, STEP_BUILDERS, build_train_net, make_train_inputs,  # noqa: E402
+                                parse_cases, precision)
 
 
 def steady_peak(case, dev, backend: str, blocks, graph: bool, steps: int):
@@ -67,11 +66,9 @@ def main() -> int:
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| workload | step | checkpointed blocks | peak GiB | / reference | ms (wall) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for item in args.workloads.split(","):
-        preset, _, batch = item.partition(":")
-        case = default_case(preset, int(batch) if batch else None)
+    for case in parse_cases(args.workloads):
         ref, ref_ms = steady_peak(case, dev, "reference", None, False, args.steps)
-        name = f"{preset} ({case.batch})"
+        name = f"{case.preset} ({case.batch})"
         print(f"| {name} | reference eager | 0 | {ref:.1f} | 1.00 | {ref_ms:.0f} |", flush=True)
         for b in args.blocks.split(","):
             blocks = None if b.strip() == "all" else int(b)

@@ -28,10 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastlego import dispatch  # noqa: E402
-from fastlego.benchmark import (STEP_BUILDERS, build_train_net, default_case, make_train_inputs,  # noqa: E402
-                                precision)
-
-GIB = float(1 << 30)
+from fastlego.benchmark import (GIB, STEP_BUILDERS, build_train_net, make_train_inputs,  # noqa: E402
+                                parse_cases, precision)
 
 FAMILIES = (  # first match wins; kernel names of cuBLAS / Triton / PyTorch on Hopper
     ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "splitk", "_modulated_linear", "_linear_gated")),
@@ -55,14 +53,6 @@ def family(name: str) -> str:
         if any(k in low for k in keys):
             return fam
     return "other"
-
-
-def parse(spec: str):
-    cases = []
-    for item in spec.split(","):
-        preset, _, batch = item.partition(":")
-        cases.append(default_case(preset.strip(), int(batch) if batch else None))
-    return cases
 
 
 def make_step(case, dev, cuda_graph: bool, record: Optional[dict] = None):
@@ -218,7 +208,7 @@ def main():
           f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     rows = []
     with precision(dev, True), dispatch.use_backend("auto"):
-        for case in parse(args.cases):
+        for case in parse_cases(args.cases):
             try:
                 r = profile_case(case, dev, args.steps, args.out)
             except Exception as exc:  # report and go on

@@ -260,10 +260,16 @@ def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], ga
     dt = amp or a.dtype
     with _impl(a.device.type, None):
         y = _linear_y(a, weight, bias, dt)
-        B = gate.shape[0]
-        out = torch.addcmul(residual.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
-        out = out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
+        out = _gated_residual(residual, gate, y, dt)
         return _distinct((out, y if keep_y else _empty(y)), (a, weight, bias, gate, residual))
+
+
+def _gated_residual(residual: Tensor, gate: Tensor, y: Tensor, dt: torch.dtype) -> Tensor:
+    """residual + gate[img] * y in one fused pass (addcmul over (B, rows per image, N) views), in
+    the reference's output dtype."""
+    B, N = gate.shape[0], y.shape[-1]
+    out = torch.addcmul(residual.reshape(B, -1, N), gate[:, None, :], y.reshape(B, -1, N))
+    return out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
 
 
 def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype, gelu_input: bool = False):
@@ -291,7 +297,7 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
     with _impl(a.device.type, None):
         x = a.to(dt)
         if y.numel() == 0 and a.numel():
-            y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
+            y = _linear_y(x, weight, bias, dt)
         dy, dgate, dbias = call("gated_residual_backward", grad_out, y, gate, dt)
         del y
         dy2 = dy.reshape(-1, weight.shape[0])
@@ -346,9 +352,7 @@ def _mlp(h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, fc1_bias: 
         pre = call("modulated_linear", h, shift, scale, fc1_weight, fc1_bias, None).to(dt)
     with _impl(h.device.type, None):
         y = _linear_y(pre, fc2_weight, fc2_bias, dt, gelu_input=True)
-        B = gate.shape[0]
-        out = torch.addcmul(h.reshape(B, -1, y.shape[-1]), gate[:, None, :], y.reshape(B, -1, y.shape[-1]))
-        out = out.reshape(h.shape).to(_gated_out_dtype(dt, gate, h))
+        out = _gated_residual(h, gate, y, dt)
     return _distinct((out, pre, y), (h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate))
 
 

@@ -170,11 +170,17 @@ def _row_mean_rstd(x_ptr, rows, row_mask, K, stride_xm, stride_xk, eps,
 
 
 @triton.jit
-def _gelu_tanh(x):
-    """0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), in fp32.
-    The sigmoid form has no cancellation and saturates cleanly (exp2 -> inf gives x / inf = 0)."""
+def _gelu_tanh_exponent(x):
+    """-2 u log2(e), u = sqrt(2/pi) (x + 0.044715 x^3): tanh-GELU's sigmoid(2u) = 1 / (1 + exp2(this))."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return x / (1.0 + tl.exp2(-2.0 * 1.4426950408889634 * u))
+    return -2.0 * 1.4426950408889634 * u
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """0.5 x (1 + tanh(u)) = x * sigmoid(2u), in fp32 (u: `_gelu_tanh_exponent`).
+    The sigmoid form has no cancellation and saturates cleanly (exp2 -> inf gives x / inf = 0)."""
+    return x / (1.0 + tl.exp2(_gelu_tanh_exponent(x)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +335,7 @@ def _gelu_tanh_backward_kernel(
         a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
         g_ptrs = g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        s = 1.0 / (1.0 + tl.exp2(tl.minimum(-2.0 * 1.4426950408889634 * u, 126.0)))   # no inf: s >= 2^-126
+        s = 1.0 / (1.0 + tl.exp2(tl.minimum(_gelu_tanh_exponent(a), 126.0)))   # no inf: s >= 2^-126
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
         da = (g * (s + 2.0 * a * s * (1.0 - s) * du)).to(g_ptr.dtype.element_ty)
         tl.store(g_ptrs, da, mask=mask)
