@@ -10,7 +10,8 @@ backward, AdamW; bf16 autocast, fp32 weights, TF32 on, random non-zero weights):
 - the kernels grouped by family (GEMM, attention, each Triton kernel, elementwise, optimizer),
   ms per step and calls per step; the top kernels by time;
 - memory: bytes held after the forward (what the backward needs) and the step's peak, both
-  above the weights + gradients + optimizer state.
+  above the weights + gradients + optimizer state; what is alive at the peak of the eager step
+  and of the graph's capture (whose peak the graph's private pool keeps), by allocation site.
 Prints a short table per workload and writes the full kernel lists to DIR/profile_*.txt.
 Profiling, not a benchmark: the timed comparisons live in `fastlego bench --modes train`."""
 
@@ -32,9 +33,9 @@ from fastlego.benchmark import (GIB, STEP_BUILDERS, build_train_net, make_train_
                                 parse_cases, precision)
 
 FAMILIES = (  # first match wins; kernel names of cuBLAS / Triton / PyTorch on Hopper
-    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "splitk", "_modulated_linear", "_linear_gated")),
-    ("flash/sdpa attention", ("flash", "fmha", "attention_kernel", "efficient_attention", "pytorch_flash")),
     ("window attention (triton)", ("_packed_window", "window_attention")),
+    ("flash/sdpa attention", ("sdpa", "cudnn", "flash", "fmha", "attention_kernel", "efficient_attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "splitk", "_modulated_linear", "_linear_gated")),
     ("layernorm_modulate (triton)", ("_layernorm_modulate",)),
     ("gated_residual_backward (triton)", ("_gated_residual",)),
     ("gelu_tanh_backward (triton)", ("_gelu_tanh_backward",)),
@@ -159,7 +160,7 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     ops.sort(reverse=True)
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for evt in prof.key_averages():
-        if evt.device_type.name == "CPU":
+        if evt.device_type.name == "CPU" or "#" in evt.key:   # "Optimizer.step#AdamW.step": an annotation's span
             continue
         t = getattr(evt, "self_device_time_total", None)
         if t is None:
@@ -187,8 +188,12 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     del net, run, inputs
     torch.cuda.empty_cache()
     net, run, inputs = make_step(case, dev, True)
-    for _ in range(5):
+    for _ in range(run.warmup):                      # eager warm-up steps on a side stream
         run(*inputs)
+    held, peak, sites = memory_at_peak(run, inputs, dev)  # the capture (its allocations stay in the graph's pool)
+    res["capture_memory"] = {"held_gib": (held - base) / GIB, "step_peak_gib": peak / GIB,
+                             "sites": [(k, v[0] / GIB, v[1]) for k, v in sites]}
+    run(*inputs)
     res["captured"] = run.captured
     res["graph_ms"] = wall_ms(lambda: run(*inputs), 10)
     del net, run, inputs
@@ -218,11 +223,11 @@ def main():
             print(f"\n== {r['case']}: eager {r['eager_ms']:.2f} ms (GPU kernels {r['gpu_ms']:.2f} ms), "
                   f"graph {r['graph_ms']:.2f} ms (captured {r['captured']}); memory GiB: weights {r['weights_gib']:.2f}, "
                   f"weights+grads+adam {r['state_gib']:.2f}, saved by forward {r['saved_gib']:.2f}, peak {r['peak_gib']:.2f}")
-            m = r["memory"]
-            print(f"   memory: held before the step {m['held_gib']:.2f} GiB, step's own peak {m['step_peak_gib']:.2f} GiB;"
-                  f" alive at that peak, by allocation site:")
-            for where, gib, n in m["sites"]:
-                print(f"      {gib:7.3f} GiB {n:5d}x {where}")
+            for what, m in (("eager step", r["memory"]), ("graph capture", r["capture_memory"])):
+                print(f"   memory, {what}: held before it {m['held_gib']:.2f} GiB, its own peak {m['step_peak_gib']:.2f} GiB;"
+                      f" alive at that peak, by allocation site:")
+                for where, gib, n in m["sites"]:
+                    print(f"      {gib:7.3f} GiB {n:5d}x {where}")
             for fam, (ms, n) in r["families"].items():
                 print(f"   {fam:34s} {ms:8.2f} ms {n:7.0f} calls")
             for name, ms, n in r["top"]:

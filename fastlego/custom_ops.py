@@ -20,13 +20,18 @@ What the backward of each op saves (no normalised or modulated activations are k
   linear_gated_residual  its inputs, + y = a W^T + b (needed for d gate) if `keep_y`; the
                          attention projection recomputes its y instead (keep_y=False: one
                          D x D matmul per block, ~2% of a step, for ~7% of the saved bytes).
+                         In eager training, when a is a window attention's output, it keeps
+                         that attention's qkv (kept anyway) instead of a, and reruns the
+                         attention forward in its backward (see `_RECOMPUTE`).
   mlp                    (the DiT block's MLP half as one op: fc1 = modulated_linear, GELU, fc2
                          with gate and residual) its inputs + fc1's pre-activation (M x 4D) + fc2's
                          y (M x D); GELU's output (another M x 4D) is recomputed in the backward,
                          in the same pass as GELU's backward and fc1's bias gradient
                          (`gelu_tanh_backward`), and the residual's gradient is added inside the
                          LN-modulate backward: the elementwise work of both Linears' backward
-                         in three passes.
+                         in three passes. In eager training (CUDA-graph steps too) that pass
+                         writes GELU(pre) over pre, its last reader, unless the backward keeps
+                         the graph (retain_graph): one M x 4D buffer less at the peak.
   window_attention       qkv; the softmax is recomputed inside the backward kernel.
   brick_embed            its inputs (images and weights); the patches are re-gathered.
   final_layer            its inputs.
@@ -209,7 +214,7 @@ def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale
         a = call("layernorm_modulate", h, shift, scale, dt)             # A recomputed, (M, K)
         dweight = torch.mm(g2.t(), a).to(weight.dtype)
         dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
-        da = torch.mm(g2, weight.to(dt)).view(h.shape)
+        da = _mm_into(g2, weight.to(dt), a).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight, pre))
 
@@ -272,6 +277,16 @@ def _gated_residual(residual: Tensor, gate: Tensor, y: Tensor, dt: torch.dtype) 
     return out.reshape(residual.shape).to(_gated_out_dtype(dt, gate, residual))
 
 
+def _mm_into(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
+    """a @ b (2-D), written over `buf`, a transient of the product's size and dtype that is dead
+    from here on (the LN-modulate recompute once dW is taken): one such buffer less alive in the
+    backward. A plain matmul when buf cannot take it."""
+    if (buf.is_contiguous() and buf.dtype == a.dtype == b.dtype and buf.device == a.device
+            and buf.numel() == a.shape[0] * b.shape[1]):
+        return torch.mm(a, b, out=buf.view(a.shape[0], b.shape[1]))
+    return torch.mm(a, b)
+
+
 def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype, gelu_input: bool = False):
     """y = a W^T + b in the compute dtype, or GELU(a) W^T + b (GELU(a) transient)."""
     x = a.to(dt)
@@ -317,11 +332,15 @@ def _(grad_out, a, weight, bias, gate, y, amp, has_bias):
 def _linear_gated_residual_setup(ctx, inputs, output):
     a, weight, bias, gate, residual, amp, keep_y = inputs
     ctx.amp, ctx.has_bias, ctx.residual_dtype = amp, bias is not None, residual.dtype
-    ctx.save_for_backward(a, weight, bias, gate, output[1])
+    recipe = _RECOMPUTE.get(a) if getattr(ctx, "eager", False) else None
+    ctx.a_recipe = recipe[1:] if recipe is not None else None
+    ctx.save_for_backward(a if recipe is None else recipe[0], weight, bias, gate, output[1])
 
 
 def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
     a, weight, bias, gate, y = ctx.saved_tensors
+    if ctx.a_recipe is not None:   # a (a window attention's output) was not kept: rerun it from qkv
+        a = _RAW["window_attention"](a, *ctx.a_recipe)
     da, dweight, dbias, dgate = _backward(ctx, "linear_gated_residual_backward")(
         grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias)
     return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None
@@ -373,18 +392,29 @@ def _mlp_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, fc1
     pass), dP = dy W2 (cuBLAS), then one GELU pass (dP <- dP * GELU'(pre) in place, GELU(pre) for
     dW2, db1), dW2 = dy^T GELU(pre), LN-modulate recompute, dW1 and dA (cuBLAS), and the
     LN-modulate backward, which also adds the residual branch's gradient (grad_out) into dh."""
+    return _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp,
+                              has_fc1_bias, has_fc2_bias, overwrite_pre=False)
+
+
+def _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_fc1_bias,
+                       has_fc2_bias, overwrite_pre: bool):
+    """`mlp_backward`; with `overwrite_pre` GELU(pre) is written over `pre` (its last use): one
+    M x 4D buffer less at the backward's peak. Only eager autograd passes True, for a graph that
+    is not kept (see `_mlp_grad`); the custom op stays functional."""
     dt = amp or h.dtype
     with _impl(h.device.type, None):
         dy, dgate, db2 = call("gated_residual_backward", grad_out, y, gate, dt)
         dy2 = dy.reshape(-1, fc2_weight.shape[0])
         dpre = torch.mm(dy2, fc2_weight.to(dt))                         # (M, 4D)
-        dpre, act, db1 = call("gelu_tanh_backward", dpre, pre.to(dt).reshape(dpre.shape))
+        pre = pre.to(dt)
+        overwrite = overwrite_pre and pre.is_contiguous()
+        dpre, act, db1 = call("gelu_tanh_backward", dpre, pre.reshape(dpre.shape), overwrite)
         dw2 = torch.mm(dy2.t(), act).to(fc2_weight.dtype)
         del act, dy, dy2
         a = call("layernorm_modulate", h, shift, scale, dt)             # fc1's input recomputed, (M, D)
         dw1 = torch.mm(dpre.t(), a).to(fc1_weight.dtype)
+        da = _mm_into(dpre, fc1_weight.to(dt), a).view(h.shape)
         del a
-        da = torch.mm(dpre, fc1_weight.to(dt)).view(h.shape)
         del dpre
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da, grad_out.to(h.dtype))
     db1 = db1.to(fc1_weight.dtype) if has_fc1_bias else _empty(fc1_weight)
@@ -408,10 +438,26 @@ def _mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(h, shift, scale, fc1_weight, output[1], fc2_weight, gate, output[2])
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the autograd graph (retain_graph / create_graph): then
+    saved tensors may be read again and must stay intact. True where torch cannot tell."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if keep is None else bool(keep())
+    except RuntimeError:   # not inside a backward
+        return True
+
+
 def _mlp_grad(ctx, grad_out, _grad_pre, _grad_y):
     h, shift, scale, fc1_weight, pre, fc2_weight, gate, y = ctx.saved_tensors
-    dh, dshift, dscale, dw1, db1, dw2, db2, dgate = _backward(ctx, "mlp_backward")(
-        grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, ctx.amp, ctx.has_b1, ctx.has_b2)
+    args = (grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, ctx.amp, ctx.has_b1, ctx.has_b2)
+    if getattr(ctx, "eager", False):
+        # pre is this op's private output, saved for this backward only: unless the graph is
+        # kept, GELU(pre) may overwrite it (the custom op, under torch.compile, stays functional)
+        grads = _mlp_backward_impl(*args, overwrite_pre=not _graph_is_kept())
+    else:
+        grads = torch.ops.fastlego.mlp_backward(*args)
+    dh, dshift, dscale, dw1, db1, dw2, db2, dgate = grads
     return (dh, dshift, dscale, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, dgate, None)
 
 
@@ -472,7 +518,20 @@ _register_autograd(_window_attention, _window_attention_grad, _window_attention_
 
 
 def window_attention(qkv, num_heads, op: str = "window_attention"):
-    return _run("window_attention", qkv, num_heads, autocast_dtype(qkv), op)
+    amp = autocast_dtype(qkv)
+    out = _run("window_attention", qkv, num_heads, amp, op)
+    if op == "window_attention" and out.requires_grad and not torch.compiler.is_compiling():
+        _RECOMPUTE[out] = (qkv, num_heads, amp, op)
+    return out
+
+
+# Activations cheaper to recompute than to keep. A window attention's output (regions of <= 64
+# tokens: one light kernel, well under 1% of a block's time) is the projection's input, which
+# its backward needs for dW; its qkv is kept anyway (the attention's backward needs it). So an
+# eager projection whose input is listed here keeps qkv instead and reruns the same forward (the
+# same kernel on the same qkv: the same bits) in its backward: M x D bytes less per block. Keyed
+# weakly by the output: an entry lives as long as the output does.
+_RECOMPUTE = torch.utils.weak.WeakIdKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +628,7 @@ def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Ten
         a = call("layernorm_modulate", h, shift, scale, dt)
         dweight = torch.mm(dy.t(), a).to(weight.dtype)
         dbias = torch.sum(dy, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
-        da = torch.mm(dy, weight.to(dt)).view(h.shape)
+        da = _mm_into(dy, weight.to(dt), a).view(h.shape)
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da)
     return _distinct((dh, dshift, dscale, dweight, dbias), (grad_out, h, shift, scale, weight))
 

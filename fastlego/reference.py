@@ -268,13 +268,19 @@ def gated_residual_backward(grad_out: torch.Tensor, y: torch.Tensor, gate: torch
     return dy, dgate, dbias
 
 
-def gelu_tanh_backward(grad: torch.Tensor, pre: torch.Tensor):
+def gelu_tanh_backward(grad: torch.Tensor, pre: torch.Tensor, act_into_pre: bool = False):
     """The MLP's GELU backward with fc2's recomputed input and fc1's bias gradient:
     (grad_pre = grad * gelu'(pre), written into `grad` in place and returned; act = gelu(pre) in
-    pre's dtype; grad_bias = sum over rows of grad_pre as stored, fp32 (fp64 for fp64))."""
+    pre's dtype, written over `pre` (and `pre` returned) with `act_into_pre`; grad_bias = sum over
+    rows of grad_pre as stored, fp32 (fp64 for fp64))."""
+    if act_into_pre and not pre.is_contiguous():
+        raise ValueError("gelu_tanh_backward: act_into_pre writes act over pre, which must then be contiguous: "
+                         "pass pre.contiguous()")
     work = torch.float64 if grad.dtype == torch.float64 else torch.float32
     grad.copy_(torch.ops.aten.gelu_backward(grad.to(work), pre.to(work), approximate="tanh"))
     act = F.gelu(pre.to(work), approximate="tanh").to(pre.dtype)
+    if act_into_pre:
+        act = pre.copy_(act)
     return grad, act, grad.reshape(-1, grad.shape[-1]).sum(0, dtype=work)
 
 

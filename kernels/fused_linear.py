@@ -1045,18 +1045,20 @@ def gated_residual_backward(grad_out, y, gate, dy_dtype: Optional[torch.dtype] =
 _GELU_BACKWARD_ROWS = 256
 
 
-def gelu_tanh_backward(grad, pre):
+def gelu_tanh_backward(grad, pre, act_into_pre: bool = False):
     """The MLP's GELU backward, fused: given the pre-activation `pre` (M.., N) and grad = dL/d
     gelu(pre) (same shape), returns (grad_pre, act, grad_bias) where grad_pre = grad * gelu'(pre) is
     written IN PLACE into `grad` (which is returned; its old values are gone), act = gelu(pre) in
     pre's dtype (fc2's input, for fc2's dW) and grad_bias = sum over rows of grad_pre (as stored) in
     fp32: fc1's bias gradient. One Triton pass (reads grad + pre, writes grad_pre + act) instead of
-    three; deterministic sums."""
-    _raise_if(_gelu_backward_problems(grad, pre), "gelu_tanh_backward")
+    three; deterministic sums. With `act_into_pre`, act is written over `pre` itself (each element
+    is read before it is overwritten, by the same program) and `pre` is returned as act: no new
+    M x N buffer, for a caller that needs pre no more."""
+    _raise_if(_gelu_backward_problems(grad, pre, act_into_pre), "gelu_tanh_backward")
     _check_device([grad, pre], "gelu_tanh_backward")
     g2d, a2d = grad.view(-1, grad.shape[-1]), _rows(pre)
     M, N = g2d.shape
-    act = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
+    act = a2d if act_into_pre else torch.empty((M, N), dtype=pre.dtype, device=pre.device)
     block_n = min(128, triton.next_power_of_2(max(N, 1)))
     block_rows = max(1, min(32, 4096 // block_n))
     rows = min(_GELU_BACKWARD_ROWS, max(M, 1))
@@ -1073,10 +1075,12 @@ def gelu_tanh_backward(grad, pre):
     return grad, act.view(pre.shape), parts.sum(0)
 
 
-def _gelu_backward_problems(grad, pre) -> List[str]:
+def _gelu_backward_problems(grad, pre, act_into_pre=False) -> List[str]:
     if not (isinstance(grad, torch.Tensor) and isinstance(pre, torch.Tensor)):
         return ["grad and pre must be tensors"]
     problems = []
+    if act_into_pre and not pre.is_contiguous():
+        problems.append("act_into_pre writes act over pre, which must then be contiguous: pass pre.contiguous()")
     if tuple(grad.shape) != tuple(pre.shape):
         problems.append(f"grad must have pre's shape {tuple(pre.shape)}; got {tuple(grad.shape)}")
     if grad.dim() == 0:
@@ -1089,10 +1093,10 @@ def _gelu_backward_problems(grad, pre) -> List[str]:
     return problems
 
 
-def gelu_tanh_backward_not_supported_reasons(grad, pre) -> List[str]:
+def gelu_tanh_backward_not_supported_reasons(grad, pre, act_into_pre: bool = False) -> List[str]:
     """Why `gelu_tanh_backward` cannot take this call (empty: it can)."""
-    return _gelu_backward_problems(grad, pre) or triton_reasons([grad, pre], mixed_dtypes_ok=True,
-                                                                forward_only=False)
+    return _gelu_backward_problems(grad, pre, act_into_pre) or triton_reasons(
+        [grad, pre], mixed_dtypes_ok=True, forward_only=False)
 
 
 def _layernorm_modulate_backward_problems(h, shift, scale, grad_a, grad_h=None) -> List[str]:

@@ -288,9 +288,10 @@ def test_gated_residual_backward_kernel(poisoned_empty, dtype, shape):
         _check(o, r, s, dtype, f"gated_residual_backward {name} {dtype} {shape}")
 
 
+@pytest.mark.parametrize("act_into_pre", [False, True])
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("shape", [(6, 5, 96), (7, 1, 200), (1, 300, 16)])   # odd widths, > 256 rows
-def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape):
+def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape, act_into_pre):
     g = _gen(23)
     pre = _rand(shape, g, 2.5, -0.3)            # both tails: saturated and negative-slope GELU
     pre[0, 0, :4] = torch.tensor([-30.0, 30.0, 0.0, -0.75])
@@ -298,9 +299,15 @@ def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape):
     ref = reference.gelu_tanh_backward(gact.clone(), pre)
     cast = [t.to(dtype) for t in (gact, pre)]
     same = reference.gelu_tanh_backward(cast[0].clone(), cast[1])
-    grad = cast[0].clone()
-    got = FL.gelu_tanh_backward(grad, cast[1])
+    grad, pre_in = cast[0].clone(), cast[1].clone()
+    got = FL.gelu_tanh_backward(grad, pre_in, act_into_pre)
     assert got[0].data_ptr() == grad.data_ptr(), "grad_pre is written in place"
+    if act_into_pre:   # act written over pre: pre now holds GELU(pre)
+        assert got[1].data_ptr() == pre_in.data_ptr() and torch.equal(pre_in, got[1])
+        twin = reference.gelu_tanh_backward(cast[0].clone(), cast[1].clone(), True)
+        assert torch.equal(twin[1], same[1]) and torch.equal(twin[0], same[0])
+    else:
+        assert torch.equal(pre_in, cast[1]), "pre is left intact"
     for name, o, r, s in zip(("grad_pre", "act", "dbias"), got, ref, same):
         assert o.dtype == (torch.float32 if name == "dbias" else dtype) and o.shape == r.shape
         _check(o, r, s, dtype, f"gelu_tanh_backward {name} {dtype} {shape}")
@@ -338,6 +345,8 @@ def test_backward_kernels_refuse_bad_calls():
         FL.gelu_tanh_backward(h, h[:1])
     with pytest.raises(ValueError, match="written in place and must be contiguous"):
         FL.gelu_tanh_backward(h.transpose(0, 1), h.transpose(0, 1))
+    with pytest.raises(ValueError, match="act_into_pre writes act over pre"):
+        FL.gelu_tanh_backward(h.transpose(0, 1).contiguous(), h.transpose(0, 1), True)
     e = embed_inputs()
     with pytest.raises(ValueError, match="input channels"):
         BE.brick_embed_input_grad(torch.zeros(16, 4, 32), e["weight"], (2, 3, 8, 16), False, 4)
@@ -362,6 +371,37 @@ def test_op_gradients_triton_vs_reference(op, dtype):
     for name in ref64:
         assert got[name].dtype == dtype
         _check(got[name], ref64[name], ref_same[name], dtype, f"{op} d{name} {dtype}", rel=2e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+def test_mlp_backward_writes_gelu_over_pre_only_when_the_graph_is_dropped(mode, device):
+    """The eager MLP backward writes GELU(pre) over the saved pre (one M x 4D buffer less at the
+    peak) when nothing can read pre again; with retain_graph it keeps pre, so a second backward
+    gives the same gradients. Both give the functional op's gradients."""
+    from fastlego import custom_ops
+    t, _ = _leaves(mlp_inputs(), torch.float32, device)
+    args = (t["h"], t["shift"], t["scale"], t["w1"], t["b1"], t["w2"], t["b2"], t["gate"])
+    leaves = [t["h"], t["shift"]._base, t["w1"], t["b1"], t["w2"], t["b2"]]
+    g = torch.randn(t["h"].shape, generator=_gen(3)).to(device)
+    with fastlego.use_backend("triton"):      # the custom op's eager path (the interpreter on the CPU)
+        out = custom_ops.mlp(*args)
+        first = torch.autograd.grad(out, leaves, g, retain_graph=True)
+        second = torch.autograd.grad(out, leaves, g)                      # pre kept by the first
+        out = custom_ops.mlp(*args)
+        dropped = torch.autograd.grad(out, leaves, g)                     # pre overwritten
+    for a, b, c in zip(first, second, dropped):
+        assert torch.equal(a, b) and torch.allclose(a, c, rtol=1e-6, atol=1e-6)
+    # the implementation itself: the same gradients, and pre holds GELU(pre) afterwards
+    with torch.no_grad(), fastlego.use_backend(mode):
+        saved = custom_ops._RAW["mlp"](*args, None)
+        pre = saved[1].clone()
+        grads = [custom_ops._mlp_backward_impl(g, t["h"], t["shift"], t["scale"], t["w1"], p, t["w2"], t["gate"],
+                                               saved[2], None, True, True, overwrite_pre=over)
+                 for p, over in ((pre.clone(), False), (pre, True))]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(pre, F.gelu(saved[1], approximate="tanh"), rtol=1e-6, atol=1e-6)
 
 
 def test_auto_mode_on_cpu_trains_through_the_reference_twins():
@@ -687,3 +727,45 @@ def test_cuda_opcheck():
     with fastlego.use_backend("triton"):
         for op, args in _opcheck_samples(torch.float32, "cuda"):
             torch.library.opcheck(op, args)
+
+
+def test_mm_into_reuses_a_dead_transient_only_when_it_fits():
+    from fastlego.custom_ops import _mm_into
+    g = _gen(4)
+    a, b = _rand((6, 5), g).float(), _rand((5, 3), g).float()
+    buf = torch.full((2, 9), float("nan"))                      # 18 elements, contiguous: taken
+    out = _mm_into(a, b, buf)
+    assert out.data_ptr() == buf.data_ptr() and torch.allclose(out, a @ b)
+    for bad in (torch.zeros(19), torch.zeros(18, dtype=torch.float64), torch.zeros(9, 2).t()):
+        out = _mm_into(a, b, bad)                               # wrong size, dtype or layout: a fresh product
+        assert out.data_ptr() != bad.data_ptr() and torch.allclose(out, a @ b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_projection_reruns_a_window_attention_instead_of_keeping_its_output(device):
+    """The attention projection's eager backward keeps the window attention's qkv (kept anyway)
+    instead of its output, and reruns the attention: the output is freed after the forward and
+    the gradients are the same bits as when the output is kept."""
+    import weakref
+    from fastlego import custom_ops
+    inputs = dict(attention_inputs(N=6, T=5), **gated_inputs(K=16, N=24))
+    del inputs["a"]                                   # the projection's input is the attention's output
+    t, leaves = _leaves(inputs, torch.float32, device)
+    g = torch.randn(t["residual"].shape, generator=_gen(8)).to(device)
+
+    def run(keep_output):
+        with fastlego.use_backend("triton"):
+            a = custom_ops.window_attention(t["qkv"], 2)
+            if keep_output:
+                custom_ops._RECOMPUTE.pop(a)
+            gone = weakref.ref(a)
+            out = custom_ops.linear_gated_residual(a, t["weight"], t["bias"], t["gate"], t["residual"], keep_y=False)
+            del a
+            freed = gone() is None
+            return freed, torch.autograd.grad(out, list(leaves.values()), g)
+
+    freed, grads = run(False)
+    kept, ref = run(True)
+    assert freed and not kept
+    for x, y in zip(grads, ref):
+        assert torch.equal(x, y)
