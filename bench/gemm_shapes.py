@@ -1,7 +1,7 @@
 """The training step's matmuls one by one: TFLOP/s of each cuBLAS call a DiT block makes, in the
 layouts fastlego uses, against the card's square-GEMM peak measured in the same run.
 
-    python3 bench/gemm_shapes.py [--rows 65536] [--width 1024] [--out DIR]
+    python3 bench/gemm_shapes.py [--rows 65536] [--width 1024]
 
 For each Linear of a block (qkv D->3D, proj D->D, fc1 D->4D, fc2 4D->D) at M rows, bf16:
 forward (F.linear with bias), the input gradient dX = dY W and the weight gradient
@@ -11,8 +11,8 @@ cuBLASLt's GELU epilogue (`torch._addmm_activation`). Profiling, not a benchmark
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
 
 import torch
@@ -35,8 +35,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
     dev, dt = torch.device("cuda"), torch.bfloat16
     M, D = args.rows, args.width
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
@@ -77,7 +79,8 @@ def main():
     print(f"\n| linear | call | ms | TFLOP/s | of peak ({peak:.0f}) |\n| --- | --- | --- | --- | --- |")
     for name, case, ms, tf in rows:
         print(f"| {name} | {case} | {ms:.3f} | {tf:.0f} | {tf / peak:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
