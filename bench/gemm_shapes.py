@@ -31,6 +31,41 @@ def time_ms(fn, reps: int = 20) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
+def square_peak(dev, dt, g, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=dev, dtype=dt, generator=g)
+    return 2 * n ** 3 / time_ms(lambda: a @ a) / 1e9
+
+
+def time_linear(name: str, M: int, nout: int, kin: int, dev, dt, g):
+    """[(name, call, ms, TFLOP/s)] for one Linear (kin -> nout) at M rows."""
+    x = torch.randn(M, kin, device=dev, dtype=dt, generator=g)
+    w = torch.randn(nout, kin, device=dev, dtype=dt, generator=g) / kin ** 0.5
+    b = torch.randn(nout, device=dev, dtype=dt, generator=g)
+    dy = torch.randn(M, nout, device=dev, dtype=dt, generator=g)
+    flop = 2 * M * nout * kin
+    cases = {
+        "forward F.linear(x, W, b)": lambda: F.linear(x, w, b),
+        "forward F.linear(x, W)": lambda: F.linear(x, w),
+        "dX = mm(dy, W)": lambda: torch.mm(dy, w),
+        "dW = mm(dy.t(), x)": lambda: torch.mm(dy.t(), x),
+        "dW = mm(x.t(), dy).t()": lambda: torch.mm(x.t(), dy).t(),
+    }
+    if name == "fc1":
+        cases["forward + GELU epilogue (_addmm_activation)"] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        cases["forward F.linear + F.gelu(tanh)"] = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")
+        ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
+        fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).float()
+        exact = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        print(f"_addmm_activation GELU: max |diff| to tanh-GELU {float((fused - ref).abs().max()):.3e}, "
+              f"to erf-GELU {float((fused - exact).abs().max()):.3e}")
+        del ref, fused, exact
+    rows = []
+    for case, fn in cases.items():
+        ms = time_ms(fn)
+        rows.append((name, case, ms, flop / ms / 1e9))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=65536)
@@ -44,38 +79,11 @@ def main():
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; M={M}, D={D}, bf16")
     g = torch.Generator(device=dev).manual_seed(0)
-    n = 8192
-    a = torch.randn(n, n, device=dev, dtype=dt, generator=g)
-    peak = 2 * n ** 3 / time_ms(lambda: a @ a) / 1e9
-    print(f"square {n}^3 GEMM: {peak:.0f} TFLOP/s")
-    del a
+    peak = square_peak(dev, dt, g)
+    print(f"square 8192^3 GEMM: {peak:.0f} TFLOP/s")
     rows = []
     for name, nout, kin in (("qkv", 3 * D, D), ("proj", D, D), ("fc1", 4 * D, D), ("fc2", D, 4 * D)):
-        x = torch.randn(M, kin, device=dev, dtype=dt, generator=g)
-        w = torch.randn(nout, kin, device=dev, dtype=dt, generator=g) / kin ** 0.5
-        b = torch.randn(nout, device=dev, dtype=dt, generator=g)
-        dy = torch.randn(M, nout, device=dev, dtype=dt, generator=g)
-        flop = 2 * M * nout * kin
-        cases = {
-            "forward F.linear(x, W, b)": lambda: F.linear(x, w, b),
-            "forward F.linear(x, W)": lambda: F.linear(x, w),
-            "dX = mm(dy, W)": lambda: torch.mm(dy, w),
-            "dW = mm(dy.t(), x)": lambda: torch.mm(dy.t(), x),
-            "dW = mm(x.t(), dy).t()": lambda: torch.mm(x.t(), dy).t(),
-        }
-        if name == "fc1":
-            cases["forward + GELU epilogue (_addmm_activation)"] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
-            cases["forward F.linear + F.gelu(tanh)"] = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")
-        for case, fn in cases.items():
-            ms = time_ms(fn)
-            rows.append((name, case, ms, flop / ms / 1e9))
-        if name == "fc1":
-            ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
-            fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).float()
-            exact = F.gelu(F.linear(x.float(), w.float(), b.float()))
-            print(f"_addmm_activation GELU: max |diff| to tanh-GELU {float((fused - ref).abs().max()):.3e}, "
-                  f"to erf-GELU {float((fused - exact).abs().max()):.3e}")
-        del x, w, b, dy
+        rows += time_linear(name, M, nout, kin, dev, dt, g)
     print(f"\n| linear | call | ms | TFLOP/s | of peak ({peak:.0f}) |\n| --- | --- | --- | --- | --- |")
     for name, case, ms, tf in rows:
         print(f"| {name} | {case} | {ms:.3f} | {tf:.0f} | {tf / peak:.2f} |")
