@@ -414,8 +414,7 @@ def _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, g
         a = call("layernorm_modulate", h, shift, scale, dt)             # fc1's input recomputed, (M, D)
         dw1 = torch.mm(dpre.t(), a).to(fc1_weight.dtype)
         da = _mm_into(dpre, fc1_weight.to(dt), a).view(h.shape)
-        del a
-        del dpre
+        del a, dpre
         dh, dshift, dscale = call("layernorm_modulate_backward", h, shift, scale, da, grad_out.to(h.dtype))
     db1 = db1.to(fc1_weight.dtype) if has_fc1_bias else _empty(fc1_weight)
     db2 = db2.to(fc2_weight.dtype) if has_fc2_bias else _empty(fc2_weight)
@@ -521,7 +520,7 @@ def window_attention(qkv, num_heads, op: str = "window_attention"):
     amp = autocast_dtype(qkv)
     out = _run("window_attention", qkv, num_heads, amp, op)
     if op == "window_attention" and out.requires_grad and not torch.compiler.is_compiling():
-        _RECOMPUTE[out] = (qkv, num_heads, amp, op)
+        _RECOMPUTE[out] = (qkv, num_heads, amp)
     return out
 
 
