@@ -217,53 +217,46 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
     out = torch.nn.functional.gelu(torch.nn.functional.linear(dY, W1, b1), approximate="tanh")
     report("fwd", "cublas linear + F.gelu", bench(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(dY, W1, b1), approximate="tanh")), err(out, fwd_ref))
     del out
+
+    def measure(name, epi, bm, launch, sums=True):
+        """Run launch(parts) once on fresh inputs, check its outputs (the bias sums only if it writes
+        them), then time it."""
+        try:
+            parts = torch.empty(triton.cdiv(M, bm), N, device=dev, dtype=torch.float32)
+            pre.copy_(pre0)
+            launch(parts)
+            if epi == 0:
+                e = err(buf, mm_ref)
+            elif epi == 1:
+                e = (err(buf, dref), err(pre, aref), err(parts.sum(0), bref) if sums else None)
+            else:
+                e = (err(buf, fwd_ref),)
+            report(["mm", "bwd", "fwd"][epi], name, bench(lambda: launch(parts)), e)
+        except Exception as ex:  # noqa: BLE001 - a variant the compiler or the card refuses: say why, go on
+            print(f"{shape} {name} epi{epi} FAILED: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+
     for (bm, bn, bk, st, wp) in PTR_CONFIGS if ptr else []:
-        name = f"ptr {bm}x{bn}x{bk} s{st} w{wp}"
         for epi in (0, 1, 2):
-            try:
-                parts = torch.empty(triton.cdiv(M, bm), N, device=dev, dtype=torch.float32)
-                B, sbk, sbn = (W2, N, 1) if epi < 2 else (W1, 1, K)
-                grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-                run = lambda: ptr_kernel[grid](dY, B, buf, pre, b1, parts, M, N, K, sbk, sbn, EPI=epi, BM=bm, BN=bn, BK=bk,  # noqa
-                                               GROUP_M=8, num_stages=st, num_warps=wp)
-                pre.copy_(pre0)
-                run()
-                if epi == 0:
-                    e = err(buf, mm_ref)
-                elif epi == 1:
-                    e = (err(buf, dref), err(pre, aref), err(parts.sum(0), bref))
-                else:
-                    e = (err(buf, fwd_ref),)
-                report(["mm", "bwd", "fwd"][epi], name, bench(run), e)
-            except Exception as ex:  # noqa: BLE001
-                print(f"{shape} {name} epi{epi} FAILED: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+            B, sbk, sbn = (W2, N, 1) if epi < 2 else (W1, 1, K)
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+            measure(f"ptr {bm}x{bn}x{bk} s{st} w{wp}", epi, bm, lambda parts: ptr_kernel[grid](  # noqa: B023
+                dY, B, buf, pre, b1, parts, M, N, K, sbk, sbn, EPI=epi, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                num_stages=st, num_warps=wp))
     for (bm, bn, bk, st, wp, ws, sums, split, epis, *pf) in TMA_CONFIGS:
         pf = bool(pf and pf[0])
-        name = f"tma {bm}x{bn}x{bk} s{st} w{wp}" + (" ws" if ws else "") + ("" if sums else " nosums") + f" split{split}" + (" prefetch" if pf else "")
+        name = (f"tma {bm}x{bn}x{bk} s{st} w{wp}" + (" ws" if ws else "") + ("" if sums else " nosums")
+                + f" split{split}" + (" prefetch" if pf else ""))
         for epi in epis:
-            try:
-                parts = torch.empty(triton.cdiv(M, bm), N, device=dev, dtype=torch.float32)
-                a_d = TensorDescriptor.from_tensor(dY, [bm, bk])
-                b_d = TensorDescriptor.from_tensor(W2, [bk, bn]) if epi < 2 else TensorDescriptor.from_tensor(W1, [bn, bk])
-                c_d = TensorDescriptor.from_tensor(buf, [bm, bn if epi == 0 else bn // split])
-                p_d = TensorDescriptor.from_tensor(pre, [bm, bn // split])
-                nt = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-                grid = (min(nsm * (2 if bm * bn <= 128 * 128 and st <= 3 else 1), nt),)
-                run = lambda: tma_kernel[grid](a_d, b_d, c_d, p_d, b1, parts, M, N, K, EPI=epi, B_KN=epi < 2,  # noqa
-                                               BM=bm, BN=bn, BK=bk, GROUP_M=8, NUM_SMS=grid[0],
-                                               WS=ws, SUMS=sums, SPLIT=split, PREFETCH=pf, num_stages=st, num_warps=wp)
-                pre.copy_(pre0)
-                run()
-                if epi == 0:
-                    e = err(buf, mm_ref)
-                elif epi == 1:
-                    e = (err(buf, dref), err(pre, aref), err(parts.sum(0), bref))
-                else:
-                    e = (err(buf, fwd_ref),)
-                report(["mm", "bwd", "fwd"][epi], name, bench(run), e)
-            except Exception as ex:  # noqa: BLE001
-                print(f"{shape} {name} epi{epi} FAILED: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
-
+            a_d = TensorDescriptor.from_tensor(dY, [bm, bk])
+            b_d = TensorDescriptor.from_tensor(W2, [bk, bn]) if epi < 2 else TensorDescriptor.from_tensor(W1, [bn, bk])
+            c_d = TensorDescriptor.from_tensor(buf, [bm, bn if epi == 0 else bn // split])
+            p_d = TensorDescriptor.from_tensor(pre, [bm, bn // split])
+            # persistent: one program per SM, two for 128 x 128 tiles of <= 3 stages (two fit an SM)
+            programs = nsm * (2 if bm * bn <= 128 * 128 and st <= 3 else 1)
+            grid = (min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+            measure(name, epi, bm, lambda parts: tma_kernel[grid](  # noqa: B023
+                a_d, b_d, c_d, p_d, b1, parts, M, N, K, EPI=epi, B_KN=epi < 2, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                NUM_SMS=grid[0], WS=ws, SUMS=sums, SPLIT=split, PREFETCH=pf, num_stages=st, num_warps=wp), sums)
 
 def main():
     p = argparse.ArgumentParser()
