@@ -20,11 +20,13 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastlego import reference  # noqa: E402
 from kernels.fused_linear import _gelu_tanh_exponent, gelu_tanh_backward  # noqa: E402
 
 
@@ -103,58 +105,45 @@ def tma_kernel(a_desc, b_desc, c_desc, pre_desc, bias_ptr, parts_ptr, M, N, K,
             acc = tl.dot(a, b, acc)
         if EPI == 0:
             c_desc.store([om, on], acc.to(c_desc.dtype))
-        elif EPI == 1 and SPLIT == 1:
-            if PREFETCH:
-                a = pre_tile.to(tl.float32)
-            else:
-                a = pre_desc.load([om, on]).to(tl.float32)
-            s, dg = _gelu_parts(a)
-            da = (acc * dg).to(c_desc.dtype)
-            c_desc.store([om, on], da)
-            pre_desc.store([om, on], (a * s).to(pre_desc.dtype))
-            if SUMS:
-                cols = on + tl.arange(0, BN)
-                tl.store(parts_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(da.to(tl.float32), axis=0))
-        elif EPI == 1:
-            acc0, acc1 = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
-            for h in tl.static_range(2):
-                g = acc0 if h == 0 else acc1
-                a = pre_desc.load([om, on + h * (BN // 2)]).to(tl.float32)
-                s, dg = _gelu_parts(a)
-                da = (g * dg).to(c_desc.dtype)
-                c_desc.store([om, on + h * (BN // 2)], da)
-                pre_desc.store([om, on + h * (BN // 2)], (a * s).to(pre_desc.dtype))
-                if SUMS:
-                    cols = on + h * (BN // 2) + tl.arange(0, BN // 2)
-                    tl.store(parts_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(da.to(tl.float32), axis=0))
         elif SPLIT == 1:
-            cols = on + tl.arange(0, BN)
-            pre = (acc + tl.load(bias_ptr + cols).to(tl.float32)[None, :]).to(pre_desc.dtype)
-            pre_desc.store([om, on], pre)
-            p = pre.to(tl.float32)
-            s, _ = _gelu_parts(p)
-            c_desc.store([om, on], (p * s).to(c_desc.dtype))
-        else:
+            if PREFETCH:
+                _epilogue(acc, pre_tile, c_desc, pre_desc, bias_ptr, parts_ptr, om, on, pid_m, N, EPI, SUMS)
+            else:
+                _epilogue(acc, pre_desc.load([om, on]), c_desc, pre_desc, bias_ptr, parts_ptr, om, on, pid_m, N,
+                          EPI, SUMS)
+        else:   # two column halves: half the epilogue's registers at a time
             acc0, acc1 = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
             for h in tl.static_range(2):
-                g = acc0 if h == 0 else acc1
-                cols = on + h * (BN // 2) + tl.arange(0, BN // 2)
-                pre = (g + tl.load(bias_ptr + cols).to(tl.float32)[None, :]).to(pre_desc.dtype)
-                pre_desc.store([om, on + h * (BN // 2)], pre)
-                p = pre.to(tl.float32)
-                s, _ = _gelu_parts(p)
-                c_desc.store([om, on + h * (BN // 2)], (p * s).to(c_desc.dtype))
+                on_h = on + h * (BN // 2)
+                _epilogue(acc0 if h == 0 else acc1, pre_desc.load([om, on_h]), c_desc, pre_desc, bias_ptr,
+                          parts_ptr, om, on_h, pid_m, N, EPI, SUMS)
 
+
+@triton.jit
+def _epilogue(g, pre, c_desc, pre_desc, bias_ptr, parts_ptr, om, on, pid_m, N, EPI: tl.constexpr, SUMS: tl.constexpr):
+    """One (rows x W) chunk of the fused epilogue at (om, on); g is the chunk's fp32 accumulator.
+    EPI 1 (backward): pre is the chunk's pre-activation; writes dpre = g * GELU'(pre) to c,
+    GELU(pre) over pre, and (SUMS) the chunk's fc1 bias partial sums to row pid_m of parts.
+    EPI 2 (forward): pre is unused; writes pre = g + bias and GELU(pre) to c."""
+    W: tl.constexpr = g.shape[1]
+    cols = on + tl.arange(0, W)
+    if EPI == 1:
+        a = pre.to(tl.float32)
+        s, dg = _gelu_parts(a)
+        da = (g * dg).to(c_desc.dtype)
+        c_desc.store([om, on], da)
+        pre_desc.store([om, on], (a * s).to(pre_desc.dtype))
+        if SUMS:
+            tl.store(parts_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(da.to(tl.float32), axis=0))
+    else:
+        out = (g + tl.load(bias_ptr + cols).to(tl.float32)[None, :]).to(pre_desc.dtype)
+        pre_desc.store([om, on], out)
+        p = out.to(tl.float32)
+        s, _ = _gelu_parts(p)
+        c_desc.store([om, on], (p * s).to(c_desc.dtype))
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def gelu_ref(g32, a32):
-    u = 0.7978845608028654 * (a32 + 0.044715 * a32 ** 3)
-    s = torch.sigmoid(2 * u)
-    dg = s + 2 * a32 * s * (1 - s) * 0.7978845608028654 * (1 + 3 * 0.044715 * a32 ** 2)
-    return g32 * dg, a32 * s
 
 
 def err(x, ref):
@@ -191,13 +180,9 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
     pre0 = torch.randn(M, N, device=dev, dtype=dt)
     flops = 2 * M * N * K
     # references (fp32)
-    g32 = dY.float() @ W2.float()
-    mm_ref = g32.clone()
-    dref, aref = gelu_ref(g32, pre0.float())
-    bref = dref.sum(0)
-    pre32 = dY.float() @ W1.float().t() + b1.float()
-    _, fwd_ref = gelu_ref(pre32, pre32)
-    del g32, pre32
+    mm_ref = dY.float() @ W2.float()
+    dref, aref, bref = reference.gelu_tanh_backward(mm_ref.clone(), pre0.float())
+    fwd_ref = F.gelu(dY.float() @ W1.float().t() + b1.float(), approximate="tanh")
 
     def report(kind, name, ms, e):
         rows.append((shape, kind, name, ms, flops / ms / 1e9, e))
@@ -208,15 +193,20 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
     pre = pre0.clone()
     report("bwd", "cublas mm only", bench(lambda: torch.mm(dY, W2, out=buf)), "")
     report("bwd", "gelu_tanh_backward only", bench(lambda: gelu_tanh_backward(buf, pre, True)), "")
+
+    def unfused_backward():
+        torch.mm(dY, W2, out=buf)
+        return gelu_tanh_backward(buf, pre, True)
+
+    def unfused_forward():
+        return F.gelu(F.linear(dY, W1, b1), approximate="tanh")
+
     pre.copy_(pre0)
-    torch.mm(dY, W2, out=buf)
-    dp, act, db = gelu_tanh_backward(buf, pre, True)
-    e = (err(dp, dref), err(act, aref), err(db, bref))
-    report("bwd", "cublas + gelu_tanh_backward", bench(lambda: (torch.mm(dY, W2, out=buf), gelu_tanh_backward(buf, pre, True))), e)
-    report("fwd", "cublas linear only", bench(lambda: torch.nn.functional.linear(dY, W1, b1)), "")
-    out = torch.nn.functional.gelu(torch.nn.functional.linear(dY, W1, b1), approximate="tanh")
-    report("fwd", "cublas linear + F.gelu", bench(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(dY, W1, b1), approximate="tanh")), err(out, fwd_ref))
-    del out
+    dp, act, db = unfused_backward()
+    e = (err(dp, dref), err(act, aref), err(db, bref))   # before timing, which overwrites dp and act
+    report("bwd", "cublas + gelu_tanh_backward", bench(unfused_backward), e)
+    report("fwd", "cublas linear only", bench(lambda: F.linear(dY, W1, b1)), "")
+    report("fwd", "cublas linear + F.gelu", bench(unfused_forward), err(unfused_forward(), fwd_ref))
 
     def measure(name, epi, bm, launch, sums=True):
         """Run launch(parts) once on fresh inputs, check its outputs (the bias sums only if it writes
