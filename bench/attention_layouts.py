@@ -11,9 +11,8 @@ largest error against the first way's gradients."""
 
 from __future__ import annotations
 
-import sys
-
 import os
+import sys
 
 import torch
 import torch.nn.functional as F

@@ -3,10 +3,11 @@
     python3 bench/checkpoint_memory.py lego_XL_U_32:128 --blocks 0,6,9,12 [--graph] [--steps 3]
 
 For each workload: the eager reference step's steady-state peak (`use_backend("reference")`,
-the yardstick of issue 4's memory target), then the fastlego step with the first N DiT blocks
+the yardstick of the training memory target), then the fastlego step with the first N DiT blocks
 checkpointed (`LegoBackbone.set_activation_checkpointing("block", blocks=N)`) for each N: its
-steady-state peak, the ratio to the reference's and the step time (wall clock, a rough figure:
-the timed comparisons live in `fastlego bench --modes train --variants fastlego_graph_ckpt`).
+steady-state peak, the ratio to the reference's and the median step time (one step per round,
+`fastlego.benchmark.measure`; the timed comparisons live in `fastlego bench --modes train
+--variants fastlego_graph_ckpt`).
 The step is the bench's (`STEP_BUILDERS["train"]`: EDM loss, backward, fused AdamW; bf16
 autocast, fp32 weights). Peak = max allocated over the steps after the first, minus what was
 allocated before the network was built. Prints one table."""
@@ -24,11 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastlego.benchmark import (GIB, STEP_BUILDERS, build_train_net, make_train_inputs,  # noqa: E402
-                                parse_cases, precision)
+                                measure, parse_cases, precision)
 
 
 def steady_peak(case, dev, backend: str, blocks, graph: bool, steps: int):
-    """(peak GiB above the start, ms per step) of `steps` steps after a first one."""
+    """(peak GiB above the start, median ms per step) of `steps` steps after the warm-up ones."""
     gc.collect()
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated(dev)
@@ -42,11 +43,7 @@ def steady_peak(case, dev, backend: str, blocks, graph: bool, steps: int):
             step()
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(dev)
-        ms = (time.perf_counter() - t0) / steps * 1e3
+        ms = measure(step, device=dev, rounds=steps, warmup=0, inner=1).median_ms
     peak = (torch.cuda.max_memory_allocated(dev) - start) / GIB
     del net, inputs, step
     return peak, ms
@@ -64,7 +61,7 @@ def main() -> int:
         return 1
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| workload | step | checkpointed blocks | peak GiB | / reference | ms (wall) |")
+    print("| workload | step | checkpointed blocks | peak GiB | / reference | ms / step |")
     print("| --- | --- | --- | --- | --- | --- |")
     for case in parse_cases(args.workloads):
         ref, ref_ms = steady_peak(case, dev, "reference", None, False, args.steps)

@@ -11,24 +11,21 @@ cuBLASLt's GELU epilogue (`torch._addmm_activation`). Profiling, not a benchmark
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastlego.benchmark import measure  # noqa: E402
+
 
 def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    """Median ms of one call over `reps` CUDA-event-timed calls after 3 warm-up calls
+    (fastlego.benchmark.measure)."""
+    return measure(fn, device="cuda", rounds=reps, warmup=3, inner=1).median_ms
 
 
 def square_peak(dev, dt, g, n: int = 8192) -> float:

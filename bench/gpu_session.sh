@@ -4,7 +4,7 @@
 #   2. sampling time with and without brick skipping (the test prints both times);
 #   3. `fastlego bench --quick` (reference eager, torch.compile, fastlego, the floor) -> RESULTS.md.
 # GPU kernel tests are separate (bench/gpu_tests.sh): with compiles and autotuning they take
-# 7-8 minutes on a fresh H200. Logs and reports land in $OUT.
+# several minutes on a fresh machine. Logs and reports land in $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training evidence on one CUDA GPU (issue 4), logs under ${OUT:-out}/:
+# Training evidence on one CUDA GPU, logs under ${OUT:-out}/:
 #   bash bench/gpu_training.sh tests            GPU gradient tests: every fused op's backward (fp32/bf16/fp16),
 #                                               DiT blocks at S/L/XL widths, mixed-precision training steps,
 #                                               fullgraph Inductor training, determinism, opcheck on CUDA,

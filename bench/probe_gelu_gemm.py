@@ -1,5 +1,5 @@
 """Can a Triton GEMM with the MLP's GELU in its epilogue beat cuBLAS + fastlego's separate GELU pass,
-at the MLP's shapes? (GPU only; the answer measured on an H200 is in bench/RESULTS.md, session 6.)
+at the MLP's shapes? (GPU only; the answers measured so far are in bench/RESULTS.md.)
 
     python3 bench/probe_gelu_gemm.py [--shapes 65536x1024,262144x384] [--ptr]
 
@@ -27,6 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastlego import reference  # noqa: E402
+from fastlego.benchmark import measure  # noqa: E402
 from kernels.fused_linear import _gelu_tanh_exponent, gelu_tanh_backward  # noqa: E402
 
 
@@ -143,7 +144,8 @@ def _epilogue(g, pre, c_desc, pre_desc, bias_ptr, parts_ptr, om, on, pid_m, N, E
         c_desc.store([om, on], (p * s).to(c_desc.dtype))
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    """Median ms of one call: 20 calls timed with CUDA events after 5 warm-up calls."""
+    return measure(fn, device="cuda", rounds=20, warmup=5, inner=1).median_ms
 
 
 def err(x, ref):
@@ -208,7 +210,7 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
     report("fwd", "cublas linear only", bench(lambda: F.linear(dY, W1, b1)), "")
     report("fwd", "cublas linear + F.gelu", bench(unfused_forward), err(unfused_forward(), fwd_ref))
 
-    def measure(name, epi, bm, launch, sums=True):
+    def check_and_time(name, epi, bm, launch, sums=True):
         """Run launch(parts) once on fresh inputs, check its outputs (the bias sums only if it writes
         them), then time it."""
         try:
@@ -229,7 +231,7 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
         for epi in (0, 1, 2):
             B, sbk, sbn = (W2, N, 1) if epi < 2 else (W1, 1, K)
             grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-            measure(f"ptr {bm}x{bn}x{bk} s{st} w{wp}", epi, bm, lambda parts: ptr_kernel[grid](  # noqa: B023
+            check_and_time(f"ptr {bm}x{bn}x{bk} s{st} w{wp}", epi, bm, lambda parts: ptr_kernel[grid](  # noqa: B023
                 dY, B, buf, pre, b1, parts, M, N, K, sbk, sbn, EPI=epi, BM=bm, BN=bn, BK=bk, GROUP_M=8,
                 num_stages=st, num_warps=wp))
     for (bm, bn, bk, st, wp, ws, sums, split, epis, *pf) in TMA_CONFIGS:
@@ -244,7 +246,7 @@ def probe_shape(shape: str, nsm: int, ptr: bool, rows: list) -> None:
             # persistent: one program per SM, two for 128 x 128 tiles of <= 3 stages (two fit an SM)
             programs = nsm * (2 if bm * bn <= 128 * 128 and st <= 3 else 1)
             grid = (min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-            measure(name, epi, bm, lambda parts: tma_kernel[grid](  # noqa: B023
+            check_and_time(name, epi, bm, lambda parts: tma_kernel[grid](  # noqa: B023
                 a_d, b_d, c_d, p_d, b1, parts, M, N, K, EPI=epi, B_KN=epi < 2, BM=bm, BN=bn, BK=bk, GROUP_M=8,
                 NUM_SMS=grid[0], WS=ws, SUMS=sums, SPLIT=split, PREFETCH=pf, num_stages=st, num_warps=wp), sums)
 

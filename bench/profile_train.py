@@ -4,8 +4,9 @@
 
 For each workload (the bench's training step: EDMPrecond with every brick trained, EDM loss,
 backward, AdamW; bf16 autocast, fp32 weights, TF32 on, random non-zero weights):
-- the eager step's wall time and the GPU time its kernels take (torch.profiler), so host
-  overhead = wall - GPU busy time;
+- the eager step's time (CUDA events around each step, `fastlego.benchmark.measure`: the gaps
+  a host-bound step leaves on the GPU count) and the GPU time its kernels take (torch.profiler),
+  so host overhead = step time - GPU busy time;
 - the same step captured as one CUDA graph (`fastlego.training.TrainStep`): its time;
 - the kernels grouped by family (GEMM, attention, each Triton kernel, elementwise, optimizer),
   ms per step and calls per step; the top kernels by time;
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastlego import dispatch  # noqa: E402
 from fastlego.benchmark import (GIB, STEP_BUILDERS, build_train_net, make_train_inputs,  # noqa: E402
-                                parse_cases, precision)
+                                measure, parse_cases, precision)
 
 FAMILIES = (  # first match wins; kernel names of cuBLAS / Triton / PyTorch on Hopper
     ("window attention (triton)", ("_packed_window", "window_attention")),
@@ -74,13 +75,9 @@ def make_step(case, dev, cuda_graph: bool, record: Optional[dict] = None):
     return net, step.train_step, inputs
 
 
-def wall_ms(fn, n: int) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / n
+def step_ms(run, inputs, dev, n: int) -> float:
+    """Median ms of one step `run(*inputs)` over n timed steps after one warm-up step."""
+    return measure(run, [inputs], device=dev, rounds=n, warmup=1, inner=1).median_ms
 
 
 def _where(frames) -> str:
@@ -142,7 +139,7 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
     res["state_gib"] = state / GIB
     res["saved_gib"] = (record["after_forward"] - record["before_forward"]) / GIB
     res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / GIB
-    res["eager_ms"] = wall_ms(lambda: run(*inputs), 5)
+    res["eager_ms"] = step_ms(run, inputs, dev, 5)
     held, peak, sites = memory_at_peak(run, inputs, dev)
     res["memory"] = {"held_gib": (held - base) / GIB, "step_peak_gib": peak / GIB,
                      "sites": [(k, v[0] / GIB, v[1]) for k, v in sites]}
@@ -195,7 +192,7 @@ def profile_case(case, dev, steps: int, out_dir: str) -> dict:
                              "sites": [(k, v[0] / GIB, v[1]) for k, v in sites]}
     run(*inputs)
     res["captured"] = run.captured
-    res["graph_ms"] = wall_ms(lambda: run(*inputs), 10)
+    res["graph_ms"] = step_ms(run, inputs, dev, 10)
     del net, run, inputs
     torch.cuda.empty_cache()
     return res

@@ -14,16 +14,31 @@ __version__ = "0.1.0"
 
 
 def _map_source_kernels() -> None:
-    """In a source checkout (not installed), expose the repository's kernels/ as fastlego.kernels."""
-    if "fastlego.kernels" in _sys.modules or _ilu.find_spec(__name__ + ".kernels") is not None:
+    """Bind `fastlego.kernels` to the kernels that come with this copy of fastlego: inside the
+    package when installed (fastlego/kernels/), beside it in a source checkout (kernels/ at the
+    repository root). They are loaded from there by path: the import system alone could take
+    another copy's, e.g. when another checkout is installed in editable mode (its finder maps
+    `fastlego.kernels` to its own kernels/). Without either folder the import system decides."""
+    name = __name__ + ".kernels"
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    for root in (_os.path.join(here, "kernels"), _os.path.join(_os.path.dirname(here), "kernels")):
+        init = _os.path.join(root, "__init__.py")
+        if _os.path.isfile(init):
+            break
+    else:
         return
-    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-    init = _os.path.join(root, "__init__.py")
-    if _os.path.exists(init):
-        spec = _ilu.spec_from_file_location(__name__ + ".kernels", init, submodule_search_locations=[root])
-        module = _ilu.module_from_spec(spec)
-        _sys.modules[spec.name] = module
+    loaded = _sys.modules.get(name)
+    if loaded is not None and _os.path.abspath(getattr(loaded, "__file__", None) or "") == init:
+        return
+    spec = _ilu.spec_from_file_location(name, init, submodule_search_locations=[root])
+    module = _ilu.module_from_spec(spec)
+    _sys.modules[name] = module
+    try:
         spec.loader.exec_module(module)
+    except BaseException:
+        del _sys.modules[name]
+        raise
+    globals()["kernels"] = module
 
 
 _map_source_kernels()
@@ -32,11 +47,12 @@ from .presets import PRESETS, Preset, get_preset  # noqa: E402
 from .model import LegoBackbone  # noqa: E402
 from .edm import EDMPrecond  # noqa: E402
 from .dispatch import use_backend, set_backend, BackendNotSupported, set_deterministic, deterministic  # noqa: E402
+from .tuning import tune  # noqa: E402
 from .info import explain  # noqa: E402
 from . import ops, reference, dispatch  # noqa: E402,F401
 
 __all__ = ["LegoBackbone", "EDMPrecond", "PRESETS", "Preset", "get_preset", "use_backend", "set_backend",
-           "BackendNotSupported", "set_deterministic", "deterministic", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
+           "BackendNotSupported", "set_deterministic", "deterministic", "tune", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
 
 
 def __getattr__(name):

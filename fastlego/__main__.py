@@ -4,6 +4,7 @@
     fastlego train --data digits --outdir runs/digits --steps 2000
     torchrun --nproc_per_node 8 -m fastlego train --data imagenet64.zip --preset lego_S_PG_64 ...
     fastlego sample --network runs/digits/checkpoint.pt --seeds 0-63 --outdir out --t-break 0.4
+    torchrun --nproc_per_node 8 -m fastlego sample --network ... --seeds 0-49999 --batch 256 --npz --outdir fid
     fastlego bench ...                 # fastlego.benchmark
     fastlego info                      # backends, kernels, what runs where
 """
@@ -49,22 +50,37 @@ def _sigma(name):
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler (EDM Heun)")
-    g.add_argument("--steps", type=_positive_int("--steps"), default=18, help="sampling steps (default 18)")
-    g.add_argument("--sigma-min", type=_sigma("--sigma-min"), default=0.002)
-    g.add_argument("--sigma-max", type=_sigma("--sigma-max"), default=80.0)
-    g.add_argument("--rho", type=_sigma("--rho"), default=7.0)
+    g.add_argument("--steps", type=_positive_int("--steps"), default=18,
+                   help="Heun steps N: 2N-1 network evaluations per image (default 18)")
+    g.add_argument("--sigma-min", type=_sigma("--sigma-min"), default=0.002,
+                   help="lowest noise level of the schedule, the last before 0 (default 0.002; the network's own "
+                        "sigma_min if that is higher)")
+    g.add_argument("--sigma-max", type=_sigma("--sigma-max"), default=80.0,
+                   help="highest noise level, where sampling starts from pure noise (default 80; the network's own "
+                        "sigma_max if that is lower)")
+    g.add_argument("--rho", type=_sigma("--rho"), default=7.0,
+                   help="schedule exponent: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - "
+                        "sigma_max^(1/rho)))^rho; larger values spend more steps at low noise (default 7)")
     g.add_argument("--S-churn", dest="S_churn", type=_number(float, "--S-churn", lo=0), default=0.0,
-                   help="stochasticity (0: deterministic)")
-    g.add_argument("--S-min", dest="S_min", type=_number(float, "--S-min", lo=0), default=0.0)
-    g.add_argument("--S-max", dest="S_max", type=_number(float, "--S-max", lo=0), default=float("inf"))
-    g.add_argument("--S-noise", dest="S_noise", type=_number(float, "--S-noise", lo=0), default=1.0)
+                   help="stochasticity: a step whose noise level lies in [S-min, S-max] first raises it by the "
+                        "factor 1 + min(S_churn/N, sqrt(2)-1) and adds the matching fresh noise "
+                        "(default 0: deterministic sampling)")
+    g.add_argument("--S-min", dest="S_min", type=_number(float, "--S-min", lo=0), default=0.0,
+                   help="lowest noise level at which --S-churn applies (default 0)")
+    g.add_argument("--S-max", dest="S_max", type=_number(float, "--S-max", lo=0), default=float("inf"),
+                   help="highest noise level at which --S-churn applies (default inf: no upper bound)")
+    g.add_argument("--S-noise", dest="S_noise", type=_number(float, "--S-noise", lo=0), default=1.0,
+                   help="scale of the fresh noise that --S-churn adds; slightly above 1 offsets the detail "
+                        "that churn loses (default 1)")
     g.add_argument("--cfg", type=_number(float, "--cfg", lo=0), default=None,
-                   help="classifier-free guidance scale (class-conditional networks; 1 = none)")
+                   help="classifier-free guidance scale w for class-conditional networks: uncond + w (cond - uncond), "
+                        "two network passes per call (default: no guidance, one conditional pass; 1 is the same)")
     g.add_argument("--t-break", type=_number(float, "--t-break", lo=0, hi=1), default=1.0,
                    help="fraction of the steps that run every brick; the rest stop after brick "
                         "num_bricks-2 (LEGO's brick skipping; default 1: no skipping)")
     g.add_argument("--skip-stage", type=int, default=None,
-                   help="the brick late steps stop after (default num_bricks-2)")
+                   help="with --t-break below 1: the brick the late steps stop after, counted from 0 "
+                        "(default num_bricks-2: only the last brick is skipped)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,12 +100,18 @@ def cmd_train(args) -> int:
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
         activation_checkpointing=args.activation_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
         deterministic=args.deterministic,
-        cuda_graph=args.cuda_graph)
+        cuda_graph=args.cuda_graph, overwrite=args.overwrite)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
-        print(f"trained {result.step} steps ({result.nimg / 1000:.1f} kimg) in {result.seconds:.1f} s, "
-              f"{result.images_per_second:.1f} images/s; last loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+        if result.steps_run == 0:
+            print(f"nothing to train: the run is at step {result.step} and --steps is {cfg.steps}; "
+                  f"pass a larger --steps to continue it")
+        else:
+            print(f"trained {result.steps_run} step{'s' if result.steps_run != 1 else ''} "
+                  f"(step {result.start_step} -> {result.step}) in {result.seconds:.1f} s, "
+                  f"{result.images_per_second:.1f} images/s ({result.nimg / 1000:.1f} kimg in all); "
+                  f"last loss {result.last_loss:.4f} (mean of the last logged window)")
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics:    {os.path.join(result.outdir, 'metrics.jsonl')}")
     return 0
@@ -104,9 +126,13 @@ def cmd_sample(args) -> int:
                  outdir=args.outdir, grid=not args.no_grid, grid_columns=args.grid_columns, grid_pad=args.grid_pad,
                  grid_scale=args.grid_scale, images=args.images,
                  npz=args.npz, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
-                 which=args.which, progress=not args.quiet)
-    print(f"sampled {len(res.seeds)} images of {res.images.shape[2]}x{res.images.shape[3]} in {res.seconds:.2f} s "
-          f"({res.images_per_second:.2f} images/s)")
+                 which=args.which, progress=not args.quiet, overwrite=args.overwrite,
+                 deterministic=args.deterministic)
+    if res.rank != 0:  # under torchrun, rank 0 has every image and wrote the files: it reports
+        return 0
+    where = f" on {res.world} processes" if res.world > 1 else ""
+    print(f"sampled {len(res.seeds)} images of {res.images.shape[2]}x{res.images.shape[3]} in {res.seconds:.2f} s"
+          f"{where} ({res.images_per_second:.2f} images/s)")
     for kind, value in res.files.items():
         print(f"{kind}: {value if isinstance(value, str) else f'{len(value)} files in ' + os.path.dirname(value[0])}")
     return 0
@@ -117,7 +143,8 @@ def cmd_demo(args) -> int:
 
     demo(minutes=args.minutes, outdir=args.outdir, train_steps=args.train_steps, device=args.device, seed=args.seed,
          rows=args.rows, sample_steps=args.steps, t_break=args.t_break,
-         cfg_scale=None if args.cfg == 1 else args.cfg, batch=args.batch, progress=not args.quiet)
+         cfg_scale=None if args.cfg == 1 else args.cfg, batch=args.batch, overwrite=args.overwrite,
+         progress=not args.quiet)
     return 0
 
 
@@ -139,7 +166,7 @@ def cmd_bench(args, rest: List[str]) -> int:
 def cmd_info(args) -> int:
     from .info import print_info
 
-    print_info()
+    print_info(preset=args.preset, batch=args.batch, device=args.device)
     return 0
 
 
@@ -157,107 +184,188 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # demo ---------------------------------------------------------------------------------
-    p = sub.add_parser("demo", help="train a small LEGO on the bundled digits, then sample with and without skipping",
-                       description="Train a small LEGO (a local brick on 8x8 regions, then a global 16x16 brick) on 1797 real "
-                                   "handwritten digits shipped with fastlego, then sample a grid of every digit with "
-                                   "every brick and with the last brick skipped late in sampling, and report the "
-                                   "throughput and the time skipping saves. Uses the GPU when there is one.")
+    p = sub.add_parser("demo", help="train a small LEGO on the bundled digits, sample, measure, compare skipping",
+                       description="Train a small LEGO (a local brick on 8x8 regions, then a global 16x16 brick) on the "
+                                   "1,797 real handwritten digits shipped with fastlego, then draw every digit with "
+                                   "every brick and with the last brick skipped late in sampling (same seeds), "
+                                   "measure both with fastlego.metrics (class agreement, Frechet distance) and "
+                                   "report the time skipping saves. Uses the GPU when there is one.")
     p.add_argument("--minutes", type=_number(float, "--minutes", lo=0, lo_open=True), default=3.0,
-                   help="total time budget in minutes (default 3)")
+                   help="wall-time budget of the whole demo in minutes; training gets what sampling leaves (default 3)")
     p.add_argument("--train-steps", type=_number(int, "--train-steps", lo=1), default=None,
-                   help="train exactly this many steps instead of using the time budget")
-    p.add_argument("--outdir", default="fastlego-demo", help="where the checkpoint and PNGs go (default ./fastlego-demo)")
-    p.add_argument("--rows", type=_positive_int("--rows"), default=6, help="grid rows (each row: digits 0-9)")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=18, help="sampling steps (default 18)")
+                   help="train exactly this many steps instead of using the time budget (default: by time)")
+    p.add_argument("--outdir", default="fastlego-demo",
+                   help="where the checkpoint, grids and demo.json go (default ./fastlego-demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --outdir (default: refuse to touch it)")
+    p.add_argument("--rows", type=_positive_int("--rows"), default=20,
+                   help="images of each digit, one grid row each; all are measured (default 20)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=18, help="Heun sampling steps (default 18)")
     p.add_argument("--t-break", type=_number(float, "--t-break", lo=0, hi=1), default=0.5,
-                   help="fraction of steps with every brick in the skipping grid (default 0.5)")
-    p.add_argument("--cfg", type=_number(float, "--cfg", lo=0), default=2.0, help="guidance scale (default 2; 1 = none)")
-    p.add_argument("--batch", type=_positive_int("--batch"), default=None, help="training batch (default 32 CPU, 256 GPU)")
-    p.add_argument("--seed", type=_number(int, "--seed", lo=0), default=0)
+                   help="fraction of the steps that run every brick in the skipping grid (default 0.5)")
+    p.add_argument("--cfg", type=_number(float, "--cfg", lo=0), default=2.0,
+                   help="classifier-free guidance scale (default 2; 1 = none)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=None,
+                   help="training batch (default 128 on a CPU, 256 on a GPU)")
+    p.add_argument("--seed", type=_number(int, "--seed", lo=0), default=0,
+                   help="seed of the training run and of the sampled images (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     p.set_defaults(func=cmd_demo)
 
     # train --------------------------------------------------------------------------------
+    from .presets import PRESETS
+    from .networks import DEMO_BRICKS
     p = sub.add_parser("train", help="train a LEGO network with EDM's loss (torchrun for several GPUs)",
                        description="EDM training of a LEGO network. For several GPUs: "
-                                   "torchrun --nproc_per_node N -m fastlego train ... (the batch is split evenly).")
-    p.add_argument("--data", default="digits", help="image folder, EDM-style .zip, or 'digits' (bundled; default)")
-    p.add_argument("--outdir", required=True, help="run folder: checkpoint.pt, metrics.jsonl, config.json")
+                                   "torchrun --nproc_per_node N -m fastlego train ... (the batch is split evenly). "
+                                   "A folder that already holds a run is never overwritten silently: continue it "
+                                   "with --resume auto, or replace it with --overwrite.")
+    p.add_argument("--data", default="digits",
+                   help="an image folder, an EDM-style .zip, or 'digits' (1797 handwritten digits bundled with "
+                        "fastlego) (default: %(default)s)")
+    p.add_argument("--outdir", required=True,
+                   help="the run folder: checkpoint.pt, metrics.jsonl and config.json go there (required; a folder "
+                        "that holds another run is refused unless --resume auto or --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --outdir: start afresh, its metrics.jsonl emptied and its "
+                        "checkpoint.pt removed (default: refuse)")
     p.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
-                   help="training resolution (images are center-cropped and resized; default: the data's)")
+                   help="training resolution; images are center-cropped and resized (default: the data's; 16 for digits)")
     net = p.add_mutually_exclusive_group()
-    net.add_argument("--preset", default=None, help="a LEGO preset, e.g. lego_S_PG_64 (see fastlego info)")
+    net.add_argument("--preset", default=None, choices=list(PRESETS), metavar="PRESET",
+                     help=f"a LEGO preset of the release: {', '.join(PRESETS)} (default: none; --bricks is used)")
     net.add_argument("--bricks", default=None,
-                     help="an explicit stack REGION:TYPE:DEPTH,... (default 8:lego_S_4:1,16:lego_S_4:2, the demo's)")
-    p.add_argument("--no-labels", action="store_true", help="ignore dataset.json labels (unconditional)")
-    p.add_argument("--xflip", action="store_true", help="random horizontal flips")
-    p.add_argument("--max-images", type=_positive_int("--max-images"), default=None)
-    p.add_argument("--batch", type=_positive_int("--batch"), default=64, help="global batch size (default 64)")
+                     help="an explicit brick stack REGION:TYPE:DEPTH,... where TYPE is a release brick "
+                          "(lego_{S,L,XL}_{2,4,8,16}: widths 384, 1024, 1152 with that patch size) or a custom "
+                          "width written w<WIDTH>p<PATCH>h<HEADS>, e.g. 8:w128p4h4:1,16:w128p4h4:2 "
+                          f"(default: {DEMO_BRICKS.replace('%', '%%')}, the demo's)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="ignore the data's class labels (dataset.json in the folder or zip) and train "
+                        "unconditionally (default: use them when there are any)")
+    p.add_argument("--xflip", action="store_true", help="random horizontal flips of the training images (default: off)")
+    p.add_argument("--max-images", type=_positive_int("--max-images"), default=None,
+                   help="use only the first N images of the data (default: all)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=64,
+                   help="global batch size, split evenly over the processes (default: %(default)s)")
     p.add_argument("--train-steps", "--steps", dest="train_steps", type=_number(int, "--steps", lo=0), default=1000,
-                   help="training steps (default 1000)")
+                   help="total training steps; a resumed run counts its earlier steps (default: %(default)s)")
     p.add_argument("--minutes", type=_number(float, "--minutes", lo=0, lo_open=True), default=None,
-                   help="also stop after this many minutes of training")
-    p.add_argument("--lr", type=_number(float, "--lr", lo=0, lo_open=True), default=1e-4)
-    p.add_argument("--weight-decay", type=_number(float, "--weight-decay", lo=0), default=0.0)
-    p.add_argument("--warmup", type=_number(int, "--warmup", lo=0), default=0, help="learning-rate warm-up steps")
-    p.add_argument("--grad-clip", type=_number(float, "--grad-clip", lo=0, lo_open=True), default=None)
-    p.add_argument("--ema", type=_number(float, "--ema", lo=0), default=500.0, help="EMA half-life in kimg (default 500)")
+                   help="also stop after this many minutes of training (default: no time limit)")
+    p.add_argument("--lr", type=_number(float, "--lr", lo=0, lo_open=True), default=1e-4,
+                   help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=_number(float, "--weight-decay", lo=0), default=0.0,
+                   help="AdamW's decoupled weight decay; 0 is Adam, as the release (default: %(default)s)")
+    p.add_argument("--warmup", type=_number(int, "--warmup", lo=0), default=0,
+                   help="linear learning-rate warm-up over this many steps (default: %(default)s)")
+    p.add_argument("--grad-clip", type=_number(float, "--grad-clip", lo=0, lo_open=True), default=None,
+                   help="clip the global gradient norm to this value (default: no clipping)")
+    p.add_argument("--ema", type=_number(float, "--ema", lo=0), default=500.0,
+                   help="EMA half-life of the saved 'ema' weights, in thousands of images (default: %(default)s)")
     p.add_argument("--ema-rampup", type=_number(float, "--ema-rampup", lo=0), default=0.05,
-                   help="EMA ramp-up ratio (0: off; default 0.05)")
+                   help="EMA ramp-up: the half-life is at most this fraction of the images seen so far; "
+                        "0 turns it off (default: %(default)s)")
     p.add_argument("--last-brick-only", action="store_true",
-                   help="train only the last brick's output (default: every brick jointly, the release's loss)")
-    p.add_argument("--class-dropout", type=_number(float, "--class-dropout", lo=0, hi=0.999), default=0.1)
+                   help="train only the last brick's output (default: every brick as a denoiser of its own, "
+                        "the release's joint loss, which makes brick skipping work)")
+    p.add_argument("--class-dropout", type=_number(float, "--class-dropout", lo=0, hi=0.999), default=0.1,
+                   help="probability of dropping a training image's label, which classifier-free guidance "
+                        "(--cfg when sampling) needs (default: %(default)s)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
-    p.add_argument("--seed", type=_number(int, "--seed", lo=0), default=0)
-    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=500)
-    p.add_argument("--log-every", type=_positive_int("--log-every"), default=50)
-    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUTDIR/checkpoint.pt if present)")
-    p.add_argument("--workers", type=_number(int, "--workers", lo=0), default=0, help="data-loading processes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one)")
-    p.add_argument("--backend", default=None, choices=list(dispatch.MODES))
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU threads")
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU (default: %(default)s)")
+    p.add_argument("--seed", type=_number(int, "--seed", lo=0), default=0,
+                   help="seed of the initial weights, the data order and every random draw (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=500,
+                   help="write checkpoint.pt every N steps, and at the end (default: %(default)s)")
+    p.add_argument("--log-every", type=_positive_int("--log-every"), default=50,
+                   help="append the mean loss of the last N steps to metrics.jsonl every N steps (default: %(default)s)")
+    p.add_argument("--resume", default=None,
+                   help="continue a run: 'auto' continues the run in --outdir (its checkpoint.pt, when there is one), "
+                        "a path continues that checkpoint into an --outdir that holds no other run (default: start afresh)")
+    p.add_argument("--workers", type=_number(int, "--workers", lo=0), default=0,
+                   help="data-loading processes for image files; 0 loads in this process (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one, else cpu)")
+    p.add_argument("--backend", default=None, choices=list(dispatch.MODES),
+                   help="kernel backend of every op (default: auto, the fastest that supports each call)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
-                   help="recompute activations in backward per brick or per DiT block (less memory, more compute)")
+                   help="recompute activations in backward per brick or per DiT block: less memory, more compute "
+                        "(default: off)")
     p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
                    help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
     p.add_argument("--deterministic", action="store_true",
-                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower)")
+                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower) (default: off)")
     graph = p.add_mutually_exclusive_group()
     graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
                        help="replay the whole training step as one CUDA graph (default: on for one CUDA process)")
     graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                       help="run every step eagerly (e.g. to profile op by op)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                       help="run every step eagerly, e.g. to profile op by op (default: on for one CUDA process)")
+    p.add_argument("--quiet", action="store_true", help="no header line and no progress bar (default: show them)")
     p.set_defaults(func=cmd_train)
 
     # sample -------------------------------------------------------------------------------
-    p = sub.add_parser("sample", help="generate images from a trained network",
+    p = sub.add_parser("sample", help="generate images from a trained network (torchrun for several GPUs)",
                        description="EDM Heun sampling with optional guidance and brick skipping; any size that the "
-                                   "bricks' regions tile, non-square (panoramas) included.")
+                                   "bricks' regions tile, non-square (panoramas) included. One image per seed: an "
+                                   "image depends only on its seed. For several GPUs (e.g. the 50,000 images of an "
+                                   "FID set): torchrun --nproc_per_node N -m fastlego sample ... splits the batches "
+                                   "over the processes and writes the same files as one process.")
     p.add_argument("--network", required=True,
-                   help="a fastlego training checkpoint (.pt), or a release .pkl / .safetensors")
-    p.add_argument("--which", choices=["ema", "model"], default="ema", help="weights of a training checkpoint")
-    p.add_argument("--outdir", required=True)
-    p.add_argument("--seeds", default="0-15", help="e.g. 0-63 or 1,5,9 (one image per seed; default 0-15)")
+                   help="the network to sample: a fastlego training checkpoint (OUTDIR/checkpoint.pt of fastlego "
+                        "train), a release .pkl or a .safetensors file (required)")
+    p.add_argument("--which", choices=["ema", "model"], default="ema",
+                   help="weights of a training checkpoint (the key of a release .pkl): ema, the moving average, "
+                        "or model, the trained weights themselves (default ema)")
+    p.add_argument("--outdir", required=True,
+                   help="folder for grid.png, images/ and samples.npz, created if missing; files already there "
+                        "are not replaced without --overwrite (required)")
+    p.add_argument("--seeds", default="0-15",
+                   help="one image per seed, e.g. 0-63, 1,5,9 or 0-9,100; each seed listed once (default 0-15)")
     p.add_argument("--class", dest="class_idx", type=_number(int, "--class", lo=0), default=None,
-                   help="class of every image (default: a random class per seed)")
-    p.add_argument("--resolution", type=_positive_int("--resolution"), default=None, help="square output size")
-    p.add_argument("--height", type=_positive_int("--height"), default=None)
-    p.add_argument("--width", type=_positive_int("--width"), default=None)
-    p.add_argument("--batch", type=_positive_int("--batch"), default=64)
+                   help="class of every image, for class-conditional networks (default: a random class per seed, "
+                        "drawn from that seed)")
+    p.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
+                   help="square output size in pixels, a multiple of every brick's region size (default: the "
+                        "training resolution)")
+    p.add_argument("--height", type=_positive_int("--height"), default=None,
+                   help="output height in pixels (default: --resolution, else the training resolution)")
+    p.add_argument("--width", type=_positive_int("--width"), default=None,
+                   help="output width in pixels, e.g. 4x the height for a panorama (default: --resolution, else "
+                        "the training resolution)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=64,
+                   help="images per network call (default 64); under torchrun each process runs whole batches, "
+                        "so N processes need at least N batches to all be busy")
     _add_sampler_args(p)
-    p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
-    p.add_argument("--grid-columns", type=_positive_int("--grid-columns"), default=None)
-    p.add_argument("--grid-pad", type=_number(int, "--grid-pad", lo=0), default=0, help="gray pixels between grid images")
-    p.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=1, help="enlarge the grid N times")
-    p.add_argument("--images", action="store_true", help="write one PNG per seed under images/")
-    p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC under arr_0) for FID tools")
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the network as a CUDA graph (CUDA only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-grid", action="store_true", help="do not write grid.png (default: write it)")
+    p.add_argument("--grid-columns", type=_positive_int("--grid-columns"), default=None,
+                   help="images per grid row (default: the square root of the number of images, rounded up)")
+    p.add_argument("--grid-pad", type=_number(int, "--grid-pad", lo=0), default=0,
+                   help="gray pixels between and around grid images (default 0)")
+    p.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=1,
+                   help="enlarge the grid N times, nearest neighbour, for small images (default 1)")
+    p.add_argument("--images", action="store_true",
+                   help="also write one PNG per seed, images/SEED.png with SEED zero-padded to 6 digits (default: off)")
+    p.add_argument("--npz", action="store_true",
+                   help="also write samples.npz: uint8 NHWC images under arr_0 as FID tools read them, plus seeds "
+                        "and labels (default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace sample files already in --outdir (grid.png, images/SEED.png, samples.npz) "
+                        "(default: refuse before sampling, naming them)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu; under torchrun each process "
+                        "takes the GPU of its LOCAL_RANK)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the network's precision: fp32, or bf16 / fp16 autocast; the sampler's own state stays "
+                        "in fp64 (default fp32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the network as a CUDA graph per batch shape, which removes launch overhead at "
+                        "small batches (CUDA only; default: off)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="fix every kernel choice by a fixed rule instead of the tuned table (fastlego.set_deterministic), so that "
+                        "GPU runs, and the processes of a torchrun run, give the bits of one process; slower "
+                        "(default: off; CPU runs are reproducible without it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     p.set_defaults(func=cmd_sample)
 
     # eval ---------------------------------------------------------------------------------
@@ -286,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     # bench / info -------------------------------------------------------------------------
     p = sub.add_parser("bench", help="speed benchmarks (fastlego.benchmark; its own options follow)", add_help=False)
     p.set_defaults(func=None, passthrough=True)
-    p = sub.add_parser("info", help="environment, backends and what runs where (fastlego.explain)")
+    p = sub.add_parser("info", help="environment, presets, backends and what runs where (fastlego.explain)",
+                       description="Print the environment (Python, torch, CUDA, GPU, Triton, flash-attn, xformers, "
+                                   "backend mode), the LEGO presets (regions, brick types, depths), and for one "
+                                   "forward of a preset which backend runs each op and why the others refused.")
+    p.add_argument("--preset", default="lego_S_PG_64", metavar="NAME",
+                   help="the preset whose forward is explained, one of those listed (default lego_S_PG_64)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=2,
+                   help="batch size of the explained forward (default 2)")
+    p.add_argument("--device", default=None,
+                   help="device of the explained forward, cpu or cuda (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -301,10 +418,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give --resolution or --height/--width, not both")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad values found past argparse (sizes that the bricks cannot tile, missing files, ...):
-        # one clear line, no traceback.
-        print(f"fastlego {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        # Bad values found past argparse (sizes that the bricks cannot tile, missing files, outputs
+        # that would be overwritten, ...): one clear line, no traceback.
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: say which process speaks
+        where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"fastlego {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
 
 

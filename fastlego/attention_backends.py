@@ -18,6 +18,10 @@ with a cheaper backward (see `sdpa_attention`).
 Both libraries put the batch on grid axis y or z (at most 65,535), so calls are split into
 chunks of at most 65,535 // heads regions (the release's SDPA crash at 65,536 regions).
 Under autocast the inputs are cast to the autocast dtype first, as SDPA's are.
+
+FASTLEGO_EXPECT_ATTENTION_LIBS (e.g. "flash_attn,xformers") names the libraries a machine is
+meant to have: the test suite then fails, instead of accepting a refusal, when one of them cannot
+be imported or refuses a call it supports (`expected_libraries`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -44,6 +49,20 @@ _INSTALL_HINT = {"flash-attn": "pip install flash-attn --no-build-isolation"}
 _import_cache: Dict[str, Tuple[Optional[object], Optional[str]]] = {}
 # (module id, device, dtype, heads, head_dim) -> error text or None, for the xformers probe call.
 _probe_cache: Dict[tuple, Optional[str]] = {}
+
+
+EXPECT_ENV = "FASTLEGO_EXPECT_ATTENTION_LIBS"
+LIBRARIES = ("flash_attn", "xformers")
+
+
+def expected_libraries() -> List[str]:
+    """The backends FASTLEGO_EXPECT_ATTENTION_LIBS names (comma-separated; empty when unset)."""
+    names = [n.strip() for n in os.environ.get(EXPECT_ENV, "").replace(" ", ",").split(",") if n.strip()]
+    unknown = [n for n in names if n not in LIBRARIES]
+    if unknown:
+        raise ValueError(f"{EXPECT_ENV}={os.environ[EXPECT_ENV]!r} names {unknown}: expected a comma-separated "
+                         f"subset of {', '.join(LIBRARIES)}")
+    return names
 
 
 def clear_caches() -> None:

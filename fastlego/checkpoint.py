@@ -7,8 +7,8 @@ The release's `.pkl` files are a plain `pickle.dump` of a dict (`ema`, `loss_fn`
 objects of `training.lego_models`, timm and torch.nn classes. Unpickling it normally runs code
 from the file and needs the release's repository on the path.
 
-`load_checkpoint` never does either. A restricted unpickler resolves an allow-list of globals to
-inert stand-ins (objects that only hold their pickled `__dict__`), rebuilds tensors through torch's
+`load_checkpoint` never does either. A restricted unpickler (`fastlego.safe_unpickle`, which
+says exactly what it allows) resolves an allow-list of globals to inert stand-ins (objects that only hold their pickled `__dict__`), rebuilds tensors through torch's
 own `weights_only` loader, and refuses every other global with an error naming it. The stand-in
 tree is then walked (`_modules` / `_parameters` / `_buffers`) into a flat state dict with the
 release's key names, which are `fastlego.EDMPrecond`'s: `model.model.{i}...`, `model.t_embedder...`.
@@ -17,16 +17,20 @@ release's key names, which are `fastlego.EDMPrecond`'s: `model.model.{i}...`, `m
     fastlego.save_checkpoint(net, "lego_l_pg_64.safetensors")                # + its constructor kwargs
     net = fastlego.load_checkpoint("lego_l_pg_64.safetensors")
 
+Every network fastlego builds saves and loads this way, the network's description travelling
+with the weights: `save_checkpoint` stores the constructor arguments and, for a brick stack that
+is no preset, the stack itself (`"bricks"`: regions, brick types with custom `[width, patch,
+heads]` ones, depths). fastlego's training checkpoints (`checkpoint.pt` of `fastlego train`)
+load too (their "ema" network, or `key="model"`), with the network spec they store.
+
 Plain state-dict files (`torch.save(net.state_dict(), ...)`, read with `weights_only=True`) load
-too; without constructor arguments in the file, the preset is inferred from the weights' shapes.
+too; without constructor arguments in the file, the preset is inferred from the weights' shapes
+(a custom stack's head counts are not in the shapes: pass `model_type="REGION:TYPE:DEPTH,..."`).
 """
 
 from __future__ import annotations
 
-import collections
-import enum
 import inspect
-import io
 import json
 import math
 import os
@@ -38,17 +42,24 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .edm import EDMPrecond
+from .edm import EDMPrecond, brick_stack_name
 from .model import LegoBackbone
+from .networks import SPEC_DEFAULTS, _stack_from_dict, parse_bricks, spec_from_network
 from .presets import BRICK_TYPES, PRESETS, get_preset
+from .run_folder import CHECKPOINT_NAME
+# The unpickler's names are also offered here, where they lived before safe_unpickle.py.
+from .safe_unpickle import (EasyDictStandIn, Format, PersistentObjectStandIn, RestrictedUnpickler,  # noqa: F401
+                            StandInModule, UnsafePickleError, standin_class)
+from .training_checkpoint import check_training_checkpoint, is_training_checkpoint
 
 __all__ = ["load_checkpoint", "save_checkpoint", "load_state_dict_from_release", "load_release_pickle",
            "release_state_dict", "infer_preset", "brick_structure", "RestrictedUnpickler",
            "PersistentObjectStandIn", "StandInModule", "UnsafePickleError"]
 
-# The metadata key of fastlego's safetensors files and the version of what it holds.
+# The metadata key of fastlego's safetensors files and the version of what it holds
+# (2: custom brick stacks under "bricks"; files of presets are as version 1 wrote them).
 SAFETENSORS_CONFIG_KEY = "fastlego_config"
-SAFETENSORS_FORMAT_VERSION = 1
+SAFETENSORS_FORMAT_VERSION = 2
 
 # EDMPrecond's constructor arguments, in the release's positional order (EDMPrecondLEGO's).
 _EDM_ARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max",
@@ -57,298 +68,17 @@ _FLOAT_ARGS = ("sigma_min", "sigma_max", "sigma_data", "class_dropout_prob", "ml
 
 
 # ============================================================================================
-# Inert stand-ins for the classes and functions a release pickle names
+# Reading a release pickle (with fastlego.safe_unpickle's restricted unpickler)
 # ============================================================================================
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global (or a use of one) that fastlego does not allow."""
-
-
-class StandInModule:
-    """An inert stand-in for a pickled module class (`training.lego_models.LEGO`, timm's `Mlp`,
-    `torch.nn.Linear`, ...): it runs none of the class's code and only keeps the pickled state,
-    so its `_parameters`, `_buffers` and `_modules` can be walked. Subclasses are made per class
-    path (`standin_class`), so `type(obj).__module__` / `__qualname__` say what it stands for."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        # Only reached when a pickle calls the class (REDUCE) instead of creating it bare (NEWOBJ).
-        if args or kwargs:
-            self.__dict__["_standin_call_args"] = (args, kwargs)
-
-    def __setstate__(self, state):
-        # pickle's BUILD: `state` is the object's __dict__, or `(dict, slot dict)` for classes with
-        # __slots__; anything else is kept as is.
-        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
-            for part in state:
-                self.__dict__.update(part or {})
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_standin_state"] = state
-
-    def __repr__(self) -> str:
-        cls = type(self)
-        return f"<inert stand-in for {cls.__module__}.{cls.__qualname__}>"
-
-
-class PersistentObjectStandIn:
-    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` would have rebuilt, left
-    inert: the `meta` fields (`type`, `version`, `module_src`, `class_name`, `state`) are kept as
-    data and `module_src` is never executed. `state` is the object's `__dict__`."""
-
-    def __init__(self, meta):
-        if not isinstance(meta, dict):
-            raise UnsafePickleError(f"_reconstruct_persistent_obj expects a meta dict, got {type(meta).__name__}")
-        self.type = meta.get("type")
-        self.version = meta.get("version")
-        self.module_src = meta.get("module_src")
-        self.class_name = meta.get("class_name")
-        state = meta.get("state")
-        self.state = dict(state) if isinstance(state, dict) else {}
-
-    def __repr__(self) -> str:
-        return (f"<inert persistent object {self.class_name!r} (type={self.type!r}, version={self.version!r}; "
-                f"source not executed)>")
-
-
-class EasyDictStandIn(dict):
-    """`dnnlib.util.EasyDict` (a dict with attribute access) as a plain dict subclass."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):  # never serve special names (e.g. __setstate__) from the data
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class Format(str, enum.Enum):
-    """timm's `timm.layers.format.Format` (the PatchEmbed output layout), an Enum of strings."""
-
-    NCHW = "NCHW"
-    NHWC = "NHWC"
-    NCL = "NCL"
-    NLC = "NLC"
-
-
-_STANDIN_CACHE: Dict[Tuple[str, str], type] = {}
-
-
-def standin_class(module: str, name: str) -> type:
-    """The (cached) StandInModule subclass standing for `module.name`."""
-    key = (module, name)
-    if key not in _STANDIN_CACHE:
-        _STANDIN_CACHE[key] = type(name, (StandInModule,), {"__module__": module, "__qualname__": name})
-    return _STANDIN_CACHE[key]
-
-
-def _reconstruct_persistent_obj(meta):
-    """Stand-in for EDM's `torch_utils.persistence._reconstruct_persistent_obj`: no `exec`."""
-    return PersistentObjectStandIn(meta)
-
-
-def _load_from_bytes(blob):
-    """Stand-in for `torch.storage._load_from_bytes`: the storage is a nested (legacy-format)
-    torch.save blob, read with torch's own `weights_only` unpickler onto the CPU."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise UnsafePickleError(f"torch.storage._load_from_bytes expects bytes, got {type(blob).__name__}")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-            storage = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafePickleError(f"torch's weights_only loader refused a nested tensor blob: {str(exc).splitlines()[0]}") from None
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise UnsafePickleError(f"a nested torch.save blob held {type(storage).__name__}, not a tensor storage")
-    return storage
-
-
-def _check_storage(storage, what: str) -> None:
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise UnsafePickleError(f"{what} expects a tensor storage, got {type(storage).__name__}")
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Stand-in for `torch._utils._rebuild_tensor_v2`; backward hooks are dropped (a pickle can
-    only hold allow-listed objects there anyway, and hooks are code)."""
-    _check_storage(storage, "_rebuild_tensor_v2")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), bool(requires_grad),
-                                               collections.OrderedDict(), metadata)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    """Stand-in for `torch._utils._rebuild_tensor_v3` (the newer dtypes)."""
-    _check_storage(storage, "_rebuild_tensor_v3")
-    if not isinstance(dtype, torch.dtype):
-        raise UnsafePickleError(f"_rebuild_tensor_v3 expects a torch.dtype, got {type(dtype).__name__}")
-    return torch._utils._rebuild_tensor_v3(storage, storage_offset, tuple(size), tuple(stride), bool(requires_grad),
-                                           collections.OrderedDict(), dtype, metadata)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks=None, state=None):
-    """Stand-in for `torch._utils._rebuild_parameter(_with_state)`: a plain Parameter; hooks and
-    Python attributes set on the parameter are dropped."""
-    if not isinstance(data, torch.Tensor):
-        raise UnsafePickleError(f"_rebuild_parameter expects a tensor, got {type(data).__name__}")
-    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    """Stand-in for `torch._tensor._rebuild_from_type_v2` (tensors with Python state or of a
-    Tensor subclass): only plain tensors and Parameters are rebuilt; their Python state is dropped."""
-    if func not in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
-        raise UnsafePickleError(f"_rebuild_from_type_v2 with rebuild function {func!r} is not allowed")
-    tensor = func(*args)
-    if new_type is torch.nn.Parameter:
-        return torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad)
-    if new_type is not torch.Tensor:
-        raise UnsafePickleError(f"_rebuild_from_type_v2 into {new_type!r} is not allowed (only torch.Tensor and Parameter)")
-    return tensor
-
-
-def _safe_getattr(obj, name, *default):
-    """`builtins.getattr` as pickles use it for Enum members (`getattr(Format, 'NCHW')`), only that."""
-    if isinstance(obj, type) and issubclass(obj, enum.Enum) and isinstance(name, str) and name in obj.__members__:
-        return obj.__members__[name]
-    raise UnsafePickleError(f"getattr({obj!r}, {name!r}) is not allowed: only members of allow-listed Enums")
-
-
-def _safe_reconstructor(cls, base, state):
-    """`copyreg._reconstructor` (protocol 0/1 pickles of objects) for stand-in classes only."""
-    if isinstance(cls, type) and issubclass(cls, StandInModule) and base is object:
-        return object.__new__(cls)
-    if cls is EasyDictStandIn and base is dict:
-        return EasyDictStandIn(state or {})
-    if cls is collections.OrderedDict and base is dict:
-        return collections.OrderedDict(state or {})
-    raise UnsafePickleError(f"copyreg._reconstructor({cls!r}, {base!r}) is not allowed")
-
-
-def _numpy_multiarray():
-    import numpy as np
-    core = getattr(np, "_core", None)  # numpy >= 2 (numpy.core is a deprecated alias there)
-    if core is None:
-        import numpy.core as core
-    return core.multiarray
-
-
-def _numpy_scalar(dtype, data=None):
-    """`numpy.core.multiarray.scalar` for non-object dtypes (numbers saved as numpy scalars)."""
-    import numpy as np
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise UnsafePickleError(f"numpy scalar of dtype {dtype!r} is not allowed")
-    return _numpy_multiarray().scalar(dtype, data)
-
-
-def _numpy_reconstruct(subtype, shape, dtype_code):
-    """`numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`, the first step of an ndarray's
-    unpickling (ndarray.__setstate__ then fills it in); plain ndarrays only."""
-    import numpy as np
-    if subtype is not np.ndarray or not isinstance(dtype_code, (str, bytes)):
-        raise UnsafePickleError(f"numpy _reconstruct({subtype!r}, ..., {dtype_code!r}) is not allowed (only numpy.ndarray)")
-    return _numpy_multiarray()._reconstruct(np.ndarray, shape, dtype_code)
-
-
-# The allow-list. Classes (modules of the release, timm, torch.nn) become StandInModule classes.
-_STANDIN_CLASSES: Dict[str, frozenset] = {
-    "training.lego_models": frozenset({"LEGO", "LEGO_module", "DiTBlock", "FinalLayer", "TimestepEmbedder",
-                                       "PositionalEmbedding", "LabelEmbedder"}),
-    "timm.layers.patch_embed": frozenset({"PatchEmbed"}),
-    "timm.layers.attention": frozenset({"Attention"}),
-    "timm.layers.mlp": frozenset({"Mlp"}),
-    "timm.models.vision_transformer": frozenset({"PatchEmbed", "Attention", "Mlp"}),
-    "timm.models.layers.patch_embed": frozenset({"PatchEmbed"}),  # timm < 0.9
-    "timm.models.layers.mlp": frozenset({"Mlp"}),
-}
-
-_FUNCTIONS: Dict[Tuple[str, str], Any] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("torch", "Tensor"): torch.Tensor,
-    ("torch._tensor", "Tensor"): torch.Tensor,
-    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    ("timm.layers.format", "Format"): Format,
-    ("dnnlib.util", "EasyDict"): EasyDictStandIn,
-    ("copyreg", "_reconstructor"): _safe_reconstructor,
-    ("builtins", "getattr"): _safe_getattr,
-}
-_SAFE_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "list", "tuple",
-                  "dict", "int", "float", "bool", "str", "object"}
-
-
-def _torch_nn_module_class(name: str) -> bool:
-    cls = getattr(torch.nn, name, None)
-    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
-
-
-def _resolve_global(module: str, name: str):
-    """The stand-in or safe object for an allow-listed global, or None."""
-    if (module, name) in _FUNCTIONS:
-        return _FUNCTIONS[(module, name)]
-    if name in _STANDIN_CLASSES.get(module, ()):
-        return standin_class(module, name)
-    if module.startswith("torch.nn.modules.") and _torch_nn_module_class(name):
-        return standin_class(module, name)
-    if module == "torch":
-        obj = getattr(torch, name, None)
-        if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-            return obj
-    if module == "builtins" and name in _SAFE_BUILTINS:
-        import builtins
-        return getattr(builtins, name)
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        if name == "scalar":
-            return _numpy_scalar
-        if name == "_reconstruct":
-            return _numpy_reconstruct
-    if module == "numpy" and name in ("dtype", "ndarray"):
-        import numpy as np
-        return getattr(np, name)
-    return None
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only allow-listed globals, to inert stand-ins or safe functions,
-    and refuses every other one with an `UnpicklingError` naming it. No code from the file runs."""
-
-    def find_class(self, module: str, name: str):
-        target = _resolve_global(module, name)
-        if target is None:
-            raise UnsafePickleError(
-                f"refusing to load the global '{module}.{name}' from this pickle: fastlego reads LEGO/EDM "
-                f"checkpoints without running their code and only allows the release's module classes "
-                f"(training.lego_models, timm, torch.nn), tensors and plain containers. If this file is a "
-                f"trusted checkpoint of another kind, convert it to a state dict first "
-                f"(torch.save(net.state_dict(), path)) and load that.")
-        return target
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(
-            "this pickle uses persistent ids (a torch.save file in the legacy format?); fastlego reads those "
-            "with torch.load(..., weights_only=True), which load_checkpoint does for torch.save files")
-
 
 # The first pickle of a legacy (non-zip) torch.save file is this magic number.
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def load_release_pickle(path_or_file) -> Any:
-    """Unpickle a release `.pkl` (path or binary file) with the restricted unpickler: the result
-    holds `PersistentObjectStandIn` / `StandInModule` objects in place of the release's classes."""
+    """Unpickle a release `.pkl` (path or binary file) with `fastlego.safe_unpickle`'s
+    RestrictedUnpickler (no code from the file runs): the result holds `PersistentObjectStandIn` /
+    `StandInModule` objects in place of the release's classes."""
     if isinstance(path_or_file, (str, os.PathLike)):
         with open(_check_path(path_or_file), "rb") as f:
             return RestrictedUnpickler(f).load()
@@ -448,6 +178,9 @@ def load_state_dict_from_release(path, key: str = "ema") -> Tuple[Dict[str, torc
 
 def _state_from_unpickled(data, key: str, path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     if isinstance(data, dict) and not _is_state_dict(data):
+        if not any(_is_state_dict(v) or _module_dict(v) is not None for v in data.values()):
+            raise _not_a_checkpoint(path, f"it holds a dict with entries {sorted(map(str, data))[:8]} but no "
+                                          f"network (no state dict, no pickled module)")
         if key not in data:
             raise KeyError(f"{os.fspath(path)!r} holds no entry {key!r}: its entries are {sorted(map(str, data))}; "
                            f"pass key=<one of them> (the EMA weights are under 'ema' in the release)")
@@ -527,12 +260,22 @@ def infer_preset(shapes: Mapping[str, Any]) -> str:
     for name, preset in PRESETS.items():
         if found == (list(preset.regions), list(preset.model_type), list(preset.depths)):
             return name
+    preset_widths = {w for w, _, _ in BRICK_TYPES.values()}
+    widths = {b["width"] for b in structure}
+    if widths - preset_widths:
+        # No preset has this width: a custom stack. Its head counts are not in the shapes.
+        stack = ",".join(f"{b['region']}:w{b['width']}p{b['patch']}h<HEADS>:{b['depth']}" for b in structure)
+        raise ValueError(f"these weights fit no LEGO preset: they hold {_describe(structure)}, a custom brick stack "
+                         f"(no preset has width {sorted(widths - preset_widths)[0]}). Pass the stack: "
+                         f"model_type='{stack}' with the head count it was built with, or load the file that "
+                         f"stores it (a fastlego training checkpoint.pt, or a fastlego.save_checkpoint file)")
     nearest = sorted(PRESETS.values(), key=lambda p: (_preset_distance(structure, p), p.name))[:3]
     near = "; ".join(f"{p.name} (regions {list(p.regions)}, depths {list(p.depths)}, width "
                      f"{BRICK_TYPES[p.model_type[0]][0]})" for p in nearest)
     raise ValueError(f"these weights fit no LEGO preset: they hold {_describe(structure)}. Nearest presets: {near}. "
-                     f"Build the model yourself (fastlego.LegoBackbone with img_resolution/model_type/depths lists) "
-                     f"and load_state_dict the weights, or pass model_type= if the preset is known")
+                     f"Pass model_type= with the preset, or the stack as 'REGION:TYPE:DEPTH,...' (TYPE a brick "
+                     f"name such as lego_S_2 or w<WIDTH>p<PATCH>h<HEADS>), or load the file that stores it (a "
+                     f"fastlego training checkpoint.pt, or a fastlego.save_checkpoint file)")
 
 
 # ============================================================================================
@@ -547,8 +290,23 @@ def _check_path(path) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     if os.path.isdir(path):
+        inside = os.path.join(path, CHECKPOINT_NAME)
+        if os.path.exists(inside):
+            raise IsADirectoryError(f"{path!r} is a directory (a training run's folder): pass its checkpoint, {inside!r}")
         raise IsADirectoryError(f"{path!r} is a directory: pass the checkpoint file (.pkl, .pt, .safetensors) inside it")
     return path
+
+
+def _not_a_checkpoint(path: str, why: str) -> ValueError:
+    """The error for a file that is no checkpoint, naming what to pass instead."""
+    hint = ("pass a release .pkl, a fastlego training checkpoint (a run's checkpoint.pt), a "
+            "fastlego.save_checkpoint .safetensors file or a torch.save'd state dict")
+    if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
+        sibling = os.path.join(os.path.dirname(os.path.abspath(path)), CHECKPOINT_NAME)
+        if os.path.exists(sibling) and os.path.exists(path) and not os.path.samefile(sibling, path):
+            hint = f"this folder holds a training run: pass its checkpoint, {sibling!r}"
+    return ValueError(f"{path!r} is not a readable checkpoint: {why}; {hint}")
 
 
 def _is_state_dict(obj) -> bool:
@@ -588,8 +346,11 @@ def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
         for name in _FLOAT_ARGS:
             if isinstance(config.get(name), str):
                 config[name] = float(config[name])  # non-finite floats are stored as "inf" / "nan"
-        config.pop("format_version", None)
-        config.pop("fastlego_version", None)
+        version = config.pop("format_version", 1)
+        written_by = config.pop("fastlego_version", None)
+        if isinstance(version, int) and version > SAFETENSORS_FORMAT_VERSION:
+            raise ValueError(f"{path!r} was written by a newer fastlego ({written_by}, format version {version} > "
+                             f"{SAFETENSORS_FORMAT_VERSION}): upgrade fastlego to load it")
     return tensors, config
 
 
@@ -610,18 +371,32 @@ def _read_checkpoint(path, key: str) -> Tuple[Dict[str, torch.Tensor], Dict[str,
     if _is_safetensors(path):
         return _read_safetensors(path)
     if zipfile.is_zipfile(path):
-        data = _read_torch_file(path)
+        try:
+            data = _read_torch_file(path)
+        except (RuntimeError, EOFError) as exc:  # a zip, but no torch.save archive
+            raise _not_a_checkpoint(path, f"a zip file but no torch.save archive (torch said: "
+                                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     else:
         try:
             data = load_release_pickle(path)
         except UnsafePickleError:
             raise
-        except (EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{path!r} is not a readable checkpoint: truncated, or not a .pkl / torch.save / "
-                             f".safetensors file (pickle said: {exc or type(exc).__name__})") from None
+        except (EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError, OverflowError) as exc:
+            raise _not_a_checkpoint(path, f"truncated, or not a .pkl / torch.save / .safetensors file (pickle said: "
+                                          f"{exc or type(exc).__name__})") from None
         if isinstance(data, int) and data == _TORCH_LEGACY_MAGIC:
             data = _read_torch_file(path)
+    if is_training_checkpoint(data):
+        return _state_from_training_checkpoint(check_training_checkpoint(data, path), key, path)
     return _state_from_unpickled(data, key, path)
+
+
+def _state_from_training_checkpoint(ckpt: dict, key: str, path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A fastlego training checkpoint's network `key` ("ema" or "model") and its spec as arguments."""
+    if key not in ("ema", "model"):
+        raise KeyError(f"{os.fspath(path)!r} is a fastlego training checkpoint: its networks are 'ema' (the "
+                       f"default, the EMA weights) and 'model' (the raw trained weights); got key={key!r}")
+    return dict(ckpt[key]), config_from_spec(ckpt["network"])
 
 
 def _normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -650,7 +425,9 @@ def _backbone_arg_names() -> set:
 
 
 def _split_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(EDMPrecond arguments, backbone arguments); arguments neither takes are dropped with a warning."""
+    """(EDMPrecond arguments, backbone arguments); arguments neither takes are dropped with a warning.
+    A custom stack's "bricks" are handled by `_make_network`."""
+    config = {k: v for k, v in config.items() if k != "bricks"}
     edm_names, backbone_names = set(_EDM_ARGS), _backbone_arg_names()
     edm = {k: v for k, v in config.items() if k in edm_names}
     backbone = {k: v for k, v in config.items() if k in backbone_names}
@@ -661,12 +438,30 @@ def _split_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
     return edm, backbone
 
 
+def _stack_text(model_type) -> Optional[str]:
+    """The REGION:TYPE:DEPTH,... text of a model_type that names a brick stack (with or without
+    the `custom:` prefix of `brick_stack_name`), else None."""
+    if isinstance(model_type, str) and ":" in model_type:
+        return model_type[len("custom:"):] if model_type.startswith("custom:") else model_type
+    return None
+
+
 def _complete_config(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill what the file did not say from the weights: preset, channels, label and augment dims."""
+    """Fill what the file did not say from the weights: preset, channels, label and augment dims.
+    A model_type written as a brick stack ('4:lego_S_2:1,16:w128p8h4:2') becomes "bricks"."""
     config = dict(config)
-    if config.get("model_type") is None:
-        config["model_type"] = infer_preset(state_dict)
-    preset = get_preset(config["model_type"])
+    text = _stack_text(config.get("model_type"))
+    if text is not None:
+        config["bricks"] = parse_bricks(text)
+    if config.get("bricks") is not None:
+        stack = _stack_from_dict(config["bricks"])
+        config["bricks"] = stack
+        config["model_type"] = brick_stack_name(stack["img_resolution"], stack["model_type"], stack["depths"])
+        resolution = max(stack["img_resolution"])
+    else:
+        if config.get("model_type") is None:
+            config["model_type"] = infer_preset(state_dict)
+        resolution = get_preset(config["model_type"]).training_resolution
     structure = brick_structure(state_dict)
     config.setdefault("img_channels", structure[0]["in_channels"] - 2)
     label = state_dict.get("model.y_embedder.embedding_table.weight")
@@ -674,7 +469,7 @@ def _complete_config(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]
     augment = state_dict.get("model.map_augment.weight")
     if augment is not None:
         config.setdefault("augment_dim", int(augment.shape[1]))
-    config.setdefault("img_resolution", preset.training_resolution)
+    config.setdefault("img_resolution", resolution)
     return config
 
 
@@ -713,17 +508,27 @@ def _dense_aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
 
+def _make_network(edm_kwargs: Dict[str, Any], backbone_kwargs: Dict[str, Any], bricks: Optional[dict]) -> EDMPrecond:
+    """EDMPrecond of a preset (its name in model_type), or around the custom stack `bricks`."""
+    if bricks is None:
+        return EDMPrecond(**edm_kwargs, **backbone_kwargs)
+    backbone = LegoBackbone(in_channels=edm_kwargs["img_channels"], label_dim=edm_kwargs.get("label_dim", 0),
+                            **bricks, **backbone_kwargs)
+    return EDMPrecond(**edm_kwargs, backbone=backbone)
+
+
 def _build(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> EDMPrecond:
     edm_kwargs, backbone_kwargs = _split_config(config)
+    bricks = config.get("bricks")
     all_kwargs = dict(edm_kwargs, **backbone_kwargs)
     # Build on the meta device (no memory, no random init) and take the file's tensors as the
     # parameters (assign=True keeps their dtype; requires_grad comes from the model).
     with torch.device("meta"):
-        net = EDMPrecond(**all_kwargs)
+        net = _make_network(edm_kwargs, backbone_kwargs, bricks)
     _check_fit(net, state_dict, all_kwargs)
     net.load_state_dict({k: _dense_aligned(v) for k, v in state_dict.items()}, strict=True, assign=True)
     if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
-        net = EDMPrecond(**all_kwargs)  # some state lives outside the state dict: build for real
+        net = _make_network(edm_kwargs, backbone_kwargs, bricks)  # some state lives outside the state dict: build for real
         net.load_state_dict(state_dict, strict=True)
     return net
 
@@ -733,12 +538,15 @@ def load_checkpoint(path, model_type: Optional[str] = None, key: str = "ema", ma
     """Load a LEGO checkpoint as a `fastlego.EDMPrecond` in eval mode.
 
     `path`: a release `.pkl` (read without running its code; the network under `key`), a
-    `save_checkpoint` safetensors file, or a `torch.save`d state dict (read with
-    `weights_only=True`). Constructor arguments come from the file; `model_type` and
-    `overrides` (EDMPrecond / LegoBackbone arguments, e.g. `use_fp16=True`) replace them;
-    arguments in the file that fastlego does not take are dropped with a warning. Without a
-    `model_type` anywhere the preset is inferred from the weights' shapes. Parameters keep the
-    file's dtype (fp32 in the release) and are moved to the device `map_location` (None: CPU)."""
+    `save_checkpoint` safetensors file, a fastlego training checkpoint (`fastlego train`'s
+    `checkpoint.pt`: `key` "ema", the default, or "model"), or a `torch.save`d state dict (read
+    with `weights_only=True`). Constructor arguments and brick stacks come from the file;
+    `model_type` (a preset name, or a stack 'REGION:TYPE:DEPTH,...') and `overrides`
+    (EDMPrecond / LegoBackbone arguments, e.g. `use_fp16=True`) replace them; arguments in the
+    file that fastlego does not take are dropped with a warning. Without a `model_type` anywhere
+    the preset is inferred from the weights' shapes. Parameters keep the file's dtype (fp32 in
+    the release) and are moved to the device `map_location` (None: CPU). The network's spec is
+    `net.network_spec` (what `fastlego.networks.build_network` takes)."""
     unknown = sorted(set(overrides) - set(_EDM_ARGS) - _backbone_arg_names())
     if unknown:
         raise TypeError(f"load_checkpoint got unknown arguments {unknown}: overrides are EDMPrecond / LegoBackbone "
@@ -748,12 +556,14 @@ def load_checkpoint(path, model_type: Optional[str] = None, key: str = "ema", ma
     config = dict(config)
     if model_type is not None:
         config["model_type"] = model_type
+        config.pop("bricks", None)   # the caller's stack (or preset) replaces the file's
     config.update(overrides)
     config = _complete_config(state_dict, config)
     for name in _FLOAT_ARGS:
         if name in config and config[name] is not None:
             config[name] = float(config[name])
     net = _build(state_dict, config)
+    net.network_spec = spec_from_network(net)
     if map_location is not None:
         net = net.to(map_location)
     return net.eval()
@@ -772,33 +582,43 @@ def _json_value(value):
     return value
 
 
-def checkpoint_config(net: EDMPrecond) -> Dict[str, Any]:
-    """The constructor arguments that rebuild `net`: EDMPrecond's plus the backbone's that differ
-    from a fresh preset model (augment_dim, class_dropout_prob, train_intermediate_stages, ...)."""
-    backbone = net.model
-    preset = get_preset(net.model_type)
-    if list(backbone.img_resolution) != list(preset.regions) or list(backbone.model_type) != list(preset.model_type):
-        raise ValueError(f"this model's bricks (regions {backbone.img_resolution}, types {backbone.model_type}) are not "
-                         f"those of its preset {net.model_type!r}; save_checkpoint stores preset models only: "
-                         f"save net.state_dict() with torch.save or safetensors yourself")
-    config = {name: getattr(net, name) for name in _EDM_ARGS}
-    config.update(augment_dim=backbone.augment_dim, class_dropout_prob=backbone.class_dropout_prob,
-                  train_intermediate_stages=backbone.train_intermediate_stages)
-    if list(backbone.depths) != list(preset.depths):
-        config["depths"] = list(backbone.depths)
-    fc1 = backbone.model[0].blocks[0].mlp.fc1 if len(backbone.model[0].blocks) else None
-    if fc1 is not None and fc1.out_features != 4 * fc1.in_features:
-        config["mlp_ratio"] = fc1.out_features / fc1.in_features
+def config_from_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A network spec (`fastlego.networks.network_spec` / `spec_from_network`) as the constructor
+    arguments a checkpoint file stores: EDMPrecond's, the backbone's options and, for a stack that
+    is no preset, "bricks" (regions, brick types, custom ones as [width, patch, heads], depths)."""
+    options = {k: spec.get(k, v) for k, v in SPEC_DEFAULTS.items()}
+    bricks = None if spec.get("preset") else _stack_from_dict(spec["bricks"])
+    name = spec["preset"] if bricks is None else brick_stack_name(bricks["img_resolution"], bricks["model_type"],
+                                                                   bricks["depths"])
+    config = {"img_resolution": int(spec["img_resolution"]), "img_channels": int(spec["img_channels"]),
+              "label_dim": int(spec["label_dim"]), "use_fp16": bool(options["use_fp16"]),
+              "sigma_min": float(options["sigma_min"]), "sigma_max": float(options["sigma_max"]),
+              "sigma_data": float(options["sigma_data"]), "model_type": name,
+              "augment_dim": int(options["augment_dim"]), "class_dropout_prob": float(spec["class_dropout_prob"]),
+              "train_intermediate_stages": bool(spec["train_intermediate_stages"])}
+    if options["mlp_ratio"] != SPEC_DEFAULTS["mlp_ratio"]:
+        config["mlp_ratio"] = float(options["mlp_ratio"])
+    if bricks is not None:
+        config["bricks"] = bricks
     return config
+
+
+def checkpoint_config(net: EDMPrecond) -> Dict[str, Any]:
+    """The constructor arguments that rebuild `net`, read from the module itself (any brick stack,
+    preset or not; a `network_spec` attribute is not needed): see `config_from_spec`."""
+    return config_from_spec(spec_from_network(net))
 
 
 def save_checkpoint(net: EDMPrecond, path) -> None:
     """Write `net`'s weights (contiguous, on the CPU, `pos_embed` included) to a safetensors file
-    whose metadata holds the constructor arguments as JSON; `load_checkpoint` reads it back."""
+    whose metadata holds, as JSON, everything that rebuilds the network (`checkpoint_config`:
+    constructor arguments, and the brick stack when it is no preset); `load_checkpoint` reads it
+    back. Any EDMPrecond saves: a preset, a custom stack, custom `(width, patch, heads)` bricks."""
     st = _safetensors_module()
     if not isinstance(net, EDMPrecond):
         raise TypeError(f"save_checkpoint takes a fastlego.EDMPrecond, got {type(net).__name__}; wrap a LegoBackbone "
-                        f"in EDMPrecond or save its state_dict() yourself")
+                        f"first: fastlego.EDMPrecond(img_resolution, img_channels, label_dim=backbone.label_dim, "
+                        f"backbone=backbone)")
     from . import __version__
     config = {k: _json_value(v) for k, v in checkpoint_config(net).items()}
     config.update(format_version=SAFETENSORS_FORMAT_VERSION, fastlego_version=__version__)

@@ -45,6 +45,14 @@ Mixed precision: the autocast dtype of the inputs' device is taken at the call (
 wrapper) and passed to the op, whose implementations re-enter exactly that autocast state, so the
 compiled graph and eager agree on dtypes: under bf16/fp16 autocast the matmuls run in the
 autocast dtype with fp32 LN statistics, softmax and reductions, as the reference ops do.
+
+Backend choices: the same way, the dispatcher's settings in force at the call (mode, per-op
+overrides, deterministic switch: `fastlego.dispatch.Settings`, as its text `token`) are the last
+argument of each op, saved on the autograd context and passed to the backward op, whose pieces
+then run under exactly those settings (`fastlego.dispatch.scope`). PyTorch runs the backward of
+CUDA tensors on its own threads, where the forward's `use_backend(...)` block is not open: a
+forward forced to the reference runs every backward piece on the reference too. A compiled
+graph keeps the settings it was traced under.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .dispatch import autocast_dtype, call, choose, current_mode
+from .dispatch import autocast_dtype, call, choose, current_mode, scope, settings_token
 
 _NS = "fastlego"
 
@@ -84,6 +92,12 @@ def _autocast_as(device_type: str, amp: Optional[torch.dtype]):
 def _impl(device_type: str, amp: Optional[torch.dtype]):
     with torch.no_grad(), _autocast_as(device_type, amp):
         yield
+
+
+def _carry(ctx, settings: str) -> None:
+    """Keep the settings the forward ran under for its backward: the op's argument, else (a
+    direct call of the custom op without it) the calling thread's."""
+    ctx.settings = settings or settings_token()
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -184,10 +198,10 @@ def _run(name: str, *args):
 
 @_custom_op("modulated_linear")
 def _modulated_linear(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      activation: Optional[str], amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+                      activation: Optional[str], amp: Optional[torch.dtype], settings: str = "") -> Tuple[Tensor, Tensor]:
     """(out, pre-activation or empty): the forward keeps fc1's pre-GELU output for its backward."""
     dt = amp or h.dtype
-    with _impl(h.device.type, amp):
+    with scope(settings), _impl(h.device.type, amp):
         y = call("modulated_linear", h, shift, scale, weight, bias, None).to(dt)
         if activation is None:
             return _distinct((y, _empty(y)), (h, shift, scale, weight, bias))
@@ -195,7 +209,7 @@ def _modulated_linear(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, b
 
 
 @_modulated_linear.register_fake
-def _(h, shift, scale, weight, bias, activation, amp):
+def _(h, shift, scale, weight, bias, activation, amp, settings=""):
     out = h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=amp or h.dtype)
     return out, (torch.empty_like(out) if activation is not None else out.new_empty((0,)))
 
@@ -203,10 +217,10 @@ def _(h, shift, scale, weight, bias, activation, amp):
 @_custom_op("modulated_linear_backward")
 def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor,
                                pre: Optional[Tensor], activation: Optional[str], amp: Optional[torch.dtype],
-                               has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                               has_bias: bool, settings: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dshift, dscale, dweight, dbias or empty)."""
     dt = amp or h.dtype
-    with _impl(h.device.type, None):
+    with scope(settings), _impl(h.device.type, None):
         g = grad_out.to(dt)
         if activation == "gelu_tanh":
             g = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
@@ -220,22 +234,23 @@ def _modulated_linear_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale
 
 
 @_modulated_linear_backward.register_fake
-def _(grad_out, h, shift, scale, weight, pre, activation, amp, has_bias):
+def _(grad_out, h, shift, scale, weight, pre, activation, amp, has_bias, settings=""):
     return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)))
 
 
 def _modulated_linear_setup(ctx, inputs, output):
-    h, shift, scale, weight, bias, activation, amp = inputs
+    h, shift, scale, weight, bias, activation, amp = inputs[:7]
     ctx.activation, ctx.amp, ctx.has_bias = activation, amp, bias is not None
+    _carry(ctx, inputs[7] if len(inputs) > 7 else "")
     ctx.save_for_backward(h, shift, scale, weight, output[1] if activation is not None else None)
 
 
 def _modulated_linear_grad(ctx, grad_out, _grad_pre):
     h, shift, scale, weight, pre = ctx.saved_tensors
     dh, dshift, dscale, dweight, dbias = _backward(ctx, "modulated_linear_backward")(
-        grad_out, h, shift, scale, weight, pre, ctx.activation, ctx.amp, ctx.has_bias)
-    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None
+        grad_out, h, shift, scale, weight, pre, ctx.activation, ctx.amp, ctx.has_bias, ctx.settings)
+    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None, None
 
 
 _register_autograd(_modulated_linear, _modulated_linear_grad, _modulated_linear_setup)
@@ -245,7 +260,7 @@ _register_autograd(_modulated_linear, _modulated_linear_grad, _modulated_linear_
 # the op's output only.
 
 def modulated_linear(h, shift, scale, weight, bias, activation=None):
-    return _run("modulated_linear", h, shift, scale, weight, bias, activation, autocast_dtype(h))[0]
+    return _run("modulated_linear", h, shift, scale, weight, bias, activation, autocast_dtype(h), settings_token())[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +273,7 @@ def _gated_out_dtype(dt: torch.dtype, gate: Tensor, residual: Tensor) -> torch.d
 
 @_custom_op("linear_gated_residual")
 def _linear_gated_residual(a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, residual: Tensor,
-                           amp: Optional[torch.dtype], keep_y: bool = True) -> Tuple[Tensor, Tensor]:
+                           amp: Optional[torch.dtype], keep_y: bool = True, settings: str = "") -> Tuple[Tensor, Tensor]:
     """(out, y = a W^T + b, or empty unless keep_y): cuBLAS matmul, then one fused residual +
     gate * y pass. The backward needs y for d gate = sum g * y: kept (M x N), or recomputed by
     one more matmul when `keep_y` is False."""
@@ -296,7 +311,7 @@ def _linear_y(a: Tensor, weight: Tensor, bias: Optional[Tensor], dt: torch.dtype
 
 
 @_linear_gated_residual.register_fake
-def _(a, weight, bias, gate, residual, amp, keep_y=True):
+def _(a, weight, bias, gate, residual, amp, keep_y=True, settings=""):
     dt = amp or a.dtype
     y = a.new_empty((*a.shape[:-1], weight.shape[0]) if keep_y else (0,), dtype=dt)
     return residual.new_empty(residual.shape, dtype=_gated_out_dtype(dt, gate, residual)), y
@@ -305,11 +320,11 @@ def _(a, weight, bias, gate, residual, amp, keep_y=True):
 @_custom_op("linear_gated_residual_backward")
 def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
                                     y: Tensor, amp: Optional[torch.dtype],
-                                    has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    has_bias: bool, settings: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dweight, dbias or empty, dgate); d residual is grad_out itself. An empty `y` (not kept
     by the forward) is recomputed from a, weight and bias."""
     dt = amp or a.dtype
-    with _impl(a.device.type, None):
+    with scope(settings), _impl(a.device.type, None):
         x = a.to(dt)
         if y.numel() == 0 and a.numel():
             y = _linear_y(x, weight, bias, dt)
@@ -324,14 +339,15 @@ def _linear_gated_residual_backward(grad_out: Tensor, a: Tensor, weight: Tensor,
 
 
 @_linear_gated_residual_backward.register_fake
-def _(grad_out, a, weight, bias, gate, y, amp, has_bias):
+def _(grad_out, a, weight, bias, gate, y, amp, has_bias, settings=""):
     return (torch.empty_like(a), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)), torch.empty_like(gate))
 
 
 def _linear_gated_residual_setup(ctx, inputs, output):
-    a, weight, bias, gate, residual, amp, keep_y = inputs
+    a, weight, bias, gate, residual, amp = inputs[:6]
     ctx.amp, ctx.has_bias, ctx.residual_dtype = amp, bias is not None, residual.dtype
+    _carry(ctx, inputs[7] if len(inputs) > 7 else "")
     recipe = _RECOMPUTE.get(a) if getattr(ctx, "eager", False) else None
     ctx.a_recipe = recipe[1:] if recipe is not None else None
     ctx.save_for_backward(a if recipe is None else recipe[0], weight, bias, gate, output[1])
@@ -342,8 +358,8 @@ def _linear_gated_residual_grad(ctx, grad_out, _grad_y):
     if ctx.a_recipe is not None:   # a (a window attention's output) was not kept: rerun it from qkv
         a = _RAW["window_attention"](a, *ctx.a_recipe)
     da, dweight, dbias, dgate = _backward(ctx, "linear_gated_residual_backward")(
-        grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias)
-    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None
+        grad_out, a, weight, bias, gate, y, ctx.amp, ctx.has_bias, ctx.settings)
+    return da, dweight, (dbias if ctx.has_bias else None), dgate, grad_out.to(ctx.residual_dtype), None, None, None
 
 
 _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_gated_residual_setup)
@@ -352,7 +368,8 @@ _register_autograd(_linear_gated_residual, _linear_gated_residual_grad, _linear_
 def linear_gated_residual(a, weight, bias, gate, residual, keep_y: bool = True):
     """residual + gate[img] * Linear(a); `keep_y` False recomputes y in the backward instead of
     keeping it (see `fastlego.ops.linear_gated_residual`)."""
-    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), keep_y)[0]
+    return _run("linear_gated_residual", a, weight, bias, gate, residual, autocast_dtype(a), keep_y,
+                settings_token())[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,12 +379,12 @@ def linear_gated_residual(a, weight, bias, gate, residual, keep_y: bool = True):
 @_custom_op("mlp")
 def _mlp(h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
          fc2_weight: Tensor, fc2_bias: Optional[Tensor], gate: Tensor,
-         amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+         amp: Optional[torch.dtype], settings: str = "") -> Tuple[Tensor, Tensor, Tensor]:
     """(out, pre = fc1's pre-activation, y = fc2's output before the gate): modulated_linear
     without its GELU, then cuBLAS fc2 on GELU(pre) (transient) and one fused gate/residual pass.
     The backward keeps pre (M x 4D) and y (M x D) besides the inputs; GELU's output is recomputed."""
     dt = amp or h.dtype
-    with _impl(h.device.type, amp):
+    with scope(settings), _impl(h.device.type, amp):
         pre = call("modulated_linear", h, shift, scale, fc1_weight, fc1_bias, None).to(dt)
     with _impl(h.device.type, None):
         y = _linear_y(pre, fc2_weight, fc2_bias, dt, gelu_input=True)
@@ -376,7 +393,7 @@ def _mlp(h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, fc1_bias: 
 
 
 @_mlp.register_fake
-def _(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp):
+def _(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp, settings=""):
     dt = amp or h.dtype
     pre = h.new_empty((*h.shape[:-1], fc1_weight.shape[0]), dtype=dt)
     return (h.new_empty(h.shape, dtype=_gated_out_dtype(dt, gate, h)), pre,
@@ -386,23 +403,23 @@ def _(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp):
 @_custom_op("mlp_backward")
 def _mlp_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, fc1_weight: Tensor, pre: Tensor,
                   fc2_weight: Tensor, gate: Tensor, y: Tensor, amp: Optional[torch.dtype], has_fc1_bias: bool,
-                  has_fc2_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  has_fc2_bias: bool, settings: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dshift, dscale, dW1, db1 or empty, dW2, db2 or empty, dgate). Order, so that each
     elementwise pass is fused with its neighbours: gated residual backward (dy, dgate, db2 in one
     pass), dP = dy W2 (cuBLAS), then one GELU pass (dP <- dP * GELU'(pre) in place, GELU(pre) for
     dW2, db1), dW2 = dy^T GELU(pre), LN-modulate recompute, dW1 and dA (cuBLAS), and the
     LN-modulate backward, which also adds the residual branch's gradient (grad_out) into dh."""
     return _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp,
-                              has_fc1_bias, has_fc2_bias, overwrite_pre=False)
+                              has_fc1_bias, has_fc2_bias, overwrite_pre=False, settings=settings)
 
 
 def _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_fc1_bias,
-                       has_fc2_bias, overwrite_pre: bool):
+                       has_fc2_bias, overwrite_pre: bool, settings: str = ""):
     """`mlp_backward`; with `overwrite_pre` GELU(pre) is written over `pre` (its last use): one
     M x 4D buffer less at the backward's peak. Only eager autograd passes True, for a graph that
     is not kept (see `_mlp_grad`); the custom op stays functional."""
     dt = amp or h.dtype
-    with _impl(h.device.type, None):
+    with scope(settings), _impl(h.device.type, None):
         dy, dgate, db2 = call("gated_residual_backward", grad_out, y, gate, dt)
         dy2 = dy.reshape(-1, fc2_weight.shape[0])
         dpre = torch.mm(dy2, fc2_weight.to(dt))                         # (M, 4D)
@@ -423,7 +440,7 @@ def _mlp_backward_impl(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, g
 
 
 @_mlp_backward.register_fake
-def _(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_fc1_bias, has_fc2_bias):
+def _(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_fc1_bias, has_fc2_bias, settings=""):
     def bias_grad(w, has):
         return w.new_empty((w.shape[0],) if has else (0,))
     return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(fc1_weight),
@@ -432,8 +449,9 @@ def _(grad_out, h, shift, scale, fc1_weight, pre, fc2_weight, gate, y, amp, has_
 
 
 def _mlp_setup(ctx, inputs, output):
-    h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp = inputs
+    h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, amp = inputs[:9]
     ctx.amp, ctx.has_b1, ctx.has_b2 = amp, fc1_bias is not None, fc2_bias is not None
+    _carry(ctx, inputs[9] if len(inputs) > 9 else "")
     ctx.save_for_backward(h, shift, scale, fc1_weight, output[1], fc2_weight, gate, output[2])
 
 
@@ -453,11 +471,11 @@ def _mlp_grad(ctx, grad_out, _grad_pre, _grad_y):
     if getattr(ctx, "eager", False):
         # pre is this op's private output, saved for this backward only: unless the graph is
         # kept, GELU(pre) may overwrite it (the custom op, under torch.compile, stays functional)
-        grads = _mlp_backward_impl(*args, overwrite_pre=not _graph_is_kept())
+        grads = _mlp_backward_impl(*args, overwrite_pre=not _graph_is_kept(), settings=ctx.settings)
     else:
-        grads = torch.ops.fastlego.mlp_backward(*args)
+        grads = torch.ops.fastlego.mlp_backward(*args, ctx.settings)
     dh, dshift, dscale, dw1, db1, dw2, db2, dgate = grads
-    return (dh, dshift, dscale, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, dgate, None)
+    return (dh, dshift, dscale, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, dgate, None, None)
 
 
 _register_autograd(_mlp, _mlp_grad, _mlp_setup)
@@ -465,7 +483,8 @@ _register_autograd(_mlp, _mlp_grad, _mlp_setup)
 
 def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
     """h + gate[img] * fc2(GELU(fc1(LN(h) * (1 + scale[img]) + shift[img]))) with the fused backward."""
-    return _run("mlp", h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, autocast_dtype(h))[0]
+    return _run("mlp", h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, autocast_dtype(h),
+                settings_token())[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,23 +492,24 @@ def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):
 # --------------------------------------------------------------------------------------------
 
 @_custom_op("window_attention")
-def _window_attention(qkv: Tensor, num_heads: int, amp: Optional[torch.dtype], op: str = "window_attention") -> Tensor:
+def _window_attention(qkv: Tensor, num_heads: int, amp: Optional[torch.dtype], op: str = "window_attention",
+                      settings: str = "") -> Tensor:
     """Attention inside regions; `op` is the dispatched forward ("global_attention" for regions of
     more than 64 tokens in deterministic mode, whose backward is then the reference's)."""
-    with _impl(qkv.device.type, amp):
+    with scope(settings), _impl(qkv.device.type, amp):
         return _distinct((call(op, qkv, num_heads).to(amp or qkv.dtype),), (qkv,))[0]
 
 
 @_window_attention.register_fake
-def _(qkv, num_heads, amp, op="window_attention"):
+def _(qkv, num_heads, amp, op="window_attention", settings=""):
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3), dtype=amp or qkv.dtype)
 
 
 @_custom_op("window_attention_backward")
 def _window_attention_backward(grad_out: Tensor, qkv: Tensor, num_heads: int, amp: Optional[torch.dtype],
-                               op: str = "window_attention") -> Tensor:
+                               op: str = "window_attention", settings: str = "") -> Tensor:
     dt = amp or qkv.dtype
-    with _impl(qkv.device.type, None):
+    with scope(settings), _impl(qkv.device.type, None):
         if op == "global_attention":   # deterministic mode's global attention: the fixed-order reference
             dqkv = reference.attention_backward(qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
         else:
@@ -498,29 +518,32 @@ def _window_attention_backward(grad_out: Tensor, qkv: Tensor, num_heads: int, am
 
 
 @_window_attention_backward.register_fake
-def _(grad_out, qkv, num_heads, amp, op="window_attention"):
+def _(grad_out, qkv, num_heads, amp, op="window_attention", settings=""):
     return torch.empty_like(qkv)
 
 
 def _window_attention_setup(ctx, inputs, output):
-    qkv, num_heads, amp, op = inputs
-    ctx.num_heads, ctx.amp, ctx.op = num_heads, amp, op
+    qkv, num_heads, amp = inputs[:3]
+    ctx.num_heads, ctx.amp = num_heads, amp
+    ctx.op = inputs[3] if len(inputs) > 3 else "window_attention"
+    _carry(ctx, inputs[4] if len(inputs) > 4 else "")
     ctx.save_for_backward(qkv)
 
 
 def _window_attention_grad(ctx, grad_out):
     (qkv,) = ctx.saved_tensors
-    return _backward(ctx, "window_attention_backward")(grad_out, qkv, ctx.num_heads, ctx.amp, ctx.op), None, None, None
+    dqkv = _backward(ctx, "window_attention_backward")(grad_out, qkv, ctx.num_heads, ctx.amp, ctx.op, ctx.settings)
+    return dqkv, None, None, None, None
 
 
 _register_autograd(_window_attention, _window_attention_grad, _window_attention_setup)
 
 
 def window_attention(qkv, num_heads, op: str = "window_attention"):
-    amp = autocast_dtype(qkv)
-    out = _run("window_attention", qkv, num_heads, amp, op)
+    amp, settings = autocast_dtype(qkv), settings_token()
+    out = _run("window_attention", qkv, num_heads, amp, op, settings)
     if op == "window_attention" and out.requires_grad and not torch.compiler.is_compiling():
-        _RECOMPUTE[out] = (qkv, num_heads, amp)
+        _RECOMPUTE[out] = (qkv, num_heads, amp, op, settings)
     return out
 
 
@@ -529,7 +552,8 @@ def window_attention(qkv, num_heads, op: str = "window_attention"):
 # its backward needs for dW; its qkv is kept anyway (the attention's backward needs it). So an
 # eager projection whose input is listed here keeps qkv instead and reruns the same forward (the
 # same kernel on the same qkv: the same bits) in its backward: M x D bytes less per block. Keyed
-# weakly by the output: an entry lives as long as the output does.
+# weakly by the output: an entry lives as long as the output does. An entry is (qkv, the rest of
+# the forward's arguments, its settings token included).
 _RECOMPUTE = torch.utils.weak.WeakIdKeyDictionary()
 
 
@@ -539,14 +563,14 @@ _RECOMPUTE = torch.utils.weak.WeakIdKeyDictionary()
 
 @_custom_op("brick_embed")
 def _brick_embed(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
-                 region: int, amp: Optional[torch.dtype]) -> Tensor:
-    with _impl(x.device.type, amp):
+                 region: int, amp: Optional[torch.dtype], settings: str = "") -> Tensor:
+    with scope(settings), _impl(x.device.type, amp):
         out = call("brick_embed", x, prev, weight, bias, pos_embed, region).to(amp or x.dtype)
         return _distinct((out,), (x, prev, weight, bias, pos_embed))[0]
 
 
 @_brick_embed.register_fake
-def _(x, prev, weight, bias, pos_embed, region, amp):
+def _(x, prev, weight, bias, pos_embed, region, amp, settings=""):
     B, C, H, W = x.shape
     L, T = (H // region) * (W // region), (region // weight.shape[-1]) ** 2
     return x.new_empty((B * L, T, weight.shape[0]), dtype=amp or x.dtype)
@@ -554,12 +578,12 @@ def _(x, prev, weight, bias, pos_embed, region, amp):
 
 @_custom_op("brick_embed_backward")
 def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], weight: Tensor, pos_embed: Tensor,
-                          region: int, amp: Optional[torch.dtype], has_bias: bool
+                          region: int, amp: Optional[torch.dtype], has_bias: bool, settings: str = ""
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dprev or empty, dweight, dbias or empty, dpos)."""
     dt = amp or x.dtype
     D, _, p, _ = weight.shape
-    with _impl(x.device.type, None):
+    with scope(settings), _impl(x.device.type, None):
         g = grad_out.to(dt)
         g2 = g.reshape(-1, D)
         dprev, dx = call("brick_embed_input_grad", g, weight.to(dt), tuple(x.shape), prev is not None, region)
@@ -572,30 +596,31 @@ def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], w
 
 
 @_brick_embed_backward.register_fake
-def _(grad_out, x, prev, weight, pos_embed, region, amp, has_bias):
+def _(grad_out, x, prev, weight, pos_embed, region, amp, has_bias, settings=""):
     return (torch.empty_like(x), torch.empty_like(prev) if prev is not None else x.new_empty((0,)),
             torch.empty_like(weight), weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)),
             torch.empty_like(pos_embed))
 
 
 def _brick_embed_setup(ctx, inputs, output):
-    x, prev, weight, bias, pos_embed, region, amp = inputs
+    x, prev, weight, bias, pos_embed, region, amp = inputs[:7]
     ctx.region, ctx.amp, ctx.has_bias, ctx.has_prev = region, amp, bias is not None, prev is not None
+    _carry(ctx, inputs[7] if len(inputs) > 7 else "")
     ctx.save_for_backward(x, prev, weight, pos_embed)
 
 
 def _brick_embed_grad(ctx, grad_out):
     x, prev, weight, pos_embed = ctx.saved_tensors
     dx, dprev, dweight, dbias, dpos = _backward(ctx, "brick_embed_backward")(
-        grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias)
-    return (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos, None, None)
+        grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias, ctx.settings)
+    return (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos, None, None, None)
 
 
 _register_autograd(_brick_embed, _brick_embed_grad, _brick_embed_setup)
 
 
 def brick_embed(x, prev, weight, bias, pos_embed, region):
-    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, autocast_dtype(x))
+    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, autocast_dtype(x), settings_token())
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,25 +629,26 @@ def brick_embed(x, prev, weight, bias, pos_embed, region):
 
 @_custom_op("final_layer")
 def _final_layer(h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor], region: int,
-                 image_shape: List[int], amp: Optional[torch.dtype]) -> Tensor:
-    with _impl(h.device.type, amp):
+                 image_shape: List[int], amp: Optional[torch.dtype], settings: str = "") -> Tensor:
+    with scope(settings), _impl(h.device.type, amp):
         out = call("final_layer", h, shift, scale, weight, bias, region, tuple(image_shape)).to(amp or h.dtype)
         return _distinct((out,), (h, shift, scale, weight, bias))[0]
 
 
 @_final_layer.register_fake
-def _(h, shift, scale, weight, bias, region, image_shape, amp):
+def _(h, shift, scale, weight, bias, region, image_shape, amp, settings=""):
     return h.new_empty(tuple(image_shape), dtype=amp or h.dtype)
 
 
 @_custom_op("final_layer_backward")
 def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, region: int,
-                          amp: Optional[torch.dtype], has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          amp: Optional[torch.dtype], has_bias: bool,
+                          settings: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dshift, dscale, dweight, dbias or empty)."""
     dt = amp or h.dtype
     C = grad_out.shape[1]
     p = int(round((weight.shape[0] // C) ** 0.5))
-    with _impl(h.device.type, None):
+    with scope(settings), _impl(h.device.type, None):
         dy = reference.patchify_image_grad(grad_out.to(dt), p, region)     # (M, p p C)
         a = call("layernorm_modulate", h, shift, scale, dt)
         dweight = torch.mm(dy.t(), a).to(weight.dtype)
@@ -633,29 +659,31 @@ def _final_layer_backward(grad_out: Tensor, h: Tensor, shift: Tensor, scale: Ten
 
 
 @_final_layer_backward.register_fake
-def _(grad_out, h, shift, scale, weight, region, amp, has_bias):
+def _(grad_out, h, shift, scale, weight, region, amp, has_bias, settings=""):
     return (torch.empty_like(h), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)))
 
 
 def _final_layer_setup(ctx, inputs, output):
-    h, shift, scale, weight, bias, region, image_shape, amp = inputs
+    h, shift, scale, weight, bias, region, image_shape, amp = inputs[:8]
     ctx.region, ctx.amp, ctx.has_bias = region, amp, bias is not None
+    _carry(ctx, inputs[8] if len(inputs) > 8 else "")
     ctx.save_for_backward(h, shift, scale, weight)
 
 
 def _final_layer_grad(ctx, grad_out):
     h, shift, scale, weight = ctx.saved_tensors
     dh, dshift, dscale, dweight, dbias = _backward(ctx, "final_layer_backward")(
-        grad_out, h, shift, scale, weight, ctx.region, ctx.amp, ctx.has_bias)
-    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None, None
+        grad_out, h, shift, scale, weight, ctx.region, ctx.amp, ctx.has_bias, ctx.settings)
+    return dh, dshift, dscale, dweight, (dbias if ctx.has_bias else None), None, None, None, None
 
 
 _register_autograd(_final_layer, _final_layer_grad, _final_layer_setup)
 
 
 def final_layer(h, shift, scale, weight, bias, region, image_shape):
-    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], autocast_dtype(h))
+    return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], autocast_dtype(h),
+                settings_token())
 
 
 # The custom ops and their backward, for opcheck and documentation.

@@ -139,7 +139,9 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def read_image(data: bytes, name: str = "") -> np.ndarray:
-    """Decode image bytes to uint8 `(H, W, C)`: Pillow when installed, else the built-in PNG reader."""
+    """Decode image bytes to uint8 `(H, W, C)`: Pillow when installed, else the built-in PNG reader.
+    Both keep the file's channels (gray, gray+alpha, RGB, RGBA; palettes become RGB), so an image
+    reads the same with or without Pillow; `to_channels` then makes the channels training uses."""
     try:
         from PIL import Image
     except ImportError:
@@ -148,8 +150,8 @@ def read_image(data: bytes, name: str = "") -> np.ndarray:
                              f"pip install pillow for other formats") from None
         return decode_png(data)
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("RGB" if im.mode not in ("1", "I", "I;16", "F") else "L")
+        if im.mode not in ("L", "LA", "RGB", "RGBA"):
+            im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
         a = np.asarray(im)
     return a[:, :, None] if a.ndim == 2 else a
 

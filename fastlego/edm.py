@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .model import LegoBackbone
-from .presets import get_preset
+from .presets import BRICK_TYPES, PRESETS, get_preset
+
+# The release's default network (EDMPrecondLEGO's `model_type` default).
+DEFAULT_MODEL_TYPE = "lego_XL_U_32"
+
+
+def brick_type_name(kind) -> str:
+    """A brick type as text: a release name (`lego_S_4`) as is, a custom `(width, patch, heads)`
+    as `w<WIDTH>p<PATCH>h<HEADS>` (`w128p4h4`), the form `--bricks` reads."""
+    if isinstance(kind, str):
+        return kind
+    width, patch, heads = (int(v) for v in kind)
+    return f"w{width}p{patch}h{heads}"
+
+
+def brick_stack_name(regions: Sequence[int], types: Sequence, depths: Sequence[int]) -> str:
+    """`custom:REGION:TYPE:DEPTH,...`: the name of a brick stack that is no preset."""
+    return "custom:" + ",".join(f"{int(r)}:{brick_type_name(t)}:{int(d)}" for r, t, d in zip(regions, types, depths))
+
+
+def matching_preset(regions: Sequence[int], types: Sequence, depths: Sequence[int],
+                    prefer: Optional[str] = None) -> Optional[str]:
+    """The preset (`fastlego.PRESETS`) with exactly these bricks, `prefer` first; None if none has.
+    A custom `(width, patch, heads)` brick equal to a release brick type counts as that type."""
+    def canonical(kind):
+        if isinstance(kind, str):
+            return kind
+        found = [name for name, value in BRICK_TYPES.items() if value == tuple(int(v) for v in kind)]
+        return found[0] if found else tuple(int(v) for v in kind)
+
+    stack = ([int(r) for r in regions], [canonical(t) for t in types], [int(d) for d in depths])
+    names = ([prefer] if prefer in PRESETS else []) + list(PRESETS)
+    for name in names:
+        preset = PRESETS[name]
+        if stack == (list(preset.regions), list(preset.model_type), list(preset.depths)):
+            return name
+    return None
 
 
 class EDMPrecond(nn.Module):
@@ -18,9 +54,11 @@ class EDMPrecond(nn.Module):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "lego_XL_U_32", backbone: Optional[LegoBackbone] = None, **model_kwargs):
-        """`model_type` names the preset the backbone is built from (the release's way); or pass a
-        ready `backbone` (any brick stack) and `model_type` is only recorded."""
+                 model_type: Optional[str] = None, backbone: Optional[LegoBackbone] = None, **model_kwargs):
+        """`model_type` names the preset the backbone is built from (the release's way; default
+        lego_XL_U_32, the release's default); or pass a ready `backbone` (any brick stack) and
+        `model_type` is only recorded (default: the preset with the backbone's bricks, else the
+        stack's `custom:REGION:TYPE:DEPTH,...` name)."""
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -29,7 +67,11 @@ class EDMPrecond(nn.Module):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model_type = model_type
+        if backbone is not None and model_type is None:
+            stack = (backbone.img_resolution, backbone.model_type, backbone.depths)
+            model_type = matching_preset(*stack) or brick_stack_name(*stack)
+        self.model_type = model_type if model_type is not None else DEFAULT_MODEL_TYPE
+        model_type = self.model_type
         if backbone is not None:
             if model_kwargs:
                 raise TypeError(f"EDMPrecond got a backbone and backbone arguments {sorted(model_kwargs)}: "

@@ -1,5 +1,5 @@
 """`fastlego.explain` (defined here): which backend runs each op call site of a model, and why the others don't.
-`print_info` (also `python -m fastlego info`): the environment and that table."""
+`print_info` (also `python -m fastlego info`): the environment, the LEGO presets and that table."""
 
 from __future__ import annotations
 
@@ -80,22 +80,52 @@ def environment() -> Dict[str, str]:
     return env
 
 
+def preset_table() -> str:
+    """The LEGO presets as a table: name, region size / brick type / depth of each brick (in order),
+    training resolution; then what each brick type is (width, patch size, heads)."""
+    from .presets import BRICK_TYPES, PRESETS
+
+    rows = [("preset", "regions", "brick types", "depths", "trained at")]
+    for p in PRESETS.values():
+        rows.append((p.name, " ".join(map(str, p.regions)), " ".join(p.model_type), " ".join(map(str, p.depths)),
+                     f"{p.training_resolution}x{p.training_resolution}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    used = sorted({t for p in PRESETS.values() for t in p.model_type}, key=list(BRICK_TYPES).index)
+    lines.append("")
+    lines.append(f"{'brick type':<10}  width  patch  heads")
+    for t in used:
+        width, patch, heads = BRICK_TYPES[t]
+        lines.append(f"{t:<10}  {width:>5}  {patch:>5}  {heads:>5}")
+    return "\n".join(lines)
+
+
 def print_info(preset: str = "lego_S_PG_64", batch: int = 2, device: Optional[str] = None) -> Explanation:
-    """Print the environment and, for a small model of `preset`, which backend runs each op."""
+    """Print the environment, the presets and, for a small model of `preset`, which backend runs
+    each op."""
     from .model import LegoBackbone
+    from .presets import get_preset
     from .testing import randomize_
 
+    get_preset(preset)  # an unknown name fails here, listing the known ones
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available; pass --device cpu")
     for k, v in environment().items():
         print(f"{k:>14}: {v}")
+    print("\npresets (fastlego.PRESETS; LegoBackbone.from_preset(name, label_dim=...)):")
+    print("\n".join(("  " + line).rstrip() for line in preset_table().splitlines()))
     model = randomize_(LegoBackbone.from_preset(preset, label_dim=0)).to(device).eval()
     res = model.max_img_size
     x = torch.randn(batch, model.in_channels, res, res, device=device)
     t = torch.randn(batch, device=device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    on_cuda = torch.device(device).type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     with ctx:
         table = explain(model, x, t)
-    print(f"\n{preset}, batch {batch}, {res}x{res}, {device}{' (bf16 autocast)' if device == 'cuda' else ''}:")
+    print(f"\n{preset}, batch {batch}, {res}x{res}, {device}{' (bf16 autocast)' if on_cuda else ''}:")
     seen = set()
     for row in table:  # one line per distinct (op, what, brick kind)
         key = (row.op, row.what, row.chosen, tuple(sorted(row.refused)))

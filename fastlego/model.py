@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import dispatch, ops
 from .presets import BRICK_TYPES, get_preset
 from .reference import adaln_modulation, sincos_pos_embed
 
@@ -127,7 +127,8 @@ class Brick(nn.Module):
     def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
         if self.checkpointing == "brick" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, prev, c, use_reentrant=False, preserve_rng_state=False)
+            return checkpoint(self._forward, x, prev, c, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=dispatch.checkpoint_contexts)
         return self._forward(x, prev, c)
 
     # A brick draws no random numbers (label dropout happens in the embedder, before the bricks),
@@ -139,7 +140,8 @@ class Brick(nn.Module):
         per_block = self.checkpoint_blocks if self.checkpointing == "block" and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < per_block:
-                h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False)
+                h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False,
+                               context_fn=dispatch.checkpoint_contexts)
             else:
                 h = block(h, c)
         return self.final_layer(h, c, self.region, x.shape)
@@ -376,15 +378,26 @@ class LegoBackbone(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def _labels(self, class_labels, batch: int):
-        """Class ids (B,) int -> one-hot float; float labels pass through (checked)."""
+        """Class ids (B,) int -> one-hot float; float labels pass through (checked).
+
+        Ids are range-checked without a host-device sync, so a CUDA-graph step or sampler with
+        integer labels captures: CPU ids outside 0..label_dim-1 raise; on a GPU such an id's row
+        is NaN instead (its image's output is NaN, never another class's)."""
         if class_labels is None or self.label_dim == 0:
             return class_labels
         if not torch.is_floating_point(class_labels):
             if class_labels.dim() != 1:
                 raise ValueError(f"integer class_labels must be class ids of shape (B,), got {tuple(class_labels.shape)}")
-            if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= self.label_dim):
-                raise ValueError(f"class ids must lie in 0..{self.label_dim - 1}")
-            class_labels = F.one_hot(class_labels.long(), self.label_dim).to(self.dtype)
+            ids = class_labels.long()
+            if ids.device.type == "cpu":   # reading CPU values costs no device sync
+                bad = ids[(ids < 0) | (ids >= self.label_dim)]
+                if bad.numel():
+                    raise ValueError(f"class ids must lie in 0..{self.label_dim - 1}, got {bad.unique().tolist()[:8]}")
+                class_labels = F.one_hot(ids, self.label_dim).to(self.dtype)
+            else:                          # compared on the device: no .item(), no sync
+                classes = torch.arange(self.label_dim, device=ids.device)
+                valid = ((ids >= 0) & (ids < self.label_dim))[:, None]
+                class_labels = torch.where(valid, (ids[:, None] == classes).to(self.dtype), float("nan"))
         if class_labels.dim() != 2 or class_labels.shape[1] != self.label_dim:
             raise ValueError(f"class_labels must have shape (B, {self.label_dim}) (one-hot or all-zero float "
                              f"rows) or (B,) integer ids; got {tuple(class_labels.shape)}")

@@ -68,9 +68,12 @@ _BACKENDS.update({
          f"{_K}.brick_embed:brick_embed_input_grad_not_supported_reasons"),
         ("reference", "fastlego.reference:brick_embed_input_grad", None)],
 })
+# Ops whose backends write into their arguments (gelu_tanh_backward overwrites grad, and pre with
+# act_into_pre): a failed call is re-raised, never retried on another backend (see fastlego.dispatch).
+_IN_PLACE = {"gelu_tanh_backward"}
 for _op, _list in _BACKENDS.items():
     for _i, (_name, _target, _reasons) in enumerate(_list):
-        register(_op, _name, _target, _reasons, priority=_i)
+        register(_op, _name, _target, _reasons, priority=_i, in_place=_op in _IN_PLACE)
 
 
 def _route(op: str, args: tuple, custom, reference_op):

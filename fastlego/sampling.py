@@ -11,9 +11,25 @@ stop after brick `skip_stage_idx` (default `num_bricks - 2`, i.e. the last brick
 the noise is low), both evaluations of a Heun step alike, also under guidance. `t_break=1` runs
 every brick throughout (the release's sampler, which never actually skips).
 
+Same seed, same image as the release's generate.py (EDM's sampler with LEGO's networks), for
+the same weights, labels and sampler arguments, to float rounding, with or without guidance and
+churn: each seed has its own generator, seeded with `seed mod 2^32`, and spends it in the
+release's order: the latent (C, H, W) in float32; for a class-conditional network one class id
+`randint(label_dim)`, drawn even when `class_idx` / `class_ids` replace it; then one float64
+normal per sampler step, also on the steps that an S_min..S_max window leaves without churn
+(only the draws after the last churning step, which change nothing, are left out). Guidance is
+`uncond + cfg_scale (cond - uncond)` on the network's output, the unconditional half with
+all-zero labels, in one batched call (cfg_scale 1 makes one conditional pass: the same to float
+rounding). Deliberate differences, none of which changes a release-matching setting's images:
+`t_break < 1` really skips bricks, also under guidance (the release's skip switch runs every
+brick, so any of its settings is `t_break=1` here); non-square sizes (the release samples
+squares); `num_steps=1` samples at sigma_max (the release's schedule divides by zero); the
+samples come back in float32 (the release keeps float64 until the uint8 conversion).
+
 `sample` adds the plumbing: per-image seeds (one generator per seed, so an image depends only on
 its seed), batches, optional CUDA-graph replay of the network, PNG grids / per-image PNGs / an
-.npz for FID tools.
+.npz for FID tools (never replacing existing files unless asked), and the seeds split over
+the processes of `torchrun` with the same files as one process.
 """
 
 from __future__ import annotations
@@ -30,8 +46,8 @@ import numpy as np
 import torch
 
 from .data import float_to_uint8, make_grid, write_png
-from .training import (ProgressBar, is_training_checkpoint, check_training_checkpoint,
-                       network_from_checkpoint)
+from .progress import ProgressBar
+from .training_checkpoint import check_training_checkpoint, is_training_checkpoint, network_from_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,19 +56,28 @@ from .training import (ProgressBar, is_training_checkpoint, check_training_check
 
 class StackedRandomGenerator:
     """A batch of independent generators, one per seed: image i's noise depends only on seeds[i]
-    (EDM's scheme), so any subset of seeds, in any batch, reproduces the same images."""
+    (EDM's scheme), so any subset of seeds, in any batch, reproduces the same images.
+
+    Seeded with `seed mod 2^32` as the release's generate.py seeds them (so seed s and s + 2^32
+    give the same image). Each call draws one tensor of `size[1:]` from every seed's generator,
+    in the order the caller asks: `sample` draws the latent, then the class id, then the sampler
+    one churn-noise tensor per step."""
 
     def __init__(self, device, seeds: Sequence[int]):
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn(self, size, dtype=torch.float32):
+        if size[0] != len(self.generators):
+            raise ValueError(f"randn size {list(size)} must start with the number of seeds, {len(self.generators)}")
         return torch.stack([torch.randn(size[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normals shaped and typed like x (float64 in the sampler), on the generators' device."""
         return self.randn(x.shape, dtype=x.dtype)
 
     def randint(self, high: int) -> torch.Tensor:
+        """One class id in 0..high-1 per seed (int64)."""
         return torch.stack([torch.randint(high, (), generator=g, device=self.device) for g in self.generators])
 
 
@@ -116,12 +141,23 @@ def edm_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Tensor]
 
     `net(x, sigma, class_labels, cfg_scale=..., return_stage_idx=...)` is the denoiser (an
     EDMPrecond); `denoiser(x, sigma, stage)` overrides the call (CUDA graphs, toy models). The
-    state is kept in float64 as EDM does. `cfg_scale` None or 1 means no guidance."""
+    state is kept in float64 as EDM does. `cfg_scale` None or 1 means no guidance.
+
+    `randn_like(x)` gives the churn noise. As in the release, every step draws one tensor, also
+    the steps that the S_min..S_max window leaves without churn (they scale it by 0), so that a
+    seed's later draws are the release's; only the draws after the last churning step, which
+    cannot change any image, are left out (with S_churn = 0, none is drawn)."""
     if S_churn < 0 or S_noise < 0:
         raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
     sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0) or 0)) if net is not None else sigma_min
     sigma_max = min(sigma_max, float(getattr(net, "sigma_max", float("inf")))) if net is not None else sigma_max
+    # The network's representable noise levels (EDM's `round_sigma`; the identity for EDMPrecond).
+    round_sigma = getattr(net, "round_sigma", None) or (lambda s: s)
     t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = torch.cat([torch.as_tensor(round_sigma(t_steps[:-1])).to(t_steps), t_steps[-1:]])
+    # gamma_i = min(S_churn / N, sqrt(2) - 1) where S_min <= t_i <= S_max, else 0 (Algorithm 2).
+    gammas = [min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t) <= S_max else 0.0 for t in t_steps[:-1]]
+    last_draw = max((i for i, g in enumerate(gammas) if g > 0), default=-1)
     n_full = full_steps(num_steps, t_break)
     stage_late = resolve_skip_stage(net, t_break, skip_stage_idx) if n_full < num_steps else None
     if cfg_scale is not None and float(cfg_scale) == 1.0:
@@ -135,13 +171,16 @@ def edm_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Tensor]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         stage = None if i < n_full else stage_late
         x_cur = x_next
-        # Churn: raise the noise level to t_hat = (1 + gamma) t_cur and add the matching noise.
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur
+        # Churn: raise the noise level to t_hat = t_cur + gamma t_cur and add noise of variance
+        # t_hat^2 - t_cur^2. The noise is drawn on every step up to the last churning one,
+        # churning or not, to spend each seed's stream as the release does.
+        gamma = gammas[i]
+        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur)).to(t_cur)
+        noise = randn_like(x_cur) if i <= last_draw else None
         if gamma > 0:
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise
         else:
-            x_hat = x_cur
+            x_hat = x_cur  # the release adds 0 * noise: the same values
         # Euler step from t_hat to t_next along d = (x - D(x)) / sigma.
         denoised = denoiser(x_hat, t_hat.to(torch.float32), stage).to(torch.float64)
         d_cur = (x_hat - denoised) / t_hat
@@ -241,7 +280,7 @@ def load_network(path: str, which: str = "ema", device="cpu"):
 
 
 def parse_seeds(text: Union[str, Sequence[int], range]) -> List[int]:
-    """"0-63" / "1,5,9" / "0-3,10" -> a list of ints (seeds >= 0)."""
+    """"0-63" / "1,5,9" / "0-3,10" (or a list of ints) -> a list of distinct seeds >= 0, in order."""
     if not isinstance(text, str):
         seeds = [int(s) for s in text]
     else:
@@ -262,6 +301,11 @@ def parse_seeds(text: Union[str, Sequence[int], range]) -> List[int]:
         raise ValueError("no seeds given: expected e.g. 0-63 or 1,5,9")
     if min(seeds) < 0:
         raise ValueError(f"seeds must be >= 0, got {min(seeds)}")
+    if len(set(seeds)) != len(seeds):  # a seed's image twice: same file written twice, a biased set
+        seen = set()
+        twice = sorted({s for s in seeds if s in seen or seen.add(s)})
+        raise ValueError(f"seeds listed more than once: {', '.join(map(str, twice[:5]))}; each seed gives one "
+                         f"image, so list each once (e.g. 0-63)")
     return seeds
 
 
@@ -289,6 +333,8 @@ class SampleResult:
     seconds: float                         # sampler time (network + update), files excluded
     images_per_second: float
     files: Dict[str, object] = field(default_factory=dict)
+    rank: int = 0                          # this process's rank under torchrun (0: one process)
+    world: int = 1                         # processes that shared the seeds
 
 
 def _autocast(precision: str, device: torch.device, cuda_graph: bool = False):
@@ -313,7 +359,8 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
            t_break: float = 1.0, skip_stage_idx: Optional[int] = None, outdir: Optional[str] = None,
            prefix: str = "", grid: bool = True, grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
            images: bool = False, npz: bool = False, device=None, precision: str = "fp32", cuda_graph: bool = False,
-           which: str = "ema", progress: bool = True) -> SampleResult:
+           which: str = "ema", progress: bool = True, overwrite: bool = False,
+           distributed: Optional[bool] = None, deterministic: bool = False) -> SampleResult:
     """Generate one image per seed with EDM's Heun sampler and write the requested files.
 
     network: an EDMPrecond or a path (see `load_network`). Labels: `class_idx` for every image,
@@ -323,7 +370,18 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
     `outdir`: `{prefix}grid.png` (`grid_pad` gray pixels between images, enlarged `grid_scale`
     times), `{prefix}images/{seed:06d}.png` (images=True), and
     `{prefix}samples.npz` (npz=True; uint8 NHWC under `arr_0`, as FID tools read it).
-    Networks with other than 1 or 3 channels (latents) write only the .npz of raw samples."""
+    Networks with other than 1 or 3 channels (latents) write only the .npz of raw samples.
+    Files that a run would replace make it stop before any sampling unless `overwrite=True`.
+    `deterministic=True` fixes every kernel choice by a fixed rule instead of the tuned table
+    (`fastlego.set_deterministic`): the same bits run to run and process to process on GPUs.
+
+    Several processes (`torchrun --nproc_per_node N`; distributed=None joins them when torchrun
+    started this one, False samples everything here): the seeds are cut into batches of
+    `batch_size` exactly as one process cuts them and the batches are dealt out in turn, so each
+    image comes from the same batch and the files are those of one process (byte for byte on the
+    CPU; on GPUs with deterministic=True, as autotuned kernels may pick other tilings). Rank 0
+    gathers the images and writes every file; its result holds all images, the other ranks'
+    results their own share."""
     seeds = parse_seeds(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -331,14 +389,112 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
         raise ValueError(f"grid_scale must be >= 1 and grid_pad >= 0, got {grid_scale}, {grid_pad}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {dev} asked for but CUDA is not available; pass device='cpu'")
+    from .dispatch import deterministic as fixed_kernels
+
+    procs = _Processes.join(device, distributed)
+    try:
+        with fixed_kernels() if deterministic else contextlib.nullcontext():
+            return _sample(procs, network, seeds, class_idx=class_idx, class_ids=class_ids, height=height, width=width,
+                           resolution=resolution, batch_size=batch_size, num_steps=num_steps, sigma_min=sigma_min,
+                           sigma_max=sigma_max, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                           cfg_scale=cfg_scale, t_break=t_break, skip_stage_idx=skip_stage_idx, outdir=outdir,
+                           prefix=prefix, grid=grid, grid_columns=grid_columns, grid_pad=grid_pad,
+                           grid_scale=grid_scale, images=images, npz=npz, precision=precision, cuda_graph=cuda_graph,
+                           which=which, progress=progress, overwrite=overwrite)
+    finally:
+        procs.close()
+
+
+@dataclass
+class _Processes:
+    """The processes that share a `sample` call: rank, world size and device (fastlego.distributed's
+    torchrun setup), plus a gloo group for the Python-object collectives (CPU tensors, also
+    when the sampling itself runs on NCCL)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    created_group: bool = False      # this call created the default process group: destroy it at the end
+    objects: object = None           # the group for gather/broadcast of objects (None: the default group)
+    created_objects: bool = False    # `objects` is a group of our own: destroy it at the end
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def join(cls, device, distributed: Optional[bool]) -> "_Processes":
+        if distributed is None:
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not distributed:
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            dev = torch.device(device if device is not None else default)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {dev} asked for but CUDA is not available; pass device='cpu'")
+            return cls(device=dev)
+        import torch.distributed as dist
+        from .distributed import setup_distributed
+
+        dctx = setup_distributed(None if device is None else str(device))
+        procs = cls(dctx.rank, dctx.world, dctx.device, dctx.created_group)
+        if procs.world > 1 and dist.get_backend() != "gloo":
+            procs.objects, procs.created_objects = dist.new_group(backend="gloo"), True
+        return procs
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0, group=self.objects)
+        return box[0]
+
+    def gather(self, obj) -> Optional[list]:
+        """Every rank's `obj` in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0, group=self.objects)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier(group=self.objects)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        if self.created_objects and dist.is_initialized():
+            dist.destroy_process_group(self.objects)
+        if self.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_outputs(procs: _Processes, outdir: str, prefix: str, seeds: Sequence[int], grid: bool, images: bool,
+                   npz: bool, channels: Optional[int]) -> None:
+    """Refuse (on every rank alike: rank 0 looks, the others hear its answer) to replace files."""
+    clashes = existing_outputs(outdir, prefix, seeds, grid=grid, images=images, npz=npz,
+                               channels=channels) if procs.main else None
+    refuse_overwrite(procs.broadcast(clashes), outdir)
+
+
+def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_ids, height, width, resolution,
+            batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, cfg_scale, t_break,
+            skip_stage_idx, outdir, prefix, grid, grid_columns, grid_pad, grid_scale, images, npz, precision,
+            cuda_graph, which, progress, overwrite) -> SampleResult:
+    dev = procs.device
     if cuda_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device (the graphs are CUDA's); drop it on the CPU")
+    known_channels = None if isinstance(network, str) else int(getattr(network, "img_channels", 0) or 0) or None
+    if outdir is not None and not overwrite:  # before the network is even read
+        _check_outputs(procs, outdir, prefix, seeds, grid, images, npz, known_channels)
     net = load_network(network, which=which, device=dev) if isinstance(network, str) else network.eval().to(dev)
     H, W = output_size(net, height, width, resolution)
     C = int(net.img_channels)
+    if outdir is not None and not overwrite and known_channels is None and C not in (1, 3):
+        _check_outputs(procs, outdir, prefix, seeds, grid, images, npz, C)  # latents: samples.npz in any case
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     if cfg_scale is not None and label_dim == 0:
         raise ValueError("cfg_scale needs a class-conditional network; this one is unconditional (label_dim=0)")
@@ -359,22 +515,40 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
         resolve_skip_stage(net, t_break, skip_stage_idx)
     edm_sigmas(num_steps, sigma_min, sigma_max, rho)
 
+    # The batches one process would run, dealt out in turn: batch b goes to rank b % world.
+    starts = list(range(0, len(seeds), batch_size))
+    mine = starts[procs.rank::procs.world]
+    if procs.main and len(starts) < procs.world:
+        print(f"fastlego sample: {len(seeds)} seeds make {len(starts)} batch(es) of up to {batch_size} for "
+              f"{procs.world} processes, so {procs.world - len(starts)} of them have nothing to do: pass a batch "
+              f"size of at most {-(-len(seeds) // procs.world)} (--batch) to use them all", file=sys.stderr)
+    if dev.type == "cuda":
+        # Each matmul's path (fused Triton GEMM or cuBLAS), chosen once at the first batch's shape
+        # before any timing or capture; a collective under torchrun (every rank reaches it).
+        from .tuning import tune
+
+        n0 = min(batch_size, len(seeds))
+        with torch.no_grad(), _autocast(precision, dev, cuda_graph):
+            tune(net, torch.zeros(n0, C, H, W, device=dev), torch.ones(n0, device=dev),
+                 torch.zeros(n0, label_dim, device=dev) if label_dim else None, cfg_scale=cfg_scale)
     graph = CudaGraphDenoiser(net, cfg_scale if cfg_scale != 1.0 else None) if cuda_graph else None
-    bar = ProgressBar(len(seeds) * num_steps, "sample", enabled=progress, unit="step")
+    bar = ProgressBar(sum(len(seeds[s:s + batch_size]) for s in mine) * num_steps, "sample",
+                      enabled=progress and procs.main, unit="step")
     outputs, all_labels = [], []
     seconds = 0.0
-    for start in range(0, len(seeds), batch_size):
+    for start in mine:
         batch_seeds = seeds[start:start + batch_size]
         rnd = StackedRandomGenerator(dev, batch_seeds)
         latents = rnd.randn([len(batch_seeds), C, H, W])
         labels = ids = None
         if label_dim:
+            # The random class is drawn even when a given class replaces it (as the release
+            # does): each seed's churn noise then comes from the same place in its stream.
+            ids = rnd.randint(label_dim)
             if class_idx is not None:
                 ids = torch.full((len(batch_seeds),), class_idx, dtype=torch.long, device=dev)
             elif class_ids is not None:
                 ids = torch.tensor(class_ids[start:start + batch_size], dtype=torch.long, device=dev)
-            else:
-                ids = rnd.randint(label_dim)
             labels = torch.nn.functional.one_hot(ids, label_dim).to(torch.float32)
             all_labels.append(ids.cpu())
         denoiser = None
@@ -392,12 +566,30 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
         seconds += time.perf_counter() - t0
         outputs.append(x.cpu())
     bar.close()
-    result = SampleResult(images=torch.cat(outputs), seeds=seeds,
+
+    my_seeds = [s for start in mine for s in seeds[start:start + batch_size]]
+    empty = torch.empty(0, C, H, W)
+    result = SampleResult(images=torch.cat(outputs) if outputs else empty, seeds=my_seeds,
                           labels=torch.cat(all_labels) if all_labels else None, seconds=seconds,
-                          images_per_second=len(seeds) / max(seconds, 1e-9))
-    if outdir is not None:
+                          images_per_second=len(my_seeds) / max(seconds, 1e-9), rank=procs.rank, world=procs.world)
+    if procs.world > 1:
+        # Rank 0 puts the batches back in seed order; the sampling time is the slowest rank's.
+        parts = procs.gather((mine, outputs, all_labels, seconds))
+        if procs.main:
+            by_start = {}
+            for starts_r, outputs_r, labels_r, _ in parts:
+                for i, start in enumerate(starts_r):
+                    by_start[start] = (outputs_r[i], labels_r[i] if labels_r else None)
+            ordered = [by_start[start] for start in starts]
+            seconds = max(p[3] for p in parts)
+            result = SampleResult(images=torch.cat([x for x, _ in ordered]), seeds=seeds,
+                                  labels=torch.cat([y for _, y in ordered]) if label_dim else None, seconds=seconds,
+                                  images_per_second=len(seeds) / max(seconds, 1e-9), rank=0, world=procs.world)
+    if outdir is not None and procs.main:
         result.files = write_samples(result, outdir, prefix=prefix, grid=grid, grid_columns=grid_columns,
-                                     grid_pad=grid_pad, grid_scale=grid_scale, images=images, npz=npz)
+                                     grid_pad=grid_pad, grid_scale=grid_scale, images=images, npz=npz,
+                                     overwrite=overwrite)
+    procs.barrier()  # every rank returns once the files exist
     return result
 
 
@@ -411,13 +603,78 @@ class _Scaled:
         self.bar.update(n * self.k)
 
 
+def planned_outputs(outdir: str, prefix: str, seeds: Sequence[int], grid: bool = True, images: bool = False,
+                    npz: bool = False, channels: Optional[int] = None) -> List[str]:
+    """The paths `write_samples` writes for these seeds and options (channels None: not known yet,
+    taken as a picture network, 1 or 3 channels; other counts write only the .npz)."""
+    pictures = channels is None or channels in (1, 3)
+    paths = []
+    if pictures and grid:
+        paths.append(os.path.join(outdir, f"{prefix}grid.png"))
+    if pictures and images:
+        paths += [os.path.join(outdir, f"{prefix}images", f"{int(s):06d}.png") for s in seeds]
+    if npz or not pictures:
+        paths.append(os.path.join(outdir, f"{prefix}samples.npz"))
+    return paths
+
+
+def existing_outputs(outdir: str, prefix: str, seeds: Sequence[int], grid: bool = True, images: bool = False,
+                     npz: bool = False, channels: Optional[int] = None) -> List[str]:
+    """Those of `planned_outputs` that exist already (files a run would replace)."""
+    if not os.path.isdir(outdir):
+        return []
+    listing: Dict[str, set] = {}  # one directory listing per folder instead of a stat per image
+    clashes = []
+    for path in planned_outputs(outdir, prefix, seeds, grid=grid, images=images, npz=npz, channels=channels):
+        folder, name = os.path.split(path)
+        if folder not in listing:
+            listing[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if name in listing[folder]:
+            clashes.append(path)
+    return clashes
+
+
+def refuse_overwrite(clashes: Sequence[str], outdir: str, what: str = "nothing was sampled") -> None:
+    """Raise FileExistsError naming the files a run would replace (nothing when there are none)."""
+    if not clashes:
+        return
+    shown = ", ".join(os.path.relpath(p, outdir) for p in clashes[:5])
+    more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+    raise FileExistsError(f"{outdir} already holds {len(clashes)} of the files this run would write ({shown}{more}); "
+                          f"{what}. Pass --overwrite (overwrite=True) to replace them, or choose "
+                          f"another --outdir")
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    """np.savez with fixed zip timestamps (np.savez stamps the current time, so the same arrays
+    would give different bytes a second later), written to a temporary name and then renamed."""
+    import zipfile
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_samples(result: SampleResult, outdir: str, prefix: str = "", grid: bool = True,
                   grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
-                  images: bool = False, npz: bool = False) -> Dict[str, object]:
-    """Write a SampleResult's grid / per-image PNGs / npz; returns the paths written."""
+                  images: bool = False, npz: bool = False, overwrite: bool = False) -> Dict[str, object]:
+    """Write a SampleResult's grid / per-image PNGs / npz; returns the paths written. Files that
+    exist already are replaced only with overwrite=True (FileExistsError naming them otherwise).
+    The bytes depend only on the images, seeds and labels (no timestamps)."""
+    C = result.images.shape[1]
+    if not overwrite:
+        refuse_overwrite(existing_outputs(outdir, prefix, result.seeds, grid=grid, images=images, npz=npz,
+                                          channels=C), outdir, "nothing was written")
     os.makedirs(outdir, exist_ok=True)
     files: Dict[str, object] = {}
-    C = result.images.shape[1]
     if C in (1, 3):
         u8 = float_to_uint8(result.images)
         if grid:
@@ -438,14 +695,14 @@ def write_samples(result: SampleResult, outdir: str, prefix: str = "", grid: boo
         if npz:
             path = os.path.join(outdir, f"{prefix}samples.npz")
             extra = {} if result.labels is None else {"labels": result.labels.numpy()}
-            np.savez(path, arr_0=u8.numpy(), seeds=np.asarray(result.seeds), **extra)
+            _save_npz(path, arr_0=u8.numpy(), seeds=np.asarray(result.seeds), **extra)
             files["npz"] = path
     else:
         # Latent-space samples (e.g. 4-channel Stable-Diffusion latents) need a VAE to become
         # pictures: keep the raw values for the decoder.
         path = os.path.join(outdir, f"{prefix}samples.npz")
         extra = {} if result.labels is None else {"labels": result.labels.numpy()}
-        np.savez(path, samples=result.images.numpy(), seeds=np.asarray(result.seeds), **extra)
+        _save_npz(path, samples=result.images.numpy(), seeds=np.asarray(result.seeds), **extra)
         files["npz"] = path
         if grid or images:
             print(f"fastlego sample: the network makes {C}-channel samples (latents?); PNGs need 1 or 3 channels, "

@@ -101,8 +101,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import (autocast_dtype, forward_only_reasons, is_deterministic, triton_interpreting,
-                              triton_reasons)
+from fastlego import tuning
+from fastlego.dispatch import autocast_dtype, forward_only_reasons, triton_interpreting, triton_reasons
 from fastlego.reference import LN_EPS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -788,63 +788,58 @@ def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=Non
 
 
 # --------------------------------------------------------------------------------------------
-# Path choice, measured. On an H200 (bench/RESULTS.md, 2026-11-27) the fused GEMM above reached
-# 230-400 TFLOP/s where cuBLAS reaches ~600+: the prologue's normalise-and-modulate sits between
-# the A loads and the MMAs and the pipeliner cannot hide it. Path (b) moves LN-modulate into one
-# memory-bound pass (read h, write A: 2 * M * K elements, ~0.1 ms at S_PG_64's qkv) and leaves
-# the matmul to cuBLAS. Which is faster depends on the shape and the card, so the first call of
-# each shape times both (CUDA events, after a warm-up that also runs Triton's autotuner) and the
-# winner is cached. Under CUDA-graph capture no timing is possible: the cached choice or (b).
+# Path choice: looked up, never measured inside a call. On an H200 (bench/RESULTS.md, 2026-11-27)
+# the fused GEMM above reached 230-400 TFLOP/s where cuBLAS reaches ~600+: the prologue's
+# normalise-and-modulate sits between the A loads and the MMAs and the pipeliner cannot hide it.
+# Path (b) moves LN-modulate into one memory-bound pass (read h, write A: 2 * M * K elements,
+# ~0.1 ms at S_PG_64's qkv) and leaves the matmul to cuBLAS. Which is faster depends on the shape
+# and the card: `fastlego.tune` (fastlego/tuning.py) measures both paths, the fused GEMM in each
+# tile config below, outside any model call, and the launchers look the shape up here. Untuned
+# shapes and deterministic mode take the fixed rule (`tuning.fixed_path`: cuBLAS on CUDA, the fused
+# GEMM under the interpreter). Nothing here times or syncs, so a call is the same in eager, in a
+# CUDA-graph capture and on every DDP rank.
 # --------------------------------------------------------------------------------------------
 
-_PATH_CACHE: dict = {}
-
-
-def _shape_key(op, x, weight, per_image, extra):
+def _shape_key(op, x, weight, per_image, extra) -> str:
+    """The tuning key of a call: op, rows M (as the next power of two, the autotuner's bucket),
+    N, K, rows per image, the dtypes (input, weight, autocast's) and the op's extra (activation,
+    or residual and gate dtypes)."""
     M = x.numel() // x.shape[-1]
-    return (op, triton.next_power_of_2(max(M, 1)), weight.shape[0], x.shape[-1], M // max(per_image.shape[0], 1),
-            x.dtype, weight.dtype, _autocast_dtype([x, weight]), extra)
+    amp = _autocast_dtype([x, weight])
+    return (f"{op}|M<={triton.next_power_of_2(max(M, 1))}|N={weight.shape[0]}|K={x.shape[-1]}"
+            f"|rows={M // max(per_image.shape[0], 1)}|{x.dtype}|{weight.dtype}|amp={amp}|{extra}").replace("torch.", "")
 
 
-def _time_ms(fn, reps: int = 3) -> float:
-    fn()  # warm-up: compiles and autotunes
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _fastest(key, candidates, x):
-    """The name of the fastest candidate for this shape (measured once per key, see above)."""
-    if key in _PATH_CACHE:
-        return _PATH_CACHE[key]
-    names = list(candidates)
+def _tuning_configs(x: torch.Tensor, weight: torch.Tensor) -> list:
+    """The fused GEMM's tile configs worth timing for A = x and W = weight: those whose staged
+    tiles fit shared memory (A in x's dtype, W in the compute dtype, as `_prune_configs` counts);
+    under the interpreter only its fixed config (None)."""
     if triton_interpreting() or not x.is_cuda:
-        return names[0]
-    if torch.cuda.is_current_stream_capturing() or is_deterministic():
-        return names[-1]   # no timing possible / a fixed, autotune-free path (deterministic mode)
-    times = {name: _time_ms(fn) for name, fn in candidates.items()}
-    _PATH_CACHE[key] = min(times, key=times.get)
-    return _PATH_CACHE[key]
+        return [None]
+    w_bytes = torch.empty((), dtype=_autocast_dtype([x, weight]) or x.dtype).element_size()
+    kept = [c for c in GEMM_CONFIGS if config_fits(c, x.element_size(), w_bytes)]
+    return kept or [GEMM_CONFIGS[-1]]
+
+
+# The candidates `fastlego.tune` times (arguments as the public launchers take them).
+tuning.register_gemm("modulated_linear", fused=lambda *a, config: _modulated_linear(*a, config=config),
+                     cublas=lambda *a: modulated_linear_cublas(*a), configs=lambda a: _tuning_configs(a[0], a[3]))
+tuning.register_gemm("linear_gated_residual", fused=lambda *a, config: _linear_gated_residual(*a, config=config),
+                     cublas=lambda *a: linear_gated_residual_cublas(*a), configs=lambda a: _tuning_configs(a[0], a[1]))
 
 
 def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):
-    """act(Linear(LN(h) * (1 + scale[img]) + shift[img])), by the faster (measured per shape) of
+    """act(Linear(LN(h) * (1 + scale[img]) + shift[img])), by the path `fastlego.tune` measured
+    fastest for this shape (else the fixed rule, see above) of
     (a) an LN statistics kernel + one GEMM whose prologue normalises and modulates A, and
     (b) one LN-modulate kernel + cuBLAS(Lt) with the bias (+ GELU) epilogue.
     h (..., D); shift/scale (B, D) any strides; weight (N_out, D); bias (N_out,) or None;
     activation None or "gelu_tanh". Returns (..., N_out)."""
     _raise_if(_modulated_linear_problems(h, shift, scale, weight, bias, activation), "modulated_linear")
     args = (h, shift, scale, weight, bias, activation)
-    key = _shape_key("modulated_linear", h, weight, shift, activation)
-    path = _fastest(key, {"fused": lambda: _modulated_linear(*args), "cublas": lambda: modulated_linear_cublas(*args)}, h)
+    path, config = tuning.lookup("modulated_linear", _shape_key("modulated_linear", h, weight, shift, activation), args)
     if path == "fused":
-        return _modulated_linear(*args, out=out)
+        return _modulated_linear(*args, out=out, config=config)
     return modulated_linear_cublas(*args, out=out)
 
 
@@ -909,17 +904,17 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
 
 
 def linear_gated_residual(a, weight, bias, gate, residual, *, out=None):
-    """residual + gate[img] * (a @ W^T + bias), by the faster (measured per shape, see above) of
-    one GEMM with a fused bias + gate + residual epilogue and cuBLAS + one fused elementwise pass.
+    """residual + gate[img] * (a @ W^T + bias), by the path `fastlego.tune` measured fastest for
+    this shape (else the fixed rule, see above) of one GEMM with a fused bias + gate + residual
+    epilogue and cuBLAS + one fused elementwise pass.
     a (..., K); weight (N, K); bias (N,) or None; gate (B, N) any strides; residual (..., N).
     out must not overlap the inputs. Returns (..., N)."""
     _raise_if(_linear_gated_residual_problems(a, weight, bias, gate, residual), "linear_gated_residual")
     args = (a, weight, bias, gate, residual)
-    key = _shape_key("linear_gated_residual", a, weight, gate, (residual.dtype, gate.dtype))
-    path = _fastest(key, {"fused": lambda: _linear_gated_residual(*args),
-                          "cublas": lambda: linear_gated_residual_cublas(*args)}, a)
+    key = _shape_key("linear_gated_residual", a, weight, gate, f"residual={residual.dtype},gate={gate.dtype}")
+    path, config = tuning.lookup("linear_gated_residual", key, args)
     if path == "fused":
-        return _linear_gated_residual(*args, out=out)
+        return _linear_gated_residual(*args, out=out, config=config)
     return linear_gated_residual_cublas(*args, out=out)
 
 

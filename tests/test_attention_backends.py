@@ -8,6 +8,9 @@ where a test needs the CPU-side logic to accept CPU tensors. Checked: every refu
 to the libraries, region chunking, autocast, the dispatcher picking them in `auto`, and a backend
 failing at run time: one RuntimeWarning, fallback, correct result. CUDA-marked tests use the real
 libraries when present (and check that the dispatcher honours their reasons when they are not usable).
+Where FASTLEGO_EXPECT_ATTENTION_LIBS names the libraries a machine must have (e.g.
+"flash_attn,xformers"), their tests fail when one cannot be imported or refuses a call it
+supports, instead of accepting the refusal.
 """
 
 import sys
@@ -344,18 +347,30 @@ CUDA_CASES = [  # (N, T, heads, head_dim): the global bricks at batch 1 / 3, and
 ]
 
 
+def _supports(backend, dtype):
+    """Whether the library is documented to take this call (both take head dims that are
+    multiples of 8 up to 256; flash-attn only 16-bit dtypes)."""
+    return backend == "xformers" or dtype in (torch.float16, torch.bfloat16)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,T,heads,head_dim", CUDA_CASES)
 def test_cuda_real_library(backend, dtype, N, T, heads, head_dim):
     """Installed and usable: matches the fp64 reference. Not usable: the reasons say why and auto
-    does not pick it. Either way the test can fail."""
+    does not pick it; but when FASTLEGO_EXPECT_ATTENTION_LIBS names the library, a refusal of a
+    call it supports fails the test (and an unsupported dtype must be refused for its dtype only)."""
     reasons_fn = ab.flash_attn_not_supported_reasons if backend == "flash_attn" else ab.xformers_not_supported_reasons
     fn = ab.flash_attn_attention if backend == "flash_attn" else ab.xformers_attention
     qkv = _qkv(N, T, heads, head_dim, dtype, "cuda")
     reasons = reasons_fn(qkv, heads)
     print(f"{backend} {dtype} head_dim {head_dim}: reasons {reasons}")
+    if backend in ab.expected_libraries():
+        if _supports(backend, dtype):
+            assert reasons == [], f"{ab.EXPECT_ENV} expects {backend}, but it refuses a call it supports: {reasons}"
+        else:
+            assert len(reasons) == 1 and reasons[0].startswith(f"dtype {dtype}"), reasons
     if reasons:
         assert all(isinstance(r, str) and r for r in reasons)
         with dispatch.record() as rec:
@@ -367,6 +382,26 @@ def test_cuda_real_library(backend, dtype, N, T, heads, head_dim):
     same = reference.attention(qkv, heads)
     atol = 1e-5 if dtype == torch.float32 else 1e-4
     assert_close_to_reference(out, reference.attention(qkv.double(), heads), same, atol=atol, what=f"{backend} {dtype}")
+
+
+def test_expected_libraries_import(monkeypatch):
+    """Each library FASTLEGO_EXPECT_ATTENTION_LIBS names imports, with its compiled ops loaded.
+    Without the variable: nothing is expected (and a misspelt name is an error, not a skip)."""
+    expected = ab.expected_libraries()
+    for name in expected:
+        module, error = ab._import(name)
+        assert module is not None, f"{ab.EXPECT_ENV} expects {name}: {error}"
+        if name == "xformers":
+            ops, error = ab._xformers_ops()
+            assert ops is not None, error
+            assert ab._xformers_extension_error(module) is None, ab._xformers_extension_error(module)
+    monkeypatch.setenv(ab.EXPECT_ENV, "flash_attn, xformers")
+    assert ab.expected_libraries() == ["flash_attn", "xformers"]
+    monkeypatch.setenv(ab.EXPECT_ENV, "flash-attn")
+    with pytest.raises(ValueError, match="names \\['flash-attn'\\]: expected a comma-separated subset of flash_attn, xformers"):
+        ab.expected_libraries()
+    monkeypatch.delenv(ab.EXPECT_ENV)
+    assert ab.expected_libraries() == []
 
 
 @pytest.mark.cuda

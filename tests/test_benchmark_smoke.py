@@ -2,15 +2,18 @@
 
 The real benchmark runs on a GPU (`fastlego bench`, `pytest bench/`); this checks that the whole
 pipeline works end to end: device limits, FLOP counts, the floor, the end-to-end variants (a
-failing torch.compile recorded as an error string), the per-kernel timings, the JSON report and
-the markdown table; the train mode (forward + EDM loss + backward + AdamW step), with a failing
-variant recorded as an error while the run goes on; and that it runs without triton.
+failing torch.compile recorded as an error string) with how each held its weights, the
+per-kernel timings at the call sites the dispatcher's observer hook recorded, the JSON report,
+the markdown table and the README tables generated from the report (bench/readme_tables.py);
+the train mode (forward + EDM loss + backward + AdamW step), with a failing variant recorded as
+an error while the run goes on; and that it runs without triton.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import pytest
 import torch
 
 from fastlego import benchmark as bm
+from fastlego import dispatch
 
 # lego_S_U_32 at batch 1 with one block per brick: global attention (T=256), window attention
 # (T=4) and labels, at about 3 GFLOP a forward.
@@ -42,7 +46,7 @@ def tiny_run(tmp_path_factory, _one_thread):
     """One tiny CLI run (with a torch.compile that fails on purpose) and its outputs."""
     out = tmp_path_factory.mktemp("bench")
     md = out / "RESULTS.md"
-    rc = bm.main(TINY + ["--variants", "reference,fastlego,fastlego_bf16,compile", "--compile",
+    rc = bm.main(TINY + ["--variants", "reference,fastlego,fastlego_bf16,compile,reference_bf16,compile_bf16", "--compile",
                          "--compile-mode", "no-such-mode", "--json", str(out / "r.json"), "--markdown", str(md)])
     return rc, json.loads((out / "r.json").read_text()), md
 
@@ -79,8 +83,8 @@ def test_end_to_end_variants(tiny_run):
     _, report, _ = tiny_run
     [case] = report["cases"]
     e2e = case["end_to_end"]
-    assert set(e2e) == {"reference", "fastlego", "fastlego_bf16", "compile"}
-    for name in ("reference", "fastlego", "fastlego_bf16"):
+    assert set(e2e) == {"reference", "fastlego", "fastlego_bf16", "compile", "reference_bf16", "compile_bf16"}
+    for name in ("reference", "fastlego", "fastlego_bf16", "reference_bf16"):
         r = e2e[name]
         assert "error" not in r, r.get("error")
         for key in ("ms", "img_per_s", "tflops", "tflops_release_count", "frac_peak", "frac_floor"):
@@ -90,7 +94,17 @@ def test_end_to_end_variants(tiny_run):
         assert sum(sum(c.values()) for c in r["backends"]["chosen"].values()) > 0
     # the auto backend's choices are recorded; on the CPU every op runs the reference
     assert set(e2e["fastlego"]["backends"]["chosen"]) >= {"brick_embed", "modulated_linear", "final_layer"}
-    assert "no-such-mode" in e2e["compile"]["error"] and "ms" not in e2e["compile"]
+    for name in ("compile", "compile_bf16"):
+        assert "no-such-mode" in e2e[name]["error"] and "ms" not in e2e[name]
+    # what ran, in the report: weight holding, autocast, dispatcher mode, compiled or not
+    held = {name: (r["weights_dtype"], r["autocast_dtype"], r["dispatch_mode"], r["compiled"]) for name, r in e2e.items()}
+    assert held == {"reference": ("float32", "bfloat16", "reference", False),
+                    "fastlego": ("float32", "bfloat16", "auto", False),
+                    "compile": ("float32", "bfloat16", "reference", True),
+                    "fastlego_bf16": ("bfloat16", None, "auto", False),
+                    "reference_bf16": ("bfloat16", None, "reference", False),
+                    "compile_bf16": ("bfloat16", None, "reference", True)}
+    assert e2e["reference_bf16"]["weights_gib"] == pytest.approx(e2e["reference"]["weights_gib"] / 2, rel=0.01)
     assert case["targets"]["floor_fraction"]["target"] == bm.FLOOR_TARGET
 
 
@@ -140,6 +154,120 @@ def test_markdown_appended(tiny_run, tmp_path):
     bm.append_results_markdown(report, again)
     assert again.read_text().count("# fastlego benchmark results") == 1
     assert again.read_text().count(f"## {report['environment']['date']}") == 2
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench_script(name: str):
+    """A script of bench/ imported as a module (its main is not run)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
+    """bench/readme_tables.py on the reports of a real (CPU) run: the fp32-weight and bf16-weight
+    rows each hold the variants that held their weights that way, a failed compile shows as
+    such, the run's versions and date are named, and --write fills marked sections."""
+    rt = _bench_script("readme_tables")
+    _, report, _ = tiny_run
+    _, train, _ = train_run
+    paths = [tmp_path / "infer.json", tmp_path / "train.json"]
+    paths[0].write_text(json.dumps(report))
+    paths[1].write_text(json.dumps(train))
+    runs = rt.load_runs([str(p) for p in paths])
+    infer_text, train_text = rt.infer_section(runs), rt.train_section(runs)
+    [case] = report["cases"]
+    e2e, name = case["end_to_end"], f"{case['name']} ({case['case']['batch']})"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in infer_text.splitlines()
+            if line.startswith(f"| {name} |")]
+    assert [r[1] for r in rows] == ["fp32 weights + bf16 autocast: `reference`, `compile`, `fastlego`",
+                                    "bf16 weights, no autocast: `reference_bf16`, `compile_bf16`, `fastlego_bf16`"]
+    fp32, bf16 = rows
+    assert fp32[2:5] == [rt.rate_cell(e2e["reference"]), "failed (RuntimeError)", rt.rate_cell(e2e["fastlego"])]
+    assert bf16[2:5] == [rt.rate_cell(e2e["reference_bf16"]), "failed (RuntimeError)", rt.rate_cell(e2e["fastlego_bf16"])]
+    assert fp32[5] == bf16[5] == "-"   # no speed-up over a compile that failed
+    assert fp32[6] == f"{100 * case['floor']['ms'] / e2e['fastlego']['ms']:.0f}%"
+    assert bf16[6] == f"{100 * case['floor']['ms'] / e2e['fastlego_bf16']['ms']:.0f}%"
+    env = report["environment"]
+    for what in (f"torch {env['torch']}", f"triton {env['triton']}", env["date"], "tiny run", str(paths[0])):
+        assert what in infer_text, what
+    # training: the fastlego step beside the reference eager step and torch.compile (aot_eager here)
+    t = train["cases"][0]["end_to_end"]
+    [row] = [[c.strip() for c in line.strip("|").split("|")] for line in train_text.splitlines()
+             if line.startswith(f"| {name} |")]
+    assert row[1] == "`fastlego`, fp32 weights + bf16 autocast"
+    assert row[5] == f"{t['compile@train']['ms'] / t['fastlego@train']['ms']:.2f}"
+    assert row[6] == f"{t['reference@train']['ms'] / t['fastlego@train']['ms']:.2f}"
+    assert row[7] == "-"   # no peak memory on the CPU
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:infer -->\nold\n<!-- /bench:infer -->\nb\n<!-- bench:train -->\nold\n<!-- /bench:train -->\nc\n")
+    assert rt.main(["--write", "--readme", str(readme)] + [str(p) for p in paths]) == 0
+    text = readme.read_text()
+    assert "\nold\n" not in text and text.startswith("a\n<!-- bench:infer -->\nInference") and text.endswith("-->\nc\n")
+    assert text.count(f"| {name} |") == 3
+
+
+def test_bench_scripts_time_with_the_package_timer():
+    """The scripts of bench/ import what they use from fastlego.benchmark, and every one that
+    times something does it with its one timer (`measure`), not a loop of its own."""
+    pytest.importorskip("triton")
+    for name in ("attention_layouts", "checkpoint_memory", "gemm_shapes", "probe_gelu_gemm", "profile_train"):
+        module = _bench_script(name)
+        assert module.measure is bm.measure, name
+        source = open(module.__file__).read()
+        assert "Event(" not in source and "perf_counter" not in source and "do_bench" not in source, name
+    for name in ("checkpoint_memory", "profile_train"):
+        assert _bench_script(name).STEP_BUILDERS is bm.STEP_BUILDERS
+    proc = subprocess.run([sys.executable, "-m", "fastlego.benchmark", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "fastlego bench" in proc.stdout and "compile_bf16" in proc.stdout, proc.stderr
+
+
+def test_dispatch_record_observer_sees_each_call_that_ran():
+    """The site recorder's hook, `dispatch.record(on_call=...)`: each op call reported once, after
+    it returned, with the decision that ran (a backend that failed at run time is not reported,
+    the fallback that ran is), its arguments and the module it ran in; a nested block's calls go
+    to the nested observer only."""
+    op = "_bench_smoke_observed_op"
+
+    def failing(x, scale=1.0):
+        raise RuntimeError("injected run-time failure")
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(dispatch.call(op, x))
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return dispatch.call(op, x, scale=3.0)
+
+    dispatch.register(op, "reference", lambda x, scale=1.0: x * scale)
+    dispatch.register(op, "flaky", failing, priority=0)
+    seen, nested = [], []
+    try:
+        x, model = torch.ones(2, 3), Outer()
+        with dispatch.use_backend("auto"), pytest.warns(RuntimeWarning, match="injected run-time failure"), \
+                dispatch.record(site_modules=model, on_call=lambda d, a, k: seen.append((d, a, k))) as rec:
+            out = model(x)
+            with dispatch.record(on_call=lambda d, a, k: nested.append(d)):
+                dispatch.call(op, x)
+        assert torch.equal(out, 3 * x)
+        assert [(d.site, d.chosen) for d, _, _ in seen] == [("", "reference"), ("inner", "reference")]
+        assert seen[0][0] is rec[0] and seen[1][0] is rec[1] and len(rec) == 2   # the failed attempt is gone
+        assert seen[0][1][0] is x and seen[0][2] == {} and seen[1][2] == {"scale": 3.0}
+        assert "failed at run time" in seen[1][0].refused["flaky"][0]   # retired after its failure
+        assert len(nested) == 1 and nested[0].chosen == "reference"
+    finally:
+        dispatch.unregister(op)
+    assert dispatch._observer is None and dispatch._recorder is None
 
 
 def test_analytic_flops_match_baseline():

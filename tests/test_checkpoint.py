@@ -348,6 +348,15 @@ def test_enum_members_by_value_and_by_name():
         checkpoint.load_release_pickle(io.BytesIO(bad_name))
 
 
+def test_unpickler_names_are_offered_by_checkpoint_too():
+    """The restricted unpickler lives in fastlego.safe_unpickle; fastlego.checkpoint, where it
+    lived before, still offers its names, as the same objects."""
+    from fastlego import safe_unpickle
+    for name in ("RestrictedUnpickler", "UnsafePickleError", "StandInModule", "PersistentObjectStandIn",
+                 "EasyDictStandIn", "Format", "standin_class"):
+        assert getattr(checkpoint, name) is getattr(safe_unpickle, name), name
+
+
 def test_preset_inferred_without_model_type(tmp_path):
     # Shapes are what count here: every weight a zero-stride view of one number keeps the file tiny.
     net = fastlego.EDMPrecond(64, 3, label_dim=LABEL_DIM, model_type=PRESET)
@@ -401,9 +410,13 @@ def test_weights_that_fit_no_preset_are_a_clear_error():
     with pytest.raises(ValueError, match=r"fit no LEGO preset.*regions \[4, 16, 64\], depths \[6, 7, 12\], "
                                          r"widths \[1024, 1024, 1024\].*Nearest presets: lego_L_PG_64 .*lego_L_PG_64_old"):
         checkpoint.infer_preset(shapes)
+    # A width no preset has: a custom stack. The error spells the stack to pass (heads are not in
+    # the shapes) instead of suggesting presets of another width.
     wide = {k: (v[:-1] + (512,) if k.endswith("pos_embed") else v) for k, v in _shapes("lego_S_U_32").items()}
-    with pytest.raises(ValueError, match=r"widths \[512, 512, 512, 512, 512\].*lego_S_U_32"):
+    with pytest.raises(ValueError, match=r"widths \[512, 512, 512, 512, 512\].*custom brick stack.*"
+                                         r"model_type='32:w512p2h<HEADS>:6,16:w512p8h<HEADS>:4,") as info:
         checkpoint.infer_preset(wide)
+    assert "lego_S_U_32" not in str(info.value)
     with pytest.raises(ValueError, match="no LEGO bricks"):
         checkpoint.infer_preset({"weight": (3, 3)})
 
@@ -427,6 +440,7 @@ def test_safetensors_round_trip(source, inputs, expected, tmp_path):
     config = checkpoint.json.loads(meta[checkpoint.SAFETENSORS_CONFIG_KEY])
     assert config["model_type"] == PRESET and config["label_dim"] == LABEL_DIM and config["sigma_max"] == "inf"
     assert config["train_intermediate_stages"] is True and config["augment_dim"] == 0
+    assert "bricks" not in config   # a preset is stored by its name
     net = load_checkpoint(path)
     assert net.sigma_max == float("inf") and net.model.train_intermediate_stages is True and not net.training
     assert_same_weights(net, source)
@@ -515,3 +529,163 @@ def test_load_to_cuda_matches_cpu(inputs, expected, release_pkl):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     fastlego.testing.assert_close_to_reference(got, expected, atol=1e-4, what="loaded model on CUDA vs CPU")
+
+
+# --------------------------------------------------------------------------------------------
+# Every network fastlego builds saves and loads, its spec travelling with the weights
+# --------------------------------------------------------------------------------------------
+
+def _round_trip(net, path, *inputs, **kwargs):
+    """save -> load; the loaded network and its outputs must equal the original's, bit for bit."""
+    pytest.importorskip("safetensors")
+    net = net.eval()
+    save_checkpoint(net, path)
+    back = load_checkpoint(path)
+    assert_same_weights(back, net)
+    with fastlego.use_backend("reference"), torch.no_grad():
+        want, got = net(*inputs, **kwargs), back(*inputs, **kwargs)
+    assert want.abs().mean() > 1e-2 and torch.isfinite(want).all()   # random weights: non-trivial outputs
+    assert torch.equal(got, want)
+    return back
+
+
+def _metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return checkpoint.json.loads(f.metadata()[checkpoint.SAFETENSORS_CONFIG_KEY])
+
+
+def test_readme_custom_stack_saves_and_loads(source, inputs, tmp_path):
+    """The README's custom stack, wrapped in EDMPrecond without a model_type: its bricks are
+    lego_S_PG_64's, so it is stored and rebuilt as that preset (it used to fail on the recorded
+    default name lego_XL_U_32)."""
+    backbone = fastlego.LegoBackbone(img_resolution=[4, 16, 64], in_channels=3,
+                                     model_type=["lego_S_2", "lego_S_8", "lego_S_2"], depths=[2, 4, 6])
+    net = fastlego.EDMPrecond(64, 3, label_dim=1000, backbone=backbone)
+    assert net.model_type == PRESET and not hasattr(net, "network_spec")
+    # source's random weights (randomize_ is slow on 34M weights) and a random 1000-class embedder.
+    shared = {k: v for k, v in source.state_dict().items() if "y_embedder" not in k}
+    missing, _ = net.load_state_dict(shared, strict=False)
+    assert sorted(missing) == ["model.y_embedder.embedding_table.bias", "model.y_embedder.embedding_table.weight"]
+    fastlego.testing.randomize_(net.model.y_embedder, seed=7)
+    x, sigma, _ = inputs
+    back = _round_trip(net, tmp_path / "readme.safetensors", x, sigma, torch.tensor([999]))
+    assert back.model_type == PRESET and back.label_dim == 1000 and back.model.train_intermediate_stages is False
+    # A wrong recorded name does not matter: the bricks are read from the module.
+    net.model_type = "lego_XL_U_32"
+    assert _metadata_after_save(net, tmp_path / "named.safetensors")["model_type"] == PRESET
+
+
+def _metadata_after_save(net, path):
+    save_checkpoint(net, path)
+    return _metadata(path)
+
+
+def test_custom_stack_of_release_bricks_saves_and_loads(tmp_path):
+    backbone = fastlego.LegoBackbone(img_resolution=[4, 8], in_channels=3, label_dim=0,
+                                     model_type=["lego_S_4", "lego_S_8"], depths=[1, 2])
+    net = fastlego.testing.randomize_(fastlego.EDMPrecond(8, 3, backbone=backbone), seed=11)
+    assert net.model_type == "custom:4:lego_S_4:1,8:lego_S_8:2"
+    x = torch.randn(2, 3, 8, 16, generator=torch.Generator().manual_seed(2))
+    back = _round_trip(net, tmp_path / "stack.safetensors", x, torch.tensor([0.2, 5.0]))
+    meta = _metadata(tmp_path / "stack.safetensors")
+    assert meta["bricks"] == {"img_resolution": [4, 8], "model_type": ["lego_S_4", "lego_S_8"], "depths": [1, 2]}
+    assert back.model_type == net.model_type and back.model.depths == [1, 2] and back.model.y_embedder is None
+
+
+def test_custom_width_stack_with_every_option_saves_and_loads(tmp_path):
+    """(width, patch, heads) bricks, augment labels, an MLP ratio, class dropout, EDM sigmas,
+    no `network_spec` attribute: all from the module's own attributes, all rebuilt."""
+    backbone = fastlego.LegoBackbone(img_resolution=[4, 16], in_channels=2, label_dim=5, augment_dim=3,
+                                     model_type=[(64, 2, 4), (64, 8, 2)], depths=[1, 2], mlp_ratio=3.0,
+                                     class_dropout_prob=0.2, train_intermediate_stages=True)
+    net = fastlego.EDMPrecond(16, 2, label_dim=5, sigma_min=0.01, sigma_max=50.0, sigma_data=0.7, use_fp16=True,
+                              backbone=backbone)
+    fastlego.testing.randomize_(net, seed=4)
+    g = torch.Generator().manual_seed(3)
+    x, augment = torch.randn(3, 2, 16, 32, generator=g), torch.randn(3, 3, generator=g)
+    back = _round_trip(net, tmp_path / "wide.safetensors", x, torch.tensor([0.1, 1.0, 9.0]), torch.tensor([0, 4, 2]),
+                       augment_labels=augment)
+    meta = _metadata(tmp_path / "wide.safetensors")
+    assert meta["bricks"]["model_type"] == [[64, 2, 4], [64, 8, 2]] and meta["mlp_ratio"] == 3.0
+    assert meta["model_type"] == "custom:4:w64p2h4:1,16:w64p8h2:2"
+    assert [(b.width, b.patch, b.num_heads) for b in back.model.model] == [(64, 2, 4), (64, 8, 2)]
+    assert (back.sigma_min, back.sigma_max, back.sigma_data, back.use_fp16) == (0.01, 50.0, 0.7, True)
+    assert (back.model.augment_dim, back.model.class_dropout_prob, back.model.train_intermediate_stages) == (3, 0.2, True)
+    assert back.network_spec == fastlego.training.spec_from_network(net)
+    # The spec builds the same network (fastlego.training.build_network), weights aside.
+    rebuilt = fastlego.training.build_network(back.network_spec)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+
+
+def test_training_checkpoint_of_a_custom_stack_loads(tmp_path):
+    from fastlego.training import atomic_save, load_training_checkpoint, network_from_checkpoint, train
+    run = tmp_path / "run"
+    res = train(data="digits", resolution=8, bricks="4:w32p4h2:1,8:w32p8h2:1", batch_size=4, steps=1, max_images=8,
+                outdir=str(run), progress=False, seed=3)
+    ckpt = load_training_checkpoint(res.checkpoint)
+    # Random non-zero weights in both networks of the checkpoint (one step leaves most near zero).
+    for key, seed in (("ema", 1), ("model", 2)):
+        net = fastlego.training.build_network(ckpt["network"])
+        ckpt[key] = fastlego.testing.randomize_(net, seed=seed).state_dict()
+    atomic_save(ckpt, res.checkpoint)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma, labels = torch.tensor([0.3, 3.0]), torch.tensor([1, 7])
+    for key in ("ema", "model"):
+        loaded = load_checkpoint(res.checkpoint) if key == "ema" else load_checkpoint(res.checkpoint, key=key)
+        reference = network_from_checkpoint(res.checkpoint, which=key)
+        assert isinstance(loaded, fastlego.EDMPrecond) and not loaded.training
+        assert loaded.network_spec == ckpt["network"] and loaded.model_type == "custom:4:w32p4h2:1,8:w32p8h2:1"
+        assert_same_weights(loaded, reference)
+        with fastlego.use_backend("reference"), torch.no_grad():
+            want = reference(x, sigma, labels)
+            assert want.abs().mean() > 1e-2 and torch.equal(loaded(x, sigma, labels), want)
+    k = "model.model.1.blocks.0.attn.qkv.weight"   # key picks the network: "ema" and "model" differ
+    assert not torch.equal(load_checkpoint(res.checkpoint).state_dict()[k],
+                           load_checkpoint(res.checkpoint, key="model").state_dict()[k])
+    # ... and saves again as a safetensors file of the same network.
+    _round_trip(load_checkpoint(res.checkpoint), tmp_path / "from-run.safetensors", x, sigma, labels)
+    with pytest.raises(KeyError, match="training checkpoint: its networks are 'ema'.*'model'.*key='net'"):
+        load_checkpoint(res.checkpoint, key="net")
+    # Its bare state dict has no stack: the error spells it, and model_type= with the heads loads it.
+    torch.save(ckpt["ema"], tmp_path / "ema.pt")
+    with pytest.raises(ValueError, match=r"custom brick stack.*model_type='4:w32p4h<HEADS>:1,8:w32p8h<HEADS>:1'"):
+        load_checkpoint(tmp_path / "ema.pt")
+    bare = load_checkpoint(tmp_path / "ema.pt", model_type="4:w32p4h2:1,8:w32p8h2:1", img_resolution=8)
+    assert_same_weights(bare, load_checkpoint(res.checkpoint))
+    assert bare.network_spec == dict(ckpt["network"], train_intermediate_stages=False)
+
+
+def test_files_that_are_not_checkpoints_name_the_fix(tmp_path):
+    from fastlego.training import train
+    run = tmp_path / "run"
+    train(data="digits", resolution=8, bricks="4:w32p4h2:1,8:w32p8h2:1", batch_size=4, steps=1, max_images=8,
+          outdir=str(run), progress=False)
+    ckpt = str(run / "checkpoint.pt")
+    with pytest.raises(IsADirectoryError, match=f"training run's folder.*pass its checkpoint, '{ckpt}'"):
+        load_checkpoint(run)
+    for name in ("config.json", "metrics.jsonl"):
+        with pytest.raises(ValueError, match=f"not a readable checkpoint.*pass its checkpoint, '{ckpt}'"):
+            load_checkpoint(run / name)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as z:
+        z.writestr("00000/img00000000.png", b"not really a png")
+    with pytest.raises(ValueError, match=r"not a readable checkpoint: a zip file but no torch.save archive.*"
+                                         r"pass a release \.pkl, a fastlego training checkpoint"):
+        load_checkpoint(tmp_path / "dataset.zip")
+    torch.save({"step": 3, "note": "hello"}, tmp_path / "notes.pt")
+    with pytest.raises(ValueError, match=r"entries \['note', 'step'\] but no network.*fastlego training checkpoint"):
+        load_checkpoint(tmp_path / "notes.pt")
+    newer = torch.load(ckpt, weights_only=True)
+    newer["version"] = 99
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match="newer fastlego.*upgrade"):
+        load_checkpoint(tmp_path / "newer.pt")
+    pytest.importorskip("safetensors")
+    import safetensors.torch as st
+    net = load_checkpoint(ckpt)
+    st.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "future.safetensors"),
+                 metadata={checkpoint.SAFETENSORS_CONFIG_KEY: checkpoint.json.dumps(
+                     dict(checkpoint.checkpoint_config(net), format_version=99, fastlego_version="9.9"))})
+    with pytest.raises(ValueError, match=r"newer fastlego \(9\.9, format version 99 > 2\): upgrade"):
+        load_checkpoint(tmp_path / "future.safetensors")

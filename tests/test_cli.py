@@ -1,6 +1,7 @@
 """The `fastlego` command line: train / sample / demo end to end at tiny sizes, bench and info
 delegation, and clear errors for bad arguments."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -57,18 +58,28 @@ def test_sample_writes_grid_images_and_npz(trained, tmp_path, capsys):
 
 
 def test_module_entry_point_runs_the_demo(tmp_path):
-    """`python -m fastlego demo` end to end, in a fresh process (tiny: 2 training steps)."""
+    """`python -m fastlego demo` end to end, in a fresh process (tiny: 2 training steps), then a
+    second run into the same folder: refused without --overwrite, and nothing of the first touched."""
     out = tmp_path / "demo"
-    proc = run_module("demo", "--train-steps", "2", "--steps", "2", "--rows", "1", "--batch", "4", "--outdir",
-                      str(out), "--quiet")
+    args = ("demo", "--train-steps", "2", "--steps", "2", "--rows", "1", "--batch", "4", "--outdir", str(out), "--quiet")
+    proc = run_module(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("checkpoint.pt", "metrics.jsonl", "full_grid.png", "skip_grid.png", "demo.json"):
         assert (out / name).exists(), name
     grid = decode_png(open(out / "skip_grid.png", "rb").read())
     assert grid.shape == (4 * 18, 4 * 171, 1)  # ten 16x16 digits, 1 gray pixel around each, enlarged 4x
     summary = json.load(open(out / "demo.json"))
-    assert summary["train_steps"] == 2 and summary["sample_seconds_full"] > 0
-    assert "skipping saved" in proc.stdout and "fastlego sample --network" in proc.stdout
+    assert summary["train_steps"] == 2 and summary["full"]["seconds"] > 0 and summary["samples"] == 10
+    for grid_name in ("full", "skip"):
+        assert 0 <= summary[grid_name]["agreement"] <= 1 and summary[grid_name]["frechet_distance"] > 0
+        assert sum(map(sum, summary[grid_name]["counts"])) == 10
+    assert summary["full"]["real_floor"]["agreement"] > 0.9
+    assert "skipping saved" in proc.stdout and "agreement" in proc.stdout and "Frechet distance" in proc.stdout
+    assert "fastlego eval --network" in proc.stdout
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = run_module(*args)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_help():
@@ -130,12 +141,56 @@ def test_bench_and_info_delegate(monkeypatch, capsys):
     bench = types.ModuleType("fastlego.benchmark")
     bench.main = lambda argv: seen.setdefault("argv", argv) and 0
     info = types.ModuleType("fastlego.info")
-    info.print_info = lambda: print("INFO TABLE")
+    info.print_info = lambda **kw: print("INFO TABLE", sorted(kw.items()))
     monkeypatch.setitem(sys.modules, "fastlego.benchmark", bench)
     monkeypatch.setitem(sys.modules, "fastlego.info", info)
     assert main(["bench", "--tiny", "--json", "r.json"]) == 0
     assert seen["argv"] == ["--tiny", "--json", "r.json"]  # everything after `bench` is passed through
-    assert main(["info"]) == 0 and "INFO TABLE" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    assert "INFO TABLE [('batch', 2), ('device', None), ('preset', 'lego_S_PG_64')]" in capsys.readouterr().out
+    assert main(["info", "--preset", "lego_XL_U_32", "--batch", "3", "--device", "cpu"]) == 0
+    assert "INFO TABLE [('batch', 3), ('device', 'cpu'), ('preset', 'lego_XL_U_32')]" in capsys.readouterr().out
+
+
+def test_info_lists_every_preset(capsys):
+    from fastlego.presets import BRICK_TYPES, PRESETS
+    assert main(["info", "--device", "cpu", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for p in PRESETS.values():  # one row per preset: name, regions, brick types, depths
+        row = [line.split() for line in lines if line.split()[:1] == [p.name]]
+        assert row and row[0][1:1 + 3 * len(p.regions)] == [*map(str, p.regions), *p.model_type, *map(str, p.depths)], p
+    for t in {t for p in PRESETS.values() for t in p.model_type}:  # and what each brick type is
+        assert [t, *map(str, BRICK_TYPES[t])] in [line.split() for line in lines], t
+    assert "torch" in out and "lego_S_PG_64, batch 1" in out  # the environment and the backend table stay
+    assert main(["info", "--preset", "lego_nope"]) == 2
+    assert "unknown LEGO preset 'lego_nope'" in capsys.readouterr().err
+
+
+def _option_help(parser, command):
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("command", ["sample", "info"])
+def test_every_option_says_what_it_does_and_its_default(command):
+    from fastlego.__main__ import build_parser
+    actions = _option_help(build_parser(), command)
+    assert actions
+    for a in actions:
+        name = a.option_strings[0]
+        assert a.help and len(a.help) > 15, f"{command} {name}: no help text"
+        if a.required:
+            assert "required" in a.help, name
+            continue
+        assert "default" in a.help, f"{command} {name}: the help does not say the default"
+        if a.default not in (None, False):
+            shown = {str(a.default), f"{a.default:g}" if isinstance(a.default, float) else str(a.default)}
+            assert any(f"default {v}" in a.help for v in shown), f"{command} {name}: default {a.default!r} not named"
+    names = {a.option_strings[0] for a in actions}
+    if command == "sample":
+        assert {"--seeds", "--batch", "--sigma-min", "--sigma-max", "--rho", "--S-churn", "--S-min", "--S-max",
+                "--S-noise", "--overwrite"} <= names
 
 
 def test_bench_missing(monkeypatch, capsys):

@@ -15,6 +15,10 @@ import fastlego
 from fastlego import dispatch, reference
 from fastlego.testing import assert_close_to_reference
 
+# Triton kernels on CPU tensors, through the interpreter; the `cuda` tests run on the GPU
+# (tests/conftest.py says which process runs which)
+pytestmark = pytest.mark.interpreter
+
 pytest.importorskip("triton")
 from fastlego.kernels.brick_embed import brick_embed, not_supported_reasons  # noqa: E402
 

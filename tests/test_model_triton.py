@@ -9,6 +9,10 @@ import torch
 import fastlego
 from fastlego.testing import assert_close_to_reference, randomize_
 
+# Triton kernels on CPU tensors, through the interpreter; the `cuda` tests run on the GPU
+# (tests/conftest.py says which process runs which)
+pytestmark = pytest.mark.interpreter
+
 pytest.importorskip("triton")
 
 KERNEL_OPS = {"brick_embed", "modulated_linear", "window_attention", "global_attention",

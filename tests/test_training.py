@@ -11,9 +11,13 @@ import torch.multiprocessing as mp
 
 import fastlego
 from fastlego.testing import randomize_
-from fastlego.training import (DEMO_BRICKS, EDMLoss, ProgressBar, TrainConfig, TrainStep, atomic_save, build_network,
-                               ema_beta, load_training_checkpoint, make_capturable, network_from_checkpoint, network_spec,
-                               parse_bricks, set_lr, train, update_ema)
+from fastlego.ema import ema_beta, update_ema
+from fastlego.loss import EDMLoss
+from fastlego.networks import DEMO_BRICKS, build_network, network_spec, parse_bricks
+from fastlego.progress import ProgressBar
+from fastlego.train_step import TrainStep, make_capturable, set_lr
+from fastlego.training import TrainConfig, train
+from fastlego.training_checkpoint import atomic_save, load_training_checkpoint, network_from_checkpoint
 
 # The smallest LEGO that still has two bricks: 4x4 regions of one 4x4 patch, then one 8x8 patch.
 TINY = "4:lego_S_4:1,8:lego_S_8:1"
@@ -123,6 +127,36 @@ def test_progress_bar_writes_lines(capsys):
     bar.close()
     lines = stream.getvalue().strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("x [####################] 4/4") and "loss=0.5" in lines[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: fastlego.training's parts live in modules of their own
+# --------------------------------------------------------------------------------------------
+
+# Names fastlego.training offered when it was one module, by the module that holds each one now.
+MOVED_NAMES = {
+    "fastlego.networks": ["DEMO_BRICKS", "SPEC_DEFAULTS", "parse_brick_type", "parse_bricks", "network_spec",
+                          "spec_from_network", "build_network", "_stack_from_dict"],
+    "fastlego.loss": ["EDMLoss"],
+    "fastlego.train_step": ["TrainStep", "make_capturable", "adamw", "set_lr"],
+    "fastlego.ema": ["ema_beta", "update_ema"],
+    "fastlego.progress": ["ProgressBar"],
+    "fastlego.training_checkpoint": ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "atomic_save", "global_rng_state",
+                                     "set_global_rng_state", "is_training_checkpoint", "load_training_checkpoint",
+                                     "check_training_checkpoint", "network_from_checkpoint"],
+    "fastlego.run_folder": ["CHECKPOINT_NAME", "METRICS_NAME", "CONFIG_NAME", "RUN_FILES", "RunFolderInUse",
+                            "existing_run_files"],
+}
+
+
+def test_training_still_offers_the_names_of_its_parts():
+    """Code written against the one-module fastlego.training keeps working: every name that moved
+    to a module of its own is the same object under fastlego.training."""
+    import importlib
+    for module, names in MOVED_NAMES.items():
+        home = importlib.import_module(module)
+        for name in names:
+            assert getattr(fastlego.training, name) is getattr(home, name), (module, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,3 +524,245 @@ def test_train_checkpointing_first_blocks_only_same_losses(tmp_path):
     part = train(tiny_config(tmp_path / "part", steps=2, checkpoint_every=2, activation_checkpointing="block",
                              checkpoint_blocks=1))
     assert part.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# A run folder is never overwritten silently (resume / overwrite say what to do)
+# --------------------------------------------------------------------------------------------
+
+# A custom-width stack: two bricks of width 32 (0.06M parameters), fast on the CPU.
+SMALL = "4:w32p4h2:1,8:w32p8h2:1"
+
+
+def small_config(outdir, **kw):
+    return tiny_config(outdir, **dict(dict(bricks=SMALL, batch_size=4, steps=2, max_images=8, checkpoint_every=100,
+                                           threads=1), **kw))
+
+
+def _metrics_steps(outdir):
+    return [__import__("json").loads(line)["step"] for line in open(os.path.join(outdir, "metrics.jsonl"))]
+
+
+def _snapshot(outdir):
+    return {name: open(os.path.join(outdir, name), "rb").read() for name in sorted(os.listdir(outdir))}
+
+
+def test_outdir_with_a_run_is_refused_before_any_work(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(small_config(run))
+    before = _snapshot(run)
+    assert sorted(before) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded: the refusal came too late")
+
+    monkeypatch.setattr("fastlego.data.ImageDataset", no_data)
+    for kw in (dict(), dict(steps=5, seed=2)):
+        with pytest.raises(fastlego.training.RunFolderInUse, match=r"already holds a training run \(checkpoint.pt, "
+                           r"metrics.jsonl, config.json\).*--resume auto.*a fresh --outdir.*--overwrite"):
+            train(small_config(run, **kw))
+    assert _snapshot(run) == before   # nothing written, nothing appended
+    # Any one file of a run is enough to refuse; --resume auto without a checkpoint cannot continue.
+    for name in ("config.json", "metrics.jsonl"):
+        lone = tmp_path / f"only-{name}"
+        lone.mkdir()
+        (lone / name).write_text("{}\n")
+        with pytest.raises(fastlego.training.RunFolderInUse, match=name):
+            train(small_config(lone))
+        with pytest.raises(fastlego.training.RunFolderInUse, match="no checkpoint.pt.*--overwrite"):
+            train(small_config(lone, resume="auto"))
+        assert os.listdir(lone) == [name]
+    with pytest.raises(ValueError, match="--overwrite or --resume auto"):
+        train(small_config(run, overwrite=True, resume="auto"))
+    assert _snapshot(run) == before
+
+
+def test_overwrite_starts_afresh_and_resume_auto_appends(tmp_path):
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    first = train(small_config(run, steps=3, seed=5))
+    assert _metrics_steps(run) == [1, 2, 3] and first.step == 3
+    # overwrite: the same as a run into an empty folder, metrics not appended to the old ones.
+    again = train(small_config(run, overwrite=True))
+    reference = train(small_config(fresh))
+    assert again.losses == reference.losses and again.step == 2 and again.steps_run == 2
+    assert _metrics_steps(run) == [1, 2]
+    ckpt = load_training_checkpoint(str(run / "checkpoint.pt"))
+    assert ckpt["step"] == 2 and ckpt["config"]["seed"] == 1 and ckpt["config"]["overwrite"] is True
+    # resume auto continues the run, its metrics appended.
+    more = train(small_config(run, steps=4, resume="auto"))
+    assert (more.start_step, more.step, more.steps_run) == (2, 4, 2)
+    assert _metrics_steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_auto_drops_metrics_of_steps_after_the_checkpoint(tmp_path):
+    """A run that logged steps past its last checkpoint and then died redoes those steps when
+    resumed: their old records go, so metrics.jsonl holds every step once."""
+    run = tmp_path / "run"
+    train(small_config(run, steps=2))
+    saved = (run / "checkpoint.pt").read_bytes()
+    train(small_config(run, steps=4, resume="auto"))
+    assert _metrics_steps(run) == [1, 2, 3, 4]
+    (run / "checkpoint.pt").write_bytes(saved)          # died after logging 3, 4, before checkpointing them
+    res = train(small_config(run, steps=4, resume="auto"))
+    assert res.start_step == 2 and _metrics_steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_from_another_checkpoint_needs_a_free_outdir(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(small_config(a, steps=2))
+    train(small_config(b, steps=1))
+    before = _snapshot(b)
+    with pytest.raises(fastlego.training.RunFolderInUse, match=r"another training run.*resumes from a different "
+                       r"checkpoint.*fresh --outdir.*--resume auto.*--overwrite"):
+        train(small_config(b, steps=3, resume=str(a / "checkpoint.pt")))
+    assert _snapshot(b) == before
+    # Into an empty folder: allowed; a's run continues there, with metrics of the new steps only.
+    res = train(small_config(c, steps=3, resume=str(a / "checkpoint.pt")))
+    assert (res.start_step, res.step) == (2, 3) and _metrics_steps(c) == [3]
+    # With overwrite, b's run is replaced by a's continuation (b's old checkpoint is gone).
+    res = train(small_config(b, steps=3, resume=str(a / "checkpoint.pt"), overwrite=True))
+    assert _metrics_steps(b) == [3] and load_training_checkpoint(str(b / "checkpoint.pt"))["step"] == 3
+    # Resuming a folder's own checkpoint by path is resuming it; overwrite would delete what it resumes.
+    res = train(small_config(b, steps=4, resume=str(b / "checkpoint.pt")))
+    assert res.start_step == 3 and _metrics_steps(b) == [3, 4]
+    with pytest.raises(ValueError, match="would delete"):
+        train(small_config(b, steps=5, resume=str(b / "checkpoint.pt"), overwrite=True))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(small_config(tmp_path / "d", resume=str(tmp_path / "nope.pt")))
+    assert not os.path.exists(tmp_path / "d")
+
+
+def test_cli_refuses_a_used_outdir_and_counts_resumed_steps(tmp_path, capsys):
+    from fastlego.__main__ import main
+    out = str(tmp_path / "run")
+    argv = ["train", "--outdir", out, "--resolution", "8", "--bricks", SMALL, "--batch", "4", "--max-images", "8",
+            "--log-every", "1", "--threads", "1", "--quiet"]
+    assert main(argv + ["--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 2 steps (step 0 -> 2)" in printed
+    losses = [__import__("json").loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert f"last loss {losses[-1]:.4f} (mean of the last logged window)" in printed
+    before = _snapshot(out)
+    assert main(argv + ["--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume auto" in err and "--overwrite" in err
+    assert "Traceback" not in err and _snapshot(out) == before
+    assert main(argv + ["--steps", "4", "--resume", "auto"]) == 0
+    assert "trained 2 steps (step 2 -> 4)" in capsys.readouterr().out and _metrics_steps(out) == [1, 2, 3, 4]
+    assert main(argv + ["--steps", "4", "--resume", "auto"]) == 0
+    assert "nothing to train: the run is at step 4" in capsys.readouterr().out
+    assert main(argv + ["--steps", "1", "--overwrite"]) == 0
+    assert "trained 1 step (step 0 -> 1)" in capsys.readouterr().out and _metrics_steps(out) == [1]
+    assert main(argv + ["--steps", "1", "--overwrite", "--resume", "auto"]) == 2
+    assert "--overwrite or --resume auto" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Step counting, the last loss, the header
+# --------------------------------------------------------------------------------------------
+
+def test_train_result_counts_this_calls_steps_and_defines_last_loss(tmp_path):
+    res = train(small_config(tmp_path, steps=5, log_every=3))
+    assert (res.start_step, res.step, res.steps_run) == (0, 5, 5) and len(res.losses) == 5
+    records = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [3, 5]
+    # last_loss: the mean over the last logged window (steps 4 and 5), as metrics.jsonl's last record.
+    assert res.last_loss == records[-1]["loss"]
+    assert res.last_loss == pytest.approx(sum(res.losses[3:]) / 2, rel=1e-6)
+    assert res.last_loss != pytest.approx(res.losses[-1], rel=1e-6)   # not one step's loss
+    resumed = train(small_config(tmp_path, steps=7, log_every=3, resume="auto"))
+    assert (resumed.start_step, resumed.step, resumed.steps_run) == (5, 7, 2) and len(resumed.losses) == 2
+    done = train(small_config(tmp_path, steps=7, log_every=3, resume="auto"))
+    assert done.steps_run == 0 and done.step == 7 and math.isnan(done.last_loss)
+
+
+def test_header_names_the_step_target_or_the_time_budget(tmp_path, capsys):
+    train(small_config(tmp_path / "steps", steps=2, progress=True))
+    header = capsys.readouterr().err.splitlines()[0]
+    assert header.startswith("fastlego train:") and header.endswith("steps 0->2")
+    res = train(small_config(tmp_path / "time", steps=None, max_seconds=0.5, progress=True))
+    header = capsys.readouterr().err.splitlines()[0]
+    assert header.endswith("for 0 s from step 0") or header.endswith("for 1 s from step 0"), header
+    assert "->" not in header and res.steps_run >= 1 and res.step == res.steps_run
+    train(small_config(tmp_path / "both", steps=2, max_seconds=90, progress=True))
+    assert capsys.readouterr().err.splitlines()[0].endswith("steps 0->2 or 1.5 min, whichever comes first")
+    with pytest.raises(ValueError, match="steps=None.*needs max_seconds"):
+        train(small_config(tmp_path / "never", steps=None))
+
+
+# --------------------------------------------------------------------------------------------
+# Custom-width bricks: w<WIDTH>p<PATCH>h<HEADS>
+# --------------------------------------------------------------------------------------------
+
+def test_custom_width_bricks_parse_build_and_train(tmp_path):
+    stack = parse_bricks("8:w128p4h4:1, 16:w128p4h4:2")
+    assert stack == {"img_resolution": [8, 16], "model_type": [[128, 4, 4], [128, 4, 4]], "depths": [1, 2]}
+    assert parse_bricks("4:lego_S_2:1,8:w384p8h6:1")["model_type"] == ["lego_S_2", [384, 8, 6]]
+    spec = network_spec(16, 1, 10, bricks="8:w64p4h4:1,16:w64p8h2:1")
+    assert spec["bricks"]["model_type"] == [[64, 4, 4], [64, 8, 2]]
+    assert __import__("json").loads(__import__("json").dumps(spec)) == spec   # JSON-friendly
+    net = build_network(spec)
+    assert net.model_type == "custom:8:w64p4h4:1,16:w64p8h2:1"
+    assert [(b.width, b.patch, b.num_heads, len(b.blocks)) for b in net.model.model] == [(64, 4, 4, 1), (64, 8, 2, 1)]
+    for bad, msg in [("8:w130p4h4:1", r"width 130 is not a multiple of the head count 4.*e\.g\. w132p4h4"),
+                     ("8:w126p4h3:1", r"not a multiple of 4 .*sin-cos.*e\.g\. w132p4h3"),
+                     ("8:w128p3h4:1", r"region 8 is not a multiple of w128p3h4's patch size 3"),
+                     ("8:w0p4h4:1", "positive integers"), ("8:w128p4:1", r"unknown brick type 'w128p4'.*w<WIDTH>"),
+                     ("8:w128p4h4:1,16:lego_S_4:1", r"share one width.*\[128, 384\]")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_bricks(bad)
+        with pytest.raises(ValueError, match=msg):
+            tiny_config(tmp_path, bricks=bad).validate()
+    with pytest.raises(ValueError, match="head count"):
+        build_network(dict(spec, bricks=dict(spec["bricks"], model_type=[[66, 4, 4], [66, 8, 2]])))
+    res = train(small_config(tmp_path / "run", steps=1))
+    config = __import__("json").load(open(tmp_path / "run" / "config.json"))
+    assert config["network"]["bricks"]["model_type"] == [[32, 4, 2], [32, 8, 2]]
+    assert res.network.model_type == "custom:" + SMALL and math.isfinite(res.last_loss)
+    # The DEMO_BRICKS default keeps its meaning: the network trained when neither preset nor bricks is given.
+    assert network_spec(16, 1, 10, bricks=DEMO_BRICKS)["bricks"] == parse_bricks(DEMO_BRICKS)
+
+
+def test_sigma_data_reaches_the_network(tmp_path):
+    """The EDM loss and the network's preconditioning use the same sigma_data."""
+    res = train(small_config(tmp_path, steps=1, sigma_data=0.7))
+    assert res.network.sigma_data == 0.7
+    assert load_training_checkpoint(res.checkpoint)["network"]["sigma_data"] == 0.7
+    assert network_from_checkpoint(res.checkpoint).sigma_data == 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# `fastlego train --help`
+# --------------------------------------------------------------------------------------------
+
+def test_every_train_option_says_what_it_does_and_its_default():
+    import argparse
+    from fastlego.__main__ import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = sub.choices["train"]
+    formatter = train_parser._get_formatter()
+    checked = 0
+    for action in train_parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        text = formatter._expand_help(action)
+        assert len(text.split()) >= 3, (action.option_strings, text)
+        if action.required:
+            assert "required" in text, action.option_strings
+        else:
+            assert "default" in text, (action.option_strings, text)
+        if action.default not in (None, False, True, argparse.SUPPRESS):
+            assert f"default: {action.default}" in text, (action.option_strings, text)
+        checked += 1
+    assert checked >= 30
+    preset_help = next(a for a in train_parser._actions if "--preset" in a.option_strings).help
+    assert all(name in preset_help for name in fastlego.PRESETS) and "fastlego info" not in preset_help
+    bricks_help = next(a for a in train_parser._actions if "--bricks" in a.option_strings).help
+    assert DEMO_BRICKS in bricks_help and "w<WIDTH>p<PATCH>h<HEADS>" in bricks_help
+    # No help names a file of the repository that does not exist (e.g. notes or results files).
+    text = train_parser.format_help()
+    import re
+    for name in re.findall(r"\b[\w./-]+\.(?:md|txt|py|rst)\b", text):
+        assert os.path.exists(os.path.join(os.path.dirname(os.path.dirname(fastlego.__file__)), name)), name

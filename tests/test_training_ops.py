@@ -247,6 +247,7 @@ def _check(got, ref64, same, dtype, what, rel=1e-5):
 
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("shape", [(2, 3, 5, 24), (3, 1, 7, 33), (1, 70, 1, 16)])   # odd widths, 70 rows/image
+@pytest.mark.interpreter
 def test_layernorm_modulate_backward_kernel(poisoned_empty, dtype, shape):
     B, L, T, K = shape
     g = _gen(20)
@@ -274,6 +275,7 @@ def test_layernorm_modulate_backward_kernel(poisoned_empty, dtype, shape):
 
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("shape", [(2, 3, 5, 24), (3, 1, 7, 40), (1, 70, 1, 16)])
+@pytest.mark.interpreter
 def test_gated_residual_backward_kernel(poisoned_empty, dtype, shape):
     B, L, T, N = shape
     g = _gen(21)
@@ -291,6 +293,7 @@ def test_gated_residual_backward_kernel(poisoned_empty, dtype, shape):
 @pytest.mark.parametrize("act_into_pre", [False, True])
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("shape", [(6, 5, 96), (7, 1, 200), (1, 300, 16)])   # odd widths, > 256 rows
+@pytest.mark.interpreter
 def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape, act_into_pre):
     g = _gen(23)
     pre = _rand(shape, g, 2.5, -0.3)            # both tails: saturated and negative-slope GELU
@@ -315,6 +318,7 @@ def test_gelu_tanh_backward_kernel(poisoned_empty, dtype, shape, act_into_pre):
 
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("cfg", [dict(prev=True), dict(prev=False), dict(prev=True, region=8, patch=4, H=16, W=8, C=4)])
+@pytest.mark.interpreter
 def test_brick_embed_input_grad_kernel(poisoned_empty, dtype, cfg):
     e = embed_inputs(**cfg)
     B, C, H, W = e["x"].shape
@@ -358,6 +362,7 @@ def test_backward_kernels_refuse_bad_calls():
 
 @pytest.mark.parametrize("dtype", _dev_dtypes())
 @pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.interpreter
 def test_op_gradients_triton_vs_reference(op, dtype):
     out64, ref64 = op_grads(op, "reference", torch.float64)
     out_same, ref_same = op_grads(op, "reference", dtype)
@@ -375,6 +380,7 @@ def test_op_gradients_triton_vs_reference(op, dtype):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.interpreter
 def test_mlp_backward_writes_gelu_over_pre_only_when_the_graph_is_dropped(mode, device):
     """The eager MLP backward writes GELU(pre) over the saved pre (one M x 4D buffer less at the
     peak) when nothing can read pre again; with retain_graph it keeps pre, so a second backward
@@ -442,6 +448,7 @@ def model_grads(model, mode, x, t, y, drop):
 
 
 @pytest.mark.parametrize("intermediate", [False, True])
+@pytest.mark.interpreter
 def test_model_gradients_triton_vs_reference(intermediate):
     model = small_model(intermediate=intermediate)
     g = _gen(5)
@@ -465,6 +472,7 @@ def test_model_gradients_triton_vs_reference(intermediate):
         assert max_error(got[name], ref[name]) <= 2e-4 * scale, name
 
 
+@pytest.mark.interpreter
 def test_optimizer_steps_agree_across_backends():
     x = torch.randn(2, 3, 32, 32, generator=_gen(6))
     t = torch.randn(2, generator=_gen(7))
@@ -510,7 +518,7 @@ def _opcheck_samples(dtype=torch.float32, device="cpu"):
     yield ops.final_layer.default, (req(f["h"]), req(f["shift"]), req(f["scale"]), req(f["weight"]), req(f["bias"]), 8, [2, 3, 8, 16], None)
 
 
-@pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.parametrize("mode", [pytest.param("triton", marks=pytest.mark.interpreter), "reference"])
 def test_opcheck_every_custom_op(mode):
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, and
     aot_dispatch (the backward custom ops through AOTAutograd) for every fused op."""
@@ -519,6 +527,7 @@ def test_opcheck_every_custom_op(mode):
             torch.library.opcheck(op, args)
 
 
+@pytest.mark.interpreter
 def test_compile_fullgraph_trains_cpu():
     """torch.compile(model, fullgraph=True) traces the custom ops without graph breaks and its
     gradients are the eager ones (aot_eager on the CPU; Inductor on the GPU below)."""
@@ -542,6 +551,7 @@ def test_compile_fullgraph_trains_cpu():
     assert max_error(got, want) <= 1e-6 * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.interpreter
 def test_deterministic_mode_gives_identical_gradients():
     model = small_model()
     x = torch.randn(2, 3, 32, 32, generator=_gen(10))
@@ -575,6 +585,7 @@ def _saved_activation_bytes(mode):
     return sum(v for k, v in seen.items() if k not in skip)
 
 
+@pytest.mark.interpreter
 def test_backward_keeps_fewer_activations_than_the_reference():
     """The fused ops keep qkv, the attention output, fc2's y, the mid residual and fc1's
     pre-activation (10 M x D in fp32; proj's y is recomputed); the reference ops also keep
@@ -584,6 +595,7 @@ def test_backward_keeps_fewer_activations_than_the_reference():
     assert fused <= 10.5 * unit and fused < 0.56 * ref, (fused / unit, ref / unit)
 
 
+@pytest.mark.interpreter
 def test_fp16_layernorm_backward_does_not_overflow():
     """fp16 rows with |h| ~ 2e4 (h^2 overflows fp16): the statistics and the backward run in fp32."""
     B, K = 2, 64
@@ -722,6 +734,175 @@ def test_cuda_deterministic_gradients_are_bitwise_identical():
         assert torch.equal(a, b)
 
 
+# The pieces a fused op's backward dispatches (fastlego.custom_ops)
+BACKWARD_PIECES = ("layernorm_modulate", "layernorm_modulate_backward", "gated_residual_backward", "gelu_tanh_backward",
+                   "window_attention_backward", "brick_embed_input_grad")
+
+
+def _cuda_step_decisions(forward_block, backward_block, monkeypatch):
+    """Forward of small_model inside `forward_block`, backward (on PyTorch's CUDA threads) inside
+    `backward_block`: (decisions recorded, thread ids the backward pieces ran on, the test's thread)."""
+    import threading
+    from fastlego import custom_ops
+    threads = set()
+    real_call = custom_ops.call
+
+    def spy(op, *args, **kwargs):
+        if op in BACKWARD_PIECES:
+            threads.add(threading.get_ident())
+        return real_call(op, *args, **kwargs)
+
+    monkeypatch.setattr(custom_ops, "call", spy)
+    model = small_model(device="cuda")
+    x = torch.randn(2, 3, 32, 64, device="cuda")
+    t = torch.randn(2, device="cuda")
+    y = torch.tensor([1, 3], device="cuda")
+    with dispatch.record() as rec:
+        with forward_block:
+            out = model(x, t, y)
+        with backward_block:
+            (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view(out.shape)).square().sum().backward()
+    torch.cuda.synchronize()
+    return rec, threads, threading.get_ident()
+
+
+@pytest.mark.cuda
+def test_cuda_backward_pieces_run_under_the_forwards_choices(monkeypatch):
+    """PyTorch runs the backward of CUDA tensors on its own threads, where the forward's
+    use_backend block is not open: the backward pieces still take the forward's choices."""
+    import contextlib
+    # 1. forced reference around the forward: every op, forward and backward, on the reference
+    rec, _, _ = _cuda_step_decisions(fastlego.use_backend("reference"), contextlib.nullcontext(), monkeypatch)
+    assert rec and {d.chosen for d in rec} == {"reference"}, {(d.op, d.chosen) for d in rec}
+    # 2. triton forward with every backward piece forced to the reference around it; the
+    #    backward itself runs under a block that forces triton: the forward's choices win
+    pieces_ref = {op: "reference" for op in BACKWARD_PIECES}
+    rec, threads, main = _cuda_step_decisions(fastlego.use_backend("auto", **pieces_ref), fastlego.use_backend("triton"),
+                                              monkeypatch)
+    chosen = {(d.op, d.chosen) for d in rec}
+    assert {op for op, _ in chosen} >= {*BACKWARD_PIECES, "modulated_linear", "brick_embed", "final_layer"}, chosen
+    assert all(c == "reference" for op, c in chosen if op in BACKWARD_PIECES), chosen
+    assert ("modulated_linear", "triton") in chosen and ("brick_embed", "triton") in chosen, chosen
+    assert threads and main not in threads        # the pieces did run on PyTorch's backward threads
+    # 3. the converse: a triton forward's backward, run inside a reference block, stays on triton
+    rec, _, _ = _cuda_step_decisions(fastlego.use_backend("auto"), fastlego.use_backend("reference"), monkeypatch)
+    assert all(d.chosen == "triton" for d in rec if d.op in BACKWARD_PIECES), {(d.op, d.chosen) for d in rec}
+
+
+_FRESH_PROCESS_STEPS = """
+import sys, torch, torch.nn.functional as F, fastlego
+from fastlego.testing import randomize_
+fastlego.set_deterministic(True)
+torch.manual_seed(0)
+model = randomize_(fastlego.LegoBackbone.from_preset("lego_S_PG_64", label_dim=10), seed=5, scale=0.5).cuda().train()
+g = torch.Generator().manual_seed(6)
+x = torch.randn(16, 3, 64, 64, generator=g).cuda()
+t = torch.randn(16, generator=g).cuda()
+y = torch.randint(0, 10, (16,), generator=g).cuda()
+drop = torch.zeros(16, dtype=torch.long, device="cuda")
+with torch.autocast("cuda", torch.bfloat16):
+    fastlego.tune(model, x, t, y, force_drop_ids=drop)          # deterministic: a no-op, as train runs it
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(2):
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out = model(x, t, y, force_drop_ids=drop)
+    (out.float() - x).square().mean().backward()
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+torch.save({"grads": grads, "params": {n: p.detach().cpu() for n, p in model.named_parameters()}}, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_gradients_match_across_fresh_processes(tmp_path):
+    """Deterministic mode: two fresh processes, each with empty Triton and tuning caches (cold:
+    every kernel compiled anew, nothing measured), run the same training steps and get the same
+    gradients and weights, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(fastlego.__file__)))
+    script = tmp_path / "steps.py"
+    script.write_text(_FRESH_PROCESS_STEPS)
+    results = []
+    for run in ("a", "b"):
+        env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / f"triton_{run}"), CUBLAS_WORKSPACE_CONFIG=":4096:8",
+                   FASTLEGO_TUNE_CACHE=str(tmp_path / f"tuning_{run}.json"),
+                   PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TRITON_INTERPRET", None)
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / f"{run}.pt")], env=env, cwd=repo,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-4000:]
+        results.append(torch.load(tmp_path / f"{run}.pt"))
+    a, b = results
+    assert a["grads"] and set(a["grads"]) == set(b["grads"])
+    assert any(g.abs().max() > 0 for g in a["grads"].values())
+    for kind in ("grads", "params"):
+        for name in a[kind]:
+            assert torch.equal(a[kind][name], b[kind][name]), f"{kind} {name} differs between fresh processes"
+
+
+@pytest.mark.cuda
+def test_cuda_integer_labels_sync_nothing_and_capture_in_a_graph():
+    """Integer class ids: no host sync in the forward (sync debug mode "error"), an out-of-range
+    id gives NaN for its own image only, and a training step (forward + backward) and a sampling
+    forward with integer labels capture as CUDA graphs and replay the eager values."""
+    model = small_model(label_dim=5, device="cuda")
+    x = torch.randn(3, 3, 32, 32, device="cuda")
+    t = torch.randn(3, device="cuda")
+    y = torch.tensor([1, 4, 0], device="cuda")
+    model.eval()
+    with torch.no_grad():
+        want = model(x, t, F.one_hot(y.cpu(), 5).float().cuda())
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = model(x, t, y)
+            bad = model(x, t, torch.tensor([1, 5, 0], device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+    assert torch.isnan(bad[1]).all() and torch.equal(bad[0], want[0]) and torch.equal(bad[2], want[2])
+
+    def capture(fn, *static):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static)
+        return graph, out
+
+    with torch.no_grad():                                    # a sampler's network call
+        graph, out = capture(model, x.clone(), t.clone(), y.clone())
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+    model.train()
+    drop = torch.zeros(3, dtype=torch.long, device="cuda")
+    params = [p for p in model.parameters()]
+
+    def step(x, t, y):
+        for p in params:
+            p.grad = None
+        out = model(x, t, y, force_drop_ids=drop)
+        loss = out.float().square().mean()
+        grads = torch.autograd.grad(loss, params)
+        return [loss.detach()] + [g.detach() for g in grads]
+
+    eager = step(x, t, y)
+    graph, outs = capture(step, x.clone(), t.clone(), y.clone())
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(outs, eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.cuda
 def test_cuda_opcheck():
     with fastlego.use_backend("triton"):
@@ -742,6 +923,7 @@ def test_mm_into_reuses_a_dead_transient_only_when_it_fits():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.interpreter
 def test_projection_reruns_a_window_attention_instead_of_keeping_its_output(device):
     """The attention projection's eager backward keeps the window attention's qkv (kept anyway)
     instead of its output, and reruns the attention: the output is freed after the forward and

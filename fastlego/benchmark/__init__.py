@@ -1,0 +1,66 @@
+"""The benchmark suite: end-to-end and per-kernel timings against the floor.
+
+Shared by `fastlego bench` (`main`) and `pytest bench/` (which passes pytest-benchmark's
+`benchmark.pedantic` in as the `runner`, so both time the same rounds with CUDA events).
+One concept a module, in the order a run uses them:
+
+- `config`: the workloads (`Case`), variants, modes, targets and a run's settings (`BenchConfig`);
+- `environment`: date, device, L2 size and library versions of the run;
+- `numerics`: TF32 / autocast settings and dtype helpers;
+- `timing`: the one timer, `measure` (CUDA events around rounds of calls; every timing of the
+  suite and of the scripts in bench/ goes through it);
+- `floor`: the device limits (matrix peak, copy bandwidth), the forward as matmuls and
+  attentions (FLOPs), and the floor: every matmul with cuBLAS, attention at library speed;
+- `models`: the networks and inputs of a workload;
+- `sites`: which op gets which arguments at which call site, recorded through the
+  dispatcher's observer hook (`fastlego.dispatch.record(on_call=...)`);
+- `kernels`: one call site timed on one backend against its own floor;
+- `steps`: what one timed step of a mode is (`STEP_BUILDERS`: infer, train);
+- `session`: `BenchSession`, which runs the pieces and collects the report;
+- `summary`: targets and per-kernel sums derived from the measurements;
+- `report`: the JSON report and the markdown section appended to bench/RESULTS.md;
+- `cli`: `fastlego bench`'s options and `main`.
+
+Variants (inference): `reference` (the reference ops eager), `fastlego` (the auto backend),
+`compile` (`torch.compile` of the reference model), all with fp32 weights under bf16 autocast,
+TF32 on; `fastlego_bf16` (the auto backend, weights held in bf16) and the opt-in baselines
+holding their weights the same way, `reference_bf16` and `compile_bf16`. Training: one step =
+forward of `EDMPrecond` + EDM loss + backward + AdamW, fp32 weights under bf16 autocast, for
+`reference`, `fastlego`, `fastlego_graph` (one CUDA graph), `compile` and the opt-in
+`fastlego_graph_ckpt`; FLOPs = 3x the forward's. The floor and the per-kernel timings are of the
+inference forward.
+"""
+
+from .cli import build_parser, config_from_args, main
+from .config import (ALL_VARIANTS, AUTOCAST_DTYPES, BF16_WEIGHT_VARIANTS, COMPILE_TARGETS, COMPILE_VARIANTS,
+                     DEFAULT_CASES, DEFAULT_TRAIN_CASES, DEFAULT_VARIANTS, FLOOR_TARGET, GRAPH_VARIANTS,
+                     KERNEL_INPUTS, MODE_VARIANTS, MODES, OPT_IN_VARIANTS, TRAIN_INIT_SCALE, TRAIN_LR,
+                     TRAIN_VARIANT_HELP, VARIANT_HELP, VARIANTS, BenchConfig, Case, default_case,
+                     default_train_cases, parse_cases, result_key, with_depths)
+from .environment import GIB, environment
+from .floor import (AttentionShape, BrickGeometry, Matmul, analytic_flops, brick_geometry, count_forward_flops,
+                    forward_attentions, forward_matmuls, measure_copy_bandwidth, measure_floor, measure_matmul_peak)
+from .kernels import bench_op, op_backend_names
+from .models import bf16_copy, build_model, build_train_net, make_inputs, make_train_inputs
+from .numerics import precision
+from .report import (RESULTS_HEADER, SCHEMA_VERSION, append_results_markdown, default_json_path, output_paths,
+                     results_markdown, save_report, write_json)
+from .session import BenchSession
+from .sites import OpCase, TensorSpec, expected_op_keys, record_op_cases, synthesize_args
+from .steps import FLOP_MULTIPLIER, STEP_BUILDERS
+from .timing import Runner, Timing, default_runner, measure, pedantic_runner, time_once
+
+__all__ = [
+    "ALL_VARIANTS", "AUTOCAST_DTYPES", "AttentionShape", "BF16_WEIGHT_VARIANTS", "BenchConfig", "BenchSession",
+    "BrickGeometry", "COMPILE_TARGETS", "COMPILE_VARIANTS", "Case", "DEFAULT_CASES", "DEFAULT_TRAIN_CASES",
+    "DEFAULT_VARIANTS", "FLOOR_TARGET", "FLOP_MULTIPLIER", "GIB", "GRAPH_VARIANTS", "KERNEL_INPUTS", "MODES",
+    "MODE_VARIANTS", "Matmul", "OPT_IN_VARIANTS", "OpCase", "RESULTS_HEADER", "Runner", "SCHEMA_VERSION",
+    "STEP_BUILDERS", "TRAIN_INIT_SCALE", "TRAIN_LR", "TRAIN_VARIANT_HELP", "TensorSpec", "Timing", "VARIANTS",
+    "VARIANT_HELP", "analytic_flops", "append_results_markdown", "bench_op", "bf16_copy", "brick_geometry",
+    "build_model", "build_parser", "build_train_net", "config_from_args", "count_forward_flops", "default_case",
+    "default_json_path", "default_runner", "default_train_cases", "environment", "expected_op_keys",
+    "forward_attentions", "forward_matmuls", "main", "make_inputs", "make_train_inputs", "measure",
+    "measure_copy_bandwidth", "measure_floor", "measure_matmul_peak", "op_backend_names", "output_paths",
+    "parse_cases", "pedantic_runner", "precision", "record_op_cases", "result_key", "results_markdown",
+    "save_report", "synthesize_args", "time_once", "with_depths", "write_json",
+]

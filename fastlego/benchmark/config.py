@@ -1,0 +1,265 @@
+"""What a benchmark run times: the workloads (`Case`), the variants of each mode and their
+settings (`BenchConfig`), and the targets the results are held against."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..presets import get_preset
+from .numerics import dtype_name
+
+# The three inference workloads of the yardstick: (preset, batch, channels, resolution, label_dim).
+DEFAULT_CASES = (
+    ("lego_S_PG_64", 256, 3, 64, 0),
+    ("lego_L_PG_64", 128, 3, 64, 1000),
+    ("lego_XL_U_32", 128, 4, 32, 1000),
+)
+# Inference targets: fastlego at >= 80% of the floor; on an H200 also these speed-ups over
+# torch.compile of the reference model.
+FLOOR_TARGET = 0.8
+COMPILE_TARGETS = {"lego_S_PG_64": 1.9, "lego_L_PG_64": 1.5, "lego_XL_U_32": 1.4}
+
+# Inference variants. The first four are the default; the bf16-weight baselines are opt-in
+# (--variants), so that fastlego_bf16 can stand beside baselines holding their weights the same way.
+VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "reference_bf16", "compile_bf16")
+VARIANT_HELP = {
+    "reference": "use_backend('reference') eager, fp32 weights + autocast",
+    "fastlego": "use_backend('auto'), fp32 weights + autocast",
+    "fastlego_bf16": "use_backend('auto'), weights and inputs in bf16, no autocast",
+    "compile": "torch.compile(model) under use_backend('reference'), fp32 weights + autocast",
+    "reference_bf16": "use_backend('reference') eager, weights and inputs in bf16, no autocast (opt-in)",
+    "compile_bf16": "torch.compile(model) under use_backend('reference'), weights and inputs in bf16, "
+                    "no autocast (opt-in)",
+}
+TRAIN_VARIANT_HELP = {
+    "reference": "use_backend('reference') eager training step, fp32 weights + autocast",
+    "fastlego": "use_backend('auto') training step, fp32 weights + autocast",
+    "fastlego_graph": "the fastlego step captured once as a CUDA graph and replayed (fastlego train's default "
+                      "on one GPU), fp32 weights + autocast",
+    "compile": "torch.compile(EDMPrecond) under use_backend('reference'), then eager loss, backward, AdamW; "
+               "fp32 weights + autocast",
+    "fastlego_graph_ckpt": "fastlego_graph with the first N DiT blocks checkpointed (--checkpoint-blocks N, default "
+                           "all): less memory for recompute; timed only when named in --variants",
+}
+# Modes: `infer`, a torch.no_grad() forward; `train`, one training step (see steps.py).
+MODES = ("infer", "train")
+# Training: the batches to time, (preset, batch); channels, resolution and labels as in
+# DEFAULT_CASES. The two the release cannot run on one GPU (S_PG_64 at 256: its attention
+# backward crashes; L_PG_64 at 128: out of memory) come last, so a failure there cannot spoil the rest.
+DEFAULT_TRAIN_CASES = (
+    ("lego_S_PG_64", 32), ("lego_S_PG_64", 64), ("lego_L_PG_64", 64), ("lego_XL_U_32", 128),
+    ("lego_S_PG_64", 256), ("lego_L_PG_64", 128),
+)
+# The variants a mode times: training keeps fp32 weights (AdamW on bf16 weights is not a recipe).
+MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "fastlego_graph", "compile",
+                                              "fastlego_graph_ckpt")}
+ALL_VARIANTS = tuple(dict.fromkeys(v for vs in MODE_VARIANTS.values() for v in vs))
+# Variants timed only when asked for (--variants): a memory/speed trade-off, or extra baselines.
+OPT_IN_VARIANTS = ("fastlego_graph_ckpt", "reference_bf16", "compile_bf16")
+DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in OPT_IN_VARIANTS)
+GRAPH_VARIANTS = ("fastlego_graph", "fastlego_graph_ckpt")
+COMPILE_VARIANTS = ("compile", "compile_bf16")
+# Variants that hold weights and inputs in bf16 without autocast; every other variant keeps fp32
+# weights and runs under autocast (BenchConfig.autocast_dtype).
+BF16_WEIGHT_VARIANTS = ("fastlego_bf16", "reference_bf16", "compile_bf16")
+# A training step: EDM's loss (P_mean -1.2, P_std 1.2, sigma_data 0.5), AdamW at this rate, and
+# weights from `randomize_` at this scale: small enough that the joint loss is finite at every
+# depth, large enough that no gradient is zero.
+TRAIN_LR = 1e-4
+TRAIN_INIT_SCALE = 0.1
+# The arguments the kernels are timed with: those the ops receive in the `fastlego` variant (fp32
+# weights under autocast) and in the `fastlego_bf16` variant (everything in bf16).
+KERNEL_INPUTS = {"autocast": "as in the fastlego variant: fp32 weights, activations under autocast",
+                 "bf16": "as in the fastlego_bf16 variant: weights and activations in bf16"}
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def result_key(variant: str, mode: str = "infer") -> str:
+    """Key of an end-to-end result in a report: the variant, suffixed by the mode unless infer."""
+    return variant if mode == "infer" else f"{variant}@{mode}"
+
+
+def variant_backend(variant: str) -> str:
+    """The dispatcher mode a variant runs under: the reference ops (eager or compiled) or auto."""
+    return "reference" if variant.startswith(("reference", "compile")) else "auto"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One end-to-end workload: a preset at a batch size, input shape and label width."""
+
+    preset: str
+    batch: int
+    in_channels: int = 3
+    resolution: int = 64
+    label_dim: int = 1000
+    depths: Optional[Tuple[int, ...]] = None  # override of the preset's depths (smoke tests only)
+
+    @property
+    def name(self) -> str:
+        return self.preset if self.depths is None else f"{self.preset}[depths={','.join(map(str, self.depths))}]"
+
+    def model_kwargs(self) -> dict:
+        kw = dict(in_channels=self.in_channels, label_dim=self.label_dim)
+        if self.depths is not None:
+            kw["depths"] = list(self.depths)
+        return kw
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int, int]:
+        return (self.batch, self.in_channels, self.resolution, self.resolution)
+
+    def describe(self) -> str:
+        labels = "uncond" if self.label_dim == 0 else f"{self.label_dim} classes"
+        return f"{self.name} B={self.batch} {self.in_channels}x{self.resolution}x{self.resolution} {labels}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_case(preset: str, batch: Optional[int] = None) -> Case:
+    """The yardstick's workload of `preset`, or for other presets: 3 channels at the training
+    resolution with 1000 classes (4 latent channels for `_U_32`), batch 128."""
+    for name, b, c, res, labels in DEFAULT_CASES:
+        if name == preset:
+            return Case(name, batch or b, c, res, labels)
+    p = get_preset(preset)
+    channels = 4 if preset.endswith("_U_32") else 3
+    return Case(preset, batch or 128, channels, p.training_resolution, 1000)
+
+
+def parse_cases(spec: Optional[str], batch: Optional[int] = None) -> List[Case]:
+    """`"lego_S_PG_64,lego_L_PG_64:64"` -> Cases (`name:batch` overrides that preset's batch)."""
+    if not spec:
+        return [default_case(name, batch) for name, *_ in DEFAULT_CASES]
+    cases = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        name, _, b = item.partition(":")
+        if b and not b.isdigit():
+            raise ValueError(f"bad preset spec {item!r}: expected NAME or NAME:BATCH, e.g. lego_S_PG_64:64")
+        cases.append(default_case(name, int(b) if b else batch))
+    return cases
+
+
+def default_train_cases() -> List[Case]:
+    """The training workloads of `DEFAULT_TRAIN_CASES`."""
+    return [default_case(name, batch) for name, batch in DEFAULT_TRAIN_CASES]
+
+
+def with_depths(case: Case, depths: Sequence[int]) -> Case:
+    """`case` with every brick's depth replaced (one entry per brick)."""
+    n = len(get_preset(case.preset).regions)
+    depths = tuple(int(d) for d in depths)
+    if len(depths) != n or min(depths) < 1:
+        raise ValueError(f"--depths needs {n} positive integers for {case.preset} (one per brick), got {list(depths)}")
+    return dataclasses.replace(case, depths=depths)
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run needs; `for_mode` fills the repeat counts of full / --quick / --tiny runs."""
+
+    device: str = "cuda"
+    cases: List[Case] = field(default_factory=lambda: parse_cases(None))
+    # the workloads of the train mode; None: the same as `cases` (--presets, --tiny)
+    train_cases: Optional[List[Case]] = field(default_factory=default_train_cases)
+    modes: Tuple[str, ...] = ("infer",)
+    variants: Tuple[str, ...] = DEFAULT_VARIANTS
+    checkpoint_blocks: Optional[int] = None   # fastlego_graph_ckpt: the first N DiT blocks (None: all)
+    compile_mode: Optional[str] = None
+    autocast_dtype: Optional[torch.dtype] = torch.bfloat16
+    tf32: bool = True
+    kernels: bool = True
+    floor: bool = True
+    check: bool = True
+    cuda_graphs: bool = False
+    kernel_inputs: Tuple[str, ...] = ("autocast", "bf16")
+    seed: int = 0
+    # end to end: `repeats` timed rounds of `iters` forwards each, after `warmup` rounds
+    warmup: int = 2
+    repeats: int = 5
+    iters: int = 10
+    # kernels and floor matmuls: rounds of at least `op_min_round_ms` (calls repeated to fill it)
+    op_warmup: int = 3
+    op_repeats: int = 15
+    op_min_round_ms: float = 2.0
+    # device limits
+    peak_size: int = 8192
+    peak_repeats: int = 20
+    copy_mib: int = 1024
+    json_path: Optional[str] = None
+    markdown_path: Optional[str] = None
+    profile: str = "full"
+
+    @classmethod
+    def for_mode(cls, quick: bool = False, tiny: bool = False, **overrides) -> "BenchConfig":
+        cfg = cls()
+        if quick:
+            cfg.profile = "quick"
+            cfg.warmup, cfg.repeats, cfg.iters = 1, 3, 3
+            cfg.op_warmup, cfg.op_repeats, cfg.op_min_round_ms = 1, 5, 1.0
+            cfg.peak_repeats = 10
+        if tiny:
+            cfg.profile = "tiny"
+            cfg.cases = [Case("lego_S_PG_64", 1, 3, 64, 0)]
+            cfg.train_cases = None
+            cfg.warmup, cfg.repeats, cfg.iters = 1, 2, 1
+            cfg.op_warmup, cfg.op_repeats, cfg.op_min_round_ms = 1, 2, 0.0
+            cfg.peak_size, cfg.peak_repeats, cfg.copy_mib = 256, 3, 4
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        return cfg
+
+    def cases_for(self, mode: str) -> List[Case]:
+        """The workloads `mode` runs: `train_cases` for train when set, else `cases`."""
+        return list(self.train_cases) if mode == "train" and self.train_cases is not None else list(self.cases)
+
+    def variants_for(self, mode: str) -> Tuple[str, ...]:
+        """The asked-for variants that `mode` has (train: no bf16 weights)."""
+        return tuple(v for v in self.variants if v in MODE_VARIANTS.get(mode, VARIANTS))
+
+    def validate(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"mode(s) {bad} are not implemented: expected a subset of {sorted(MODES)}")
+        bad = [v for v in self.variants if v not in ALL_VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {bad}: expected a subset of {', '.join(ALL_VARIANTS)}")
+        for mode in self.modes:
+            if not self.variants_for(mode):
+                raise ValueError(f"none of the variants {list(self.variants)} has a {mode} mode: pick from "
+                                 f"{', '.join(MODE_VARIANTS[mode])} (e.g. --variants {','.join(MODE_VARIANTS[mode][:2])})")
+        bad = [v for v in self.kernel_inputs if v not in KERNEL_INPUTS]
+        if bad:
+            raise ValueError(f"unknown kernel input kind(s) {bad}: expected a subset of {', '.join(KERNEL_INPUTS)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; "
+                               "run on a GPU, or pass --device cpu (with --tiny for a quick smoke run)")
+        for name in ("warmup", "op_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("repeats", "iters", "op_repeats", "peak_repeats", "peak_size", "copy_mib"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def weights_of(self, variant: str, mode: str = "infer") -> Tuple[torch.dtype, Optional[torch.dtype]]:
+        """(weight dtype, autocast dtype or None) of a variant: bf16 weights without autocast for
+        `BF16_WEIGHT_VARIANTS` (inference only), else fp32 weights under `autocast_dtype`."""
+        if mode == "infer" and variant in BF16_WEIGHT_VARIANTS:
+            return torch.bfloat16, None
+        return torch.float32, self.autocast_dtype
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cases"] = [c.to_dict() for c in self.cases]
+        d.pop("train_cases")
+        if "train" in self.modes:  # (an inference run's config reads as before)
+            d["train_cases"] = [c.to_dict() for c in self.cases_for("train")]
+        d["autocast_dtype"] = dtype_name(self.autocast_dtype)
+        return d
