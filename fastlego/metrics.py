@@ -337,7 +337,8 @@ def evaluate_network(net, per_class: int = 50, seed: int = 0, device=None, batch
                      progress: bool = False, **sampler) -> tuple:
     """Draw `per_class` images of every digit (seed + i for image i, digit i % 10) and measure
     them. `sampler`: `fastlego.sample`'s sampler arguments (num_steps, cfg_scale, t_break, ...).
-    Returns (QualityReport, SampleResult)."""
+    Returns (QualityReport, SampleResult). Under torchrun the processes share the sampling and
+    rank 0, which gathers every image, measures them; the other ranks get (None, their share)."""
     from .sampling import sample
 
     if per_class < 1:
@@ -349,6 +350,8 @@ def evaluate_network(net, per_class: int = 50, seed: int = 0, device=None, batch
     ids = balanced_class_ids(per_class)
     seeds = list(range(seed, seed + len(ids)))
     res = sample(net, seeds, class_ids=ids, device=device, batch_size=batch_size, progress=progress, **sampler)
+    if res.rank != 0:
+        return None, res
     return evaluate_samples(res.images, ids), res
 
 
@@ -365,6 +368,8 @@ def cmd_eval(args) -> int:
         progress=not args.quiet, num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
         cfg_scale=args.cfg, t_break=args.t_break, skip_stage_idx=args.skip_stage, precision=args.precision)
+    if report is None:   # another rank of torchrun: rank 0 measures and reports
+        return 0
     print(f"{args.network}: {report.n} images ({args.per_class} per digit, seeds {args.seed}-"
           f"{args.seed + report.n - 1}), {res.seconds:.1f} s of sampling")
     print(f"  {report.summary()}")

@@ -203,3 +203,29 @@ def test_eval_command_prints_and_writes_the_report(tmp_path, capsys):
     data = json.load(open(report))
     assert data["n"] == 10 and len(data["counts"]) == 10 and 0 <= data["agreement"] <= 1
     assert data["sampler"]["cfg_scale"] == 2.0
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_reports_once_what_one_process_reports(tmp_path):
+    """Two gloo processes share the sampling; rank 0 measures every image: the same report as
+    one process (same seeds, same batches), printed once."""
+    import subprocess
+    import sys
+
+    from fastlego.training import TrainConfig, train
+
+    run = train(TrainConfig(data="digits", bricks="8:w32p4h2:1,16:w32p4h2:1", batch_size=4, steps=1,
+                            outdir=str(tmp_path / "run"), progress=False, threads=1))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(M.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["eval", "--network", run.checkpoint, "--per-class", "2", "--batch", "5", "--steps", "2",
+            "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "fastlego", *args, "--json", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=repo)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fastlego", *args, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=repo)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert two.stdout.count("agreement") == 1
+    a, b = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
+    assert a == b and a["n"] == 20
