@@ -28,13 +28,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastlego import reference  # noqa: E402
 from fastlego.benchmark import measure  # noqa: E402
-from kernels.fused_linear import _gelu_tanh_exponent, gelu_tanh_backward  # noqa: E402
+from fastlego.kernels.gelu import gelu_tanh_backward, gelu_tanh_exponent  # noqa: E402
 
 
 @triton.jit
 def _gelu_parts(a):
     """(s, GELU'(a)) for tanh-GELU, as `gelu_tanh_backward` computes them: GELU(a) = a s."""
-    s = 1.0 / (1.0 + tl.exp2(tl.minimum(_gelu_tanh_exponent(a), 126.0)))
+    s = 1.0 / (1.0 + tl.exp2(tl.minimum(gelu_tanh_exponent(a), 126.0)))
     du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
     return s, s + 2.0 * a * s * (1.0 - s) * du
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import reference
-from .dispatch import autocast_dtype
+from .kernels.policy import compute_dtype   # the kernels' autocast rule (needs no triton)
 
 # CUDA grid axes y and z take at most this many blocks; flash-attn and xformers put batch and
 # heads there.
@@ -108,11 +108,6 @@ def _version_tuple(version: str) -> Tuple[int, ...]:
     return tuple(parts)
 
 
-def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
-    """qkv's dtype, or the autocast dtype when autocast is on for qkv's device (fp64 is not cast)."""
-    return autocast_dtype(qkv) or qkv.dtype
-
-
 def _shape_reasons(qkv, num_heads) -> List[str]:
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         return [f"qkv must be a (N, T, 3D) tensor, got {tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}"]
@@ -165,7 +160,7 @@ def flash_attn_not_supported_reasons(qkv, num_heads) -> List[str]:
     if shape:
         return reasons + shape
     reasons += _device_reasons(qkv, "flash-attn", (8, 0))
-    dtype = _compute_dtype(qkv)
+    dtype = compute_dtype(qkv)
     if dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"dtype {dtype}: flash-attn takes float16 or bfloat16 only (run under torch.autocast "
                        f"or convert the model with .to(torch.bfloat16))")
@@ -177,7 +172,7 @@ def flash_attn_not_supported_reasons(qkv, num_heads) -> List[str]:
 
 def _prepare(qkv: torch.Tensor, num_heads: int):
     """qkv in the compute dtype (autocast's, as SDPA would cast it) and its sizes."""
-    dtype = _compute_dtype(qkv)
+    dtype = compute_dtype(qkv)
     if qkv.dtype != dtype:
         qkv = qkv.to(dtype)
     N, T, three_d = qkv.shape
@@ -269,7 +264,7 @@ def xformers_not_supported_reasons(qkv, num_heads) -> List[str]:
         return reasons + shape
     device = _device_reasons(qkv, "xformers", (5, 0))
     reasons += device
-    dtype = _compute_dtype(qkv)
+    dtype = compute_dtype(qkv)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {dtype}: xformers takes float32, float16 or bfloat16")
     if not reasons:
@@ -313,8 +308,7 @@ def sdpa_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     as (N, heads, T, hd). The values are the reference's (timm's permute-then-unbind gives the
     same views); the difference is autograd's backward of the cut: here one stack of dq, dk, dv
     lands directly in qkv's (N, T, 3D) layout, where the reference's cut costs that stack plus a
-    copy back. On an H200 that is 28% of global attention's forward + backward time at
-    lego_L_PG_64's shape (bench/attention_layouts.py, bench/RESULTS.md)."""
+    copy back (bench/attention_layouts.py times both layouts; bench/RESULTS.md keeps the results)."""
     N, T, three_d = qkv.shape
     q, k, v = (t.transpose(1, 2) for t in qkv.reshape(N, T, 3, num_heads, three_d // (3 * num_heads)).unbind(2))
     return reference.merge_heads(reference.sdpa(q, k, v))

@@ -19,7 +19,7 @@ What the backward of each op saves (no normalised or modulated activations are k
                          LN(h)*(1+scale)+shift are recomputed in the backward's Triton passes.
   linear_gated_residual  its inputs, + y = a W^T + b (needed for d gate) if `keep_y`; the
                          attention projection recomputes its y instead (keep_y=False: one
-                         D x D matmul per block, ~2% of a step, for ~7% of the saved bytes).
+                         D x D matmul per block, the block's cheapest, for M x D bytes less).
                          In eager training, when a is a window attention's output, it keeps
                          that attention's qkv (kept anyway) instead of a, and reruns the
                          attention forward in its backward (see `_RECOMPUTE`).
@@ -171,8 +171,8 @@ def _backward(ctx, name: str):
 
 class _EagerOp(torch.autograd.Function):
     """Eager training of a fused op: the custom op's own implementation, setup_context and
-    backward, as a plain autograd.Function (no torch.library dispatch: it costs tens of
-    microseconds of Python per call, which added up to ~30 ms per small training step)."""
+    backward, as a plain autograd.Function (no torch.library dispatch: its Python per call adds
+    up over the hundreds of op calls of a training step)."""
 
     @staticmethod
     def forward(ctx, name, *inputs):
@@ -511,7 +511,7 @@ def _window_attention_backward(grad_out: Tensor, qkv: Tensor, num_heads: int, am
     dt = amp or qkv.dtype
     with scope(settings), _impl(qkv.device.type, None):
         if op == "global_attention":   # deterministic mode's global attention: the fixed-order reference
-            dqkv = reference.attention_backward(qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
+            dqkv = reference.window_attention_backward(qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
         else:
             dqkv = call("window_attention_backward", qkv.to(dt), grad_out.to(dt), num_heads).to(qkv.dtype)
         return _distinct((dqkv,), (grad_out, qkv))[0]
@@ -548,7 +548,7 @@ def window_attention(qkv, num_heads, op: str = "window_attention"):
 
 
 # Activations cheaper to recompute than to keep. A window attention's output (regions of <= 64
-# tokens: one light kernel, well under 1% of a block's time) is the projection's input, which
+# tokens: one light, memory-bound kernel) is the projection's input, which
 # its backward needs for dW; its qkv is kept anyway (the attention's backward needs it). So an
 # eager projection whose input is listed here keeps qkv instead and reruns the same forward (the
 # same kernel on the same qkv: the same bits) in its backward: M x D bytes less per block. Keyed
@@ -684,7 +684,3 @@ _register_autograd(_final_layer, _final_layer_grad, _final_layer_setup)
 def final_layer(h, shift, scale, weight, bias, region, image_shape):
     return _run("final_layer", h, shift, scale, weight, bias, region, [int(s) for s in image_shape], autocast_dtype(h),
                 settings_token())
-
-
-# The custom ops and their backward, for opcheck and documentation.
-OPS = ("brick_embed", "modulated_linear", "window_attention", "linear_gated_residual", "final_layer")

@@ -33,12 +33,17 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-MODES = ("auto", "reference", "triton", "flash_attn", "xformers")
 ENV_VAR = "FASTLEGO_BACKEND"
+
+
+def __getattr__(name: str):
+    if name == "MODES":   # computed on each read: backends may be registered at any time
+        return modes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BackendNotSupported(RuntimeError):
@@ -143,6 +148,15 @@ def ops() -> List[str]:
     return list(_REGISTRY)
 
 
+def modes(op: Optional[str] = None) -> Tuple[str, ...]:
+    """The backend choices: "auto" plus every backend name registered for any op (`MODES`), or for
+    `op` alone (what a per-op override of `op` takes)."""
+    if op is not None:
+        return ("auto",) + tuple(b.name for b in _REGISTRY.get(op, ()))
+    names = dict.fromkeys(b.name for bs in _REGISTRY.values() for b in bs)
+    return ("auto",) + tuple(sorted(names, key=lambda name: name != "reference"))   # reference first
+
+
 # --------------------------------------------------------------------------------------------
 # Which backend: the dispatcher's one state and its scoping rule
 # --------------------------------------------------------------------------------------------
@@ -232,11 +246,19 @@ class DispatchState:
     sets it while the block is open (run the backward inside the block too)."""
 
     def __init__(self):
-        self.default = Settings(_mode_from_env())
+        self._default: Optional[Settings] = None      # read from FASTLEGO_BACKEND on first use
         self.version = 0                              # bumped when `default` changes
         self.thread = _ThreadScopes()
         self.decisions: Dict[tuple, tuple] = {}       # see `choose`
         self.retired: Dict[Tuple[str, str], str] = {}  # (op, backend) -> the run-time error
+
+    @property
+    def default(self) -> Settings:
+        """The process-wide settings; at first use the FASTLEGO_BACKEND variable's mode, checked
+        against the backends registered by then (`fastlego.ops` registers the built-in ones)."""
+        if self._default is None:
+            self._default = Settings(_mode_from_env())
+        return self._default
 
     def settings(self) -> Settings:
         """The settings of the calling thread (see the scoping rule)."""
@@ -251,7 +273,7 @@ class DispatchState:
         return t.resolved
 
     def set_default(self, settings: Settings) -> None:
-        self.default = settings
+        self._default = settings
         self.version += 1
 
     @contextlib.contextmanager
@@ -277,8 +299,8 @@ class DispatchState:
 
 def _mode_from_env() -> str:
     mode = os.environ.get(ENV_VAR, "auto").strip() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV_VAR}={mode!r} is not a backend: expected one of {', '.join(MODES)}")
+    if mode not in modes():
+        raise ValueError(f"{ENV_VAR}={mode!r} is not a backend: expected one of {', '.join(modes())}")
     return mode
 
 
@@ -330,20 +352,29 @@ def checkpoint_contexts():
 
 
 def _check_choice(mode: Optional[str], per_op: Dict[str, str], known_ops: bool = True) -> None:
-    for name, value in [("mode", mode)] + list(per_op.items()):
-        if value is not None and value not in MODES:
-            raise ValueError(f"backend {value!r} for {name} is not one of {', '.join(MODES)}")
+    """`mode` must be one of `modes()`, each per-op override one of `modes(op)` (the op's own
+    backends). Settings read back from a token (`known_ops` False) may name ops not registered in
+    this process: their overrides are checked against `modes()`."""
+    if mode is not None and mode not in modes():
+        raise ValueError(f"backend {mode!r} for mode is not one of {', '.join(modes())}")
     unknown = [op for op in per_op if op not in _REGISTRY]
     if unknown and known_ops:
         raise ValueError(f"unknown op(s) {unknown}: per-op overrides take {', '.join(_REGISTRY)}")
+    for op, value in per_op.items():
+        allowed = modes(op) if op in _REGISTRY else modes()
+        if value not in allowed:
+            raise ValueError(f"backend {value!r} for {op} is not one of {', '.join(allowed)} "
+                             f"(the backends registered for {op!r}, and auto)")
 
 
 @contextlib.contextmanager
 def use_backend(mode: Optional[str] = None, **per_op: str):
     """Choose backends inside a `with` block, for the calling thread (and the backward of every
     fused op run inside): `use_backend("triton")`, `use_backend("auto", global_attention="xformers")`.
-    Modes: auto (fastest supported), reference, triton, flash_attn, xformers. Outside any block the
-    process-wide choice applies (`set_backend`, default from the FASTLEGO_BACKEND variable)."""
+    The mode is "auto" (the first backend of each op that takes the call) or any registered
+    backend name (`modes()`: reference, triton, flash_attn, xformers, sdpa); a per-op override is
+    "auto" or one of that op's backends (`modes(op)`). Outside any block the process-wide choice
+    applies (`set_backend`, default from the FASTLEGO_BACKEND variable)."""
     _check_choice(mode, per_op)
     layer: dict = {}
     if mode is not None:
@@ -381,8 +412,8 @@ _site: List[str] = []
 # Decisions (`_state.decisions`) are cached by everything `not_supported_reasons` looks at: the
 # op, the settings (mode, overrides, deterministic switch), grad and autocast state, the
 # interpreter switch, and per argument its metadata (tensors: shape, strides, dtype, device,
-# requires_grad) or value. Asking every backend costs ~0.2 ms of Python per call, which dominated
-# small training steps (~200 ops per step); a cached decision costs a few microseconds. Calls with
+# requires_grad) or value. Asking every backend costs far more Python than a dictionary lookup,
+# and a training step makes hundreds of op calls (bench/RESULTS.md has the timings). Calls with
 # keyword arguments (`out=`, whose overlap check reads addresses) are not cached. Cleared when
 # backends change or one is retired.
 _DECISIONS_MAX = 8192
@@ -610,7 +641,7 @@ def deterministic(enabled: bool = True):
 
 
 # --------------------------------------------------------------------------------------------
-# Shared support checks for kernels
+# Facts kernels ask about the call (their support rules: fastlego.kernels.policy)
 # --------------------------------------------------------------------------------------------
 
 def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
@@ -623,54 +654,11 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter (TRITON_INTERPRET=1: CPU tensors, tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                   *, compute_dtype: Optional[torch.dtype] = None, mixed_dtypes_ok: bool = False,
-                   forward_only: bool = True) -> List[str]:
-    """Reasons a Triton kernel cannot take these tensors: device, dtype, mixed dtypes (unless the
-    kernel casts every operand, `mixed_dtypes_ok`), the dtype it computes in (`compute_dtype`,
-    e.g. autocast's), and, for kernels without a backward (`forward_only`), autograd recording a
-    tensor that requires grad."""
-    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
-    reasons = device_problems(ts)
-    for dev in {t.device for t in ts}:
-        if dev.type == "cpu" and not triton_interpreting():
-            reasons.append("tensors are on the CPU: Triton kernels need a CUDA device "
-                           "(or TRITON_INTERPRET=1, Triton's interpreter, for testing)")
-        elif dev.type == "cpu" and not _state.thread.forcing:
-            reasons.append("tensors are on the CPU: Triton's interpreter (TRITON_INTERPRET=1) is for "
-                           "testing and is used only when the triton backend is forced")
-        elif dev.type not in ("cuda", "cpu"):
-            reasons.append(f"device {dev} is not supported (CUDA only)")
-    bad = sorted({str(t.dtype) for t in ts if t.dtype not in dtypes})
-    if bad:
-        reasons.append(f"dtype {', '.join(bad)} not supported (expected one of {', '.join(str(d) for d in dtypes)})")
-    if ts and not mixed_dtypes_ok and any(t.dtype != ts[0].dtype for t in ts):
-        reasons.append(f"mixed dtypes {sorted({str(t.dtype) for t in ts})}: the kernel takes one dtype")
-    if compute_dtype is not None and compute_dtype not in dtypes:
-        reasons.append(f"autocast dtype {compute_dtype} not supported (expected float16 or bfloat16)")
-    if triton_interpreting() and torch.bfloat16 in {compute_dtype} | {t.dtype for t in ts[:1]}:
-        reasons.append("bfloat16 under Triton's interpreter (the input's or autocast's): its tl.dot returns "
-                       "wrong results for bf16 operands")
-    if forward_only:
-        reasons += forward_only_reasons(ts)
-    return reasons
-
-
-def device_problems(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
-    """One problem if the tensors are not all on one device."""
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    if len(devices) > 1:
-        return [f"tensors on several devices {sorted(map(str, devices))}: move them to one"]
-    return []
-
-
-def forward_only_reasons(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
-    """Why a kernel without a backward cannot take a call that autograd records."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return ["an input requires grad and autograd is recording: this Triton launcher is forward-only "
-                "(fastlego.ops runs the fused ops as custom ops with a Triton backward when autograd "
-                "records; call those, or run under torch.no_grad() / torch.inference_mode())"]
-    return []
+def forcing() -> bool:
+    """Whether the calling thread is asking a forced backend for its reasons (`choose`): Triton
+    kernels take CPU tensors, through the interpreter, only then."""
+    return _state.thread.forcing

@@ -1,8 +1,11 @@
 """The ops LegoBackbone runs, each routed through the dispatcher (`fastlego.dispatch`).
 
-Backends are declared here, highest priority first; the reference op (`fastlego.reference`) is
-always there and always last. Triton kernels live in `fastlego.kernels` (the repository's
-`kernels/` folder) and are loaded only when first asked for.
+Backends are declared here, highest priority first. One name per op: its Triton launcher
+`fastlego.kernels.<module>.<op>` (with `<op>_not_supported_reasons`), its reference twin
+`fastlego.reference.<op>` (always able; last, but for global_attention), its custom op
+`fastlego::<op>` for the forward ops (`fastlego.custom_ops`), and here its entry point `<op>`.
+Triton kernels live in `fastlego.kernels` (the repository's `kernels/` folder) and are loaded
+only when first asked for.
 """
 
 from __future__ import annotations
@@ -17,57 +20,48 @@ _K = "fastlego.kernels"
 # Window attention serves regions of at most this many tokens; larger ones are "global".
 WINDOW_MAX_TOKENS = 64
 
-# op -> [(backend name, "module:launcher", "module:not_supported_reasons")] in priority order for
-# `auto`; "reference" (fastlego.reference, always able) marks where the reference op stands.
-_T = {op: (f"{_K}.{mod}:{fn}", f"{_K}.{mod}:{reasons}") for op, (mod, fn, reasons) in {
-    "brick_embed": ("brick_embed", "brick_embed", "not_supported_reasons"),
-    "modulated_linear": ("fused_linear", "modulated_linear", "modulated_linear_not_supported_reasons"),
-    "attention": ("window_attention", "window_attention", "not_supported_reasons"),
-    "linear_gated_residual": ("fused_linear", "linear_gated_residual", "linear_gated_residual_not_supported_reasons"),
-    "final_layer": ("final_layer", "final_layer", "not_supported_reasons"),
-}.items()}
-_AB = "fastlego.attention_backends"
-_BACKENDS = {
-    "brick_embed": [("triton", *_T["brick_embed"]), ("reference", "fastlego.reference:brick_embed", None)],
-    "modulated_linear": [("triton", *_T["modulated_linear"]),
-                         ("reference", "fastlego.reference:modulated_linear", None)],
-    "window_attention": [("triton", *_T["attention"]), ("reference", "fastlego.reference:attention", None)],
-    # global attention: flash-attn, xformers, then PyTorch SDPA (its flash / cuDNN / efficient
-    # kernels) on token-major views of qkv, then the reference (SDPA on timm's views: same values,
-    # a slower backward); the Triton flash kernel is the last resort and can be forced
-    "global_attention": [("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons"),
-                         ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons"),
-                         ("sdpa", f"{_AB}:sdpa_attention", f"{_AB}:sdpa_not_supported_reasons"),
-                         ("reference", "fastlego.reference:attention", None),
-                         ("triton", *_T["attention"])],
-    "linear_gated_residual": [("triton", *_T["linear_gated_residual"]),
-                              ("reference", "fastlego.reference:linear_gated_residual", None)],
-    "final_layer": [("triton", *_T["final_layer"]), ("reference", "fastlego.reference:final_layer", None)],
+# Every op: its Triton kernel module (fastlego.kernels.<module>, launcher `<op>` and
+# `<op>_not_supported_reasons`) and its reference twin `fastlego.reference.<op>`, one name for all.
+KERNEL_MODULES = {
+    "brick_embed": "brick_embed",
+    "modulated_linear": "modulated_linear",
+    "window_attention": "window_attention",
+    "global_attention": "window_attention",
+    "linear_gated_residual": "linear_gated_residual",
+    "final_layer": "final_layer",
+    # the backward pieces of the fused ops (run by fastlego.custom_ops' backward)
+    "layernorm_modulate": "layernorm_modulate",
+    "layernorm_modulate_backward": "layernorm_modulate",
+    "gated_residual_backward": "gated_residual",
+    "gelu_tanh_backward": "gelu",
+    "window_attention_backward": "window_attention",
+    "brick_embed_input_grad": "brick_embed",
 }
-# The backward pieces of the fused ops (run by fastlego.custom_ops' backward): Triton kernels with
-# their reference twins.
-_FL = f"{_K}.fused_linear"
-_BACKENDS.update({
-    "layernorm_modulate": [("triton", f"{_FL}:layernorm_modulate", f"{_FL}:layernorm_modulate_not_supported_reasons"),
-                           ("reference", "fastlego.reference:layernorm_modulate_as", None)],
-    "layernorm_modulate_backward": [
-        ("triton", f"{_FL}:layernorm_modulate_backward", f"{_FL}:layernorm_modulate_backward_not_supported_reasons"),
-        ("reference", "fastlego.reference:layernorm_modulate_backward", None)],
-    "gated_residual_backward": [
-        ("triton", f"{_FL}:gated_residual_backward", f"{_FL}:gated_residual_backward_not_supported_reasons"),
-        ("reference", "fastlego.reference:gated_residual_backward", None)],
-    "gelu_tanh_backward": [
-        ("triton", f"{_FL}:gelu_tanh_backward", f"{_FL}:gelu_tanh_backward_not_supported_reasons"),
-        ("reference", "fastlego.reference:gelu_tanh_backward", None)],
-    "window_attention_backward": [
-        ("triton", f"{_K}.window_attention:window_attention_backward",
-         f"{_K}.window_attention:backward_not_supported_reasons"),
-        ("reference", "fastlego.reference:attention_backward", None)],
-    "brick_embed_input_grad": [
-        ("triton", f"{_K}.brick_embed:brick_embed_input_grad",
-         f"{_K}.brick_embed:brick_embed_input_grad_not_supported_reasons"),
-        ("reference", "fastlego.reference:brick_embed_input_grad", None)],
-})
+
+
+def _triton(op: str):
+    mod = f"{_K}.{KERNEL_MODULES[op]}"
+    return ("triton", f"{mod}:{op}", f"{mod}:{op}_not_supported_reasons")
+
+
+def _reference(op: str):
+    return ("reference", f"fastlego.reference:{op}", None)
+
+
+_AB = "fastlego.attention_backends"
+# op -> [(backend name, "module:function", "module:not_supported_reasons")] in priority order for
+# `auto`; the reference (always able) is last except for global_attention.
+_BACKENDS = {op: [_triton(op), _reference(op)] for op in KERNEL_MODULES}
+# global attention: flash-attn, xformers, then PyTorch SDPA (its flash / cuDNN / efficient kernels)
+# on token-major views of qkv, then the reference (SDPA on timm's views: same values, a slower
+# backward); the Triton flash kernel is the last resort (forward only) and can be forced
+_BACKENDS["global_attention"] = [
+    ("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons"),
+    ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons"),
+    ("sdpa", f"{_AB}:sdpa_attention", f"{_AB}:sdpa_not_supported_reasons"),
+    _reference("global_attention"),
+    _triton("global_attention"),
+]
 # Ops whose backends write into their arguments (gelu_tanh_backward overwrites grad, and pre with
 # act_into_pre): a failed call is re-raised, never retried on another backend (see fastlego.dispatch).
 _IN_PLACE = {"gelu_tanh_backward"}
@@ -102,16 +96,28 @@ def modulated_linear(h, shift, scale, weight, bias, activation=None):
 
 
 def attention(qkv, num_heads: int):
-    """Softmax attention inside each region: window attention for small regions, global otherwise."""
+    """Softmax attention inside each region: `window_attention` for regions of at most
+    WINDOW_MAX_TOKENS tokens, `global_attention` for larger ones."""
     if qkv.shape[1] > WINDOW_MAX_TOKENS:
-        if is_deterministic() and qkv.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # forward by the dispatcher, backward by the fixed-order reference (see set_deterministic)
-            return custom_ops.window_attention(qkv, num_heads, op="global_attention")
-        if torch.compiler.is_compiling():
-            # the compiler traces PyTorch's SDPA (flash / cuDNN / efficient kernels, their backward)
-            return reference.attention(qkv, num_heads)
-        return call("global_attention", qkv, num_heads)   # every backend but triton has a backward
-    return _route("window_attention", (qkv, num_heads), custom_ops.window_attention, reference.attention)
+        return global_attention(qkv, num_heads)
+    return window_attention(qkv, num_heads)
+
+
+def window_attention(qkv, num_heads: int):
+    """Attention inside regions of <= 64 tokens; see reference.window_attention."""
+    return _route("window_attention", (qkv, num_heads), custom_ops.window_attention, reference.window_attention)
+
+
+def global_attention(qkv, num_heads: int):
+    """Attention inside regions of more than 64 tokens; see reference.global_attention. Every
+    backend but triton has a backward of its own (autograd differentiates them)."""
+    if is_deterministic() and qkv.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # forward by the dispatcher, backward by the fixed-order reference (see set_deterministic)
+        return custom_ops.window_attention(qkv, num_heads, op="global_attention")
+    if torch.compiler.is_compiling():
+        # the compiler traces PyTorch's SDPA (flash / cuDNN / efficient kernels, their backward)
+        return reference.global_attention(qkv, num_heads)
+    return call("global_attention", qkv, num_heads)
 
 
 def mlp(h, shift, scale, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate):

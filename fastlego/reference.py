@@ -1,9 +1,12 @@
 """Reference ops: every computation LegoBackbone runs, in plain PyTorch.
 
-These are the oracle. Each fused Triton kernel in `fastlego.kernels` has a twin here with the
-same signature, and the tests compare the two. The composite ops (`brick_embed`,
-`modulated_linear`, `linear_gated_residual`, `final_layer`, `attention`) are the units the
-dispatcher routes; they are built from the small named functions above them.
+These are the oracle. Every op the dispatcher routes (`fastlego.dispatch.ops()`) has its reference
+twin here under the op's own name and with its signature (argument names and order), and each
+Triton launcher in `fastlego.kernels` has the same name and signature; the tests compare the two.
+The forward ops (`brick_embed`, `modulated_linear`, `window_attention`, `global_attention`,
+`linear_gated_residual`, `final_layer`) are built from the small named functions above them; the
+backward pieces (`layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`,
+`gelu_tanh_backward`, `window_attention_backward`, `brick_embed_input_grad`) follow.
 
 Memory layout shared by every op:
 - an image batch is `(B, C, H, W)`;
@@ -110,11 +113,12 @@ def layernorm(h: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
 
 
-def layernorm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`LN(h) * (1 + scale[img]) + shift[img]` for tokens h (N, T, D) and per-image shift/scale (B, D)."""
-    y = per_image(layernorm(h), shift)
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN's `x * (1 + scale[img]) + shift[img]` for tokens x (N, T, D) and per-image shift/scale
+    (B, D) (DiT's `modulate`, applied to `layernorm(h)`)."""
+    y = per_image(x, shift)
     y = y * (1 + scale[:, None, :]) + shift[:, None, :]
-    return y.reshape(h.shape)
+    return y.reshape(x.shape)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +154,7 @@ def brick_embed(x, prev, weight, bias, pos_embed, region: int) -> torch.Tensor:
 
 def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None) -> torch.Tensor:
     """`act(Linear(LN(h) * (1 + scale[img]) + shift[img]))`; activation None or "gelu_tanh"."""
-    y = F.linear(layernorm_modulate(h, shift, scale), weight, bias)
+    y = F.linear(modulate(layernorm(h), shift, scale), weight, bias)
     if activation == "gelu_tanh":
         y = gelu_tanh(y)
     elif activation is not None:
@@ -187,8 +191,19 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
     qkv (N, T, 3D) -> (N, T, D). PyTorch's `scaled_dot_product_attention`, as the release
     (through timm) runs it; chunked over regions so that no launch exceeds the kernels' grid.
+    The math of both attention ops (`window_attention`, `global_attention`).
     """
     return merge_heads(sdpa(*split_qkv(qkv, num_heads)))
+
+
+def window_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The `window_attention` op (regions of <= 64 tokens): `attention`."""
+    return attention(qkv, num_heads)
+
+
+def global_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The `global_attention` op (regions of more than 64 tokens): `attention`."""
+    return attention(qkv, num_heads)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,7 +227,7 @@ def final_layer(h, shift, scale, weight, bias, region: int, image_shape: Sequenc
     """LN + modulate + Linear(D, p*p*C) + unpatchify + fold regions -> (B, C, H, W)."""
     B, C, H, W = image_shape
     p = math.isqrt(weight.shape[0] // C)
-    y = F.linear(layernorm_modulate(h, shift, scale), weight, bias)
+    y = F.linear(modulate(layernorm(h), shift, scale), weight, bias)
     return fold_regions(unpatchify(y, p, C), B, H, W)
 
 
@@ -222,12 +237,12 @@ def final_layer(h, shift, scale, weight, bias, region: int, image_shape: Sequenc
 # below autograd; each is checked against autograd of the forward op above (gradcheck in fp64).
 # --------------------------------------------------------------------------------------------
 
-def layernorm_modulate_as(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """`layernorm_modulate` in fp32 (fp64 for fp64 h) as an (M, K) matrix rounded once to `dtype`
-    (default h's): the A operand of modulated_linear, recomputed by its backward."""
+def layernorm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`modulate(layernorm(h), shift, scale)` in fp32 (fp64 for fp64 h) as an (M, K) matrix rounded
+    once to `dtype` (default h's): the A operand of modulated_linear, recomputed by its backward."""
     work = torch.float64 if h.dtype == torch.float64 else torch.float32
-    a = layernorm_modulate(h.to(work), shift.to(work), scale.to(work))
+    a = modulate(layernorm(h.to(work)), shift.to(work), scale.to(work))
     return a.reshape(-1, h.shape[-1]).to(dtype or h.dtype)
 
 
@@ -284,8 +299,8 @@ def gelu_tanh_backward(grad: torch.Tensor, pre: torch.Tensor, act_into_pre: bool
     return grad, act, grad.reshape(-1, grad.shape[-1]).sum(0, dtype=work)
 
 
-def attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """d qkv of `attention` given grad_out (N, T, D): P = softmax(q k^T s) recomputed, then
+def window_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """d qkv of `attention` (regions of any size) given grad_out (N, T, D): P = softmax(q k^T s) recomputed, then
     dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s; fp32 math
     (fp64 for fp64), chunked over regions so that P (T x T per region and head) stays bounded."""
     work = torch.float64 if qkv.dtype == torch.float64 else torch.float32

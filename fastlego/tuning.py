@@ -1,7 +1,8 @@
 """Which path the fused matmul ops take, measured once in an explicit step: `fastlego.tune`.
 
 `modulated_linear` and `linear_gated_residual` each have two paths on a GPU (see
-`fastlego.kernels.fused_linear`): (a) one Triton GEMM with the LayerNorm-modulate prologue or the
+`fastlego.kernels.modulated_linear` and `fastlego.kernels.linear_gated_residual`; their GEMM
+machinery, tuning keys and tile configs in `fastlego.kernels.gemm`): (a) one Triton GEMM with the LayerNorm-modulate prologue or the
 gate/residual epilogue fused in, and (b) cuBLAS with one memory-bound Triton/PyTorch pass beside
 it. Which is faster depends on the shape and the card, so it is measured, but never inside a
 model call: timing there needs host syncs in the forward, can pick differently on two DDP ranks

@@ -17,7 +17,8 @@ pointer arithmetic from x / prev (or computed, for the two coordinate channels):
 
 Output: tokens (B * L, T, D) in the compute dtype (x's, or the autocast dtype under autocast, as
 F.conv2d gives), row m at out[n, t, :]. fp32 accumulation; bias and position table are added in
-fp32 and the sum is rounded once.
+fp32 and the sum is rounded once. fp32 dots follow `kernels/policy.py` (IEEE, or 3xTF32 when
+PyTorch's TF32 matmul switch is on).
 
 Cost (bf16, 2 bytes/element; weights, bias and pos are kilobytes). FLOPs = 2 M K D; minimum
 bytes = read x (+ prev) once + write M * D outputs:
@@ -42,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, device_problems, triton_interpreting, triton_reasons
+from fastlego.dispatch import triton_interpreting
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .policy import compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,18 +208,6 @@ def _brick_embed_input_grad_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the op computes and returns in: the autocast dtype under autocast of x's device
-    (F.conv2d casts its inputs to it), else x's dtype (the reference casts everything to it)."""
-    return autocast_dtype(x) or x.dtype
-
-
-def _fp32_precision() -> str:
-    """Dot precision for fp32: the reference is a cuDNN convolution, which uses TF32 when
-    `torch.backends.cudnn.allow_tf32` is on (PyTorch's default), else IEEE fp32."""
-    return "tf32" if torch.backends.cudnn.allow_tf32 and not triton_interpreting() else "ieee"
-
-
 def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
     """What is wrong with the shapes (empty: they are what `reference.brick_embed` takes)."""
     tensors = {"x": x, "weight": weight, "pos_embed": pos_embed}
@@ -256,7 +245,7 @@ def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
     return problems
 
 
-def not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]:
+def brick_embed_not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]:
     """Why the Triton brick_embed kernel cannot take this call (empty list: it can)."""
     problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
     if problems and (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
@@ -264,8 +253,7 @@ def not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]
         return problems
     # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype (x's,
     # or autocast's) as it is loaded.
-    reasons = triton_reasons([x, prev, weight, bias, pos_embed], compute_dtype=autocast_dtype(x), mixed_dtypes_ok=True)
-    return reasons + problems
+    return triton_reasons([x, prev, weight, bias, pos_embed], mixed_dtypes_ok=True) + problems
 
 
 def _config(K: int, D: int, patch: int):
@@ -294,35 +282,31 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
 
     Same result as `fastlego.reference.brick_embed`. `out`, if given, must be (B * L, T, D) of the
     compute dtype (the autocast dtype under autocast, else x's) on x's device; it is returned."""
-    problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
-    problems += device_problems([x, prev, weight, bias, pos_embed])
-    if problems:
-        raise ValueError("brick_embed: " + "; ".join(problems))
-    dtype = _compute_dtype(x)
+    inputs = [x, prev, weight, bias, pos_embed]
+    raise_if(_shape_problems(x, prev, weight, bias, pos_embed, region), "brick_embed")
+    raise_if(launch_problems(inputs, mixed_dtypes_ok=True), "brick_embed")
+    dtype = compute_dtype(x)
     B, C, H, W = x.shape
     D, cin, p, _ = weight.shape
     T = (region // p) ** 2
     L = (H // region) * (W // region)
     M, K = B * L * T, cin * p * p
+    raise_if(out_problems(out, (B * L, T, D), dtype, x.device, inputs), "brick_embed")
     if out is None:
         out = torch.empty((B * L, T, D), device=x.device, dtype=dtype)
-    elif tuple(out.shape) != (B * L, T, D) or out.dtype != dtype or out.device != x.device:
-        raise ValueError(f"brick_embed: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
-                         f"({B * L}, {T}, {D}) {dtype} on {x.device}: allocate it with "
-                         f"torch.empty(({B * L}, {T}, {D}), dtype={dtype}, device='{x.device}') or pass out=None")
     if M == 0 or D == 0:
         return out
 
     if dtype != x.dtype:
         # Autocast: the reference rounds x (with prev and the coordinates, via x's dtype) and the
         # weight to the autocast dtype before its conv; doing it here gives the same values and lets
-        # the kernel gather 16-bit pixels (the fp32 gather ran 4x slower on an H200, bench/RESULTS.md).
+        # the kernel gather 16-bit pixels instead of fp32 ones (half the bytes of its reads).
         x, weight = x.to(dtype), weight.to(dtype)
     w2 = weight.reshape(D, K)                    # (channel, row, col) flattening = K order above
     pos2 = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     prev_t = prev if prev is not None else x     # never read when HAS_PREV is False
     bias_t = bias if bias is not None else w2
-    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
+    precision = dot_precision(dtype)
     block_m, block_n, block_k, num_warps, num_stages = _config(K, D, p)
     args = (
         x, prev_t, w2, bias_t, pos2, out,
@@ -341,10 +325,8 @@ def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, imag
                            region: int):
     """(d prev or None, d x) of brick_embed, in grad_tokens' dtype: grad_tokens (B*L, T, D) times
     the embedding weight (D, Cin, p, p), stored straight onto the pixels (see the kernel)."""
-    problems = _input_grad_problems(grad_tokens, weight, image_shape, has_prev, region)
-    problems = problems or device_problems([grad_tokens, weight])
-    if problems:
-        raise ValueError("brick_embed_input_grad: " + "; ".join(problems))
+    raise_if(_input_grad_problems(grad_tokens, weight, image_shape, has_prev, region), "brick_embed_input_grad")
+    raise_if(launch_problems([grad_tokens, weight], mixed_dtypes_ok=True, forward_only=False), "brick_embed_input_grad")
     B, C, H, W = (int(v) for v in image_shape)
     D, cin, p, _ = weight.shape
     dtype = grad_tokens.dtype
@@ -360,7 +342,7 @@ def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, imag
     block_k = max(16, min(64, triton.next_power_of_2(k_img)))
     block_d = max(16, min(64, triton.next_power_of_2(D)))
     block_m = 64
-    precision = _fp32_precision() if dtype == torch.float32 else "tf32"
+    precision = dot_precision(dtype)
     dp = dprev if dprev is not None else dx
     grid = (triton.cdiv(M, block_m), triton.cdiv(k_img, block_k))
     _brick_embed_input_grad_kernel[grid](

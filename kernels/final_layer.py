@@ -20,17 +20,17 @@ pass normalises, modulates and feeds tl.dot. Why not a prologue kernel: it would
 h from HBM twice for certain (statistics, then matmul), plus a launch and an (M, 2) fp32 round trip.
 Here pass 2 re-reads the BLOCK_M x D tile this same program has just read; BLOCK_M is picked so
 that the tile is ~32 KB (16-32 rows), and while the tiles of the resident programs fit the 50 MB
-L2 the re-read costs no HBM traffic. Worst case (L2 thrashed) h is read twice: +0.14 ms per
-lego_S_PG_64 forward at B = 256, under 1% of its 19 ms floor. A single-pass variant (fold the
+L2 the re-read costs no HBM traffic. Worst case (L2 thrashed) h is read twice: another 436 MB
+(0.14 ms at 3 TB/s) per lego_S_PG_64 forward at B = 256. A single-pass variant (fold the
 mean into the epilogue: y = rstd * (sum_k h_k (1 + s_k) W_fk - mean * sum_k (1 + s_k) W_fk) + ...)
 would cancel catastrophically when |mean| >> std (massive-activation rows), so it is not used.
 
 Precision: statistics, normalisation and modulation in fp32; the modulated row is rounded once
 to the compute dtype for the dot (the reference rounds LN's output, the product and the sum
-separately); fp32 accumulation; + bias in fp32; one rounding to the output dtype. fp32 inputs:
-IEEE dots unless PyTorch's TF32 matmul switch is on (the reference is a Linear). Under autocast
-the reference's LayerNorm runs in fp32 and its Linear in the autocast dtype, returning that dtype:
-so does this kernel (h, shift, scale and weight may then have different dtypes).
+separately); fp32 accumulation; + bias in fp32; one rounding to the output dtype. fp32 dots and
+autocast follow `kernels/policy.py`: under autocast the reference's LayerNorm runs in fp32 and its
+Linear in the autocast dtype, returning that dtype, and so does this kernel (h, shift, scale and
+weight may then have different dtypes).
 
 Cost (bf16, 2 bytes/element). FLOPs = 2 M D N (the Linear) + ~8 M D (LN + modulate); minimum
 bytes = read h once + write the image + shift/scale/weight (kilobytes):
@@ -55,10 +55,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, device_problems, triton_interpreting, triton_reasons
+from fastlego.dispatch import triton_interpreting
 
-LN_EPS = 1e-6
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .layernorm_modulate import row_mean_m2
+from .policy import LN_EPS, compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,24 +91,8 @@ def _final_layer_kernel(
     img = region_idx // L                                      # image of each token row
     h_row = region_idx.to(tl.int64) * stride_hn + t * stride_ht
 
-    # Pass 1: per-row mean and M2 (sum of squared deviations), chunk by chunk. Each chunk's own
-    # mean/M2 are exact two-pass values; chunks merge with Chan et al.'s parallel update.
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        hv = tl.load(h_ptr + h_row[:, None] + offs_k[None, :] * stride_hd,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        n_old = k0 * 1.0                                   # features merged so far, as fp32
-        n_chunk = tl.minimum(D - k0, BLOCK_K).to(tl.float32)
-        chunk_mean = tl.sum(hv, axis=1) / n_chunk
-        dev = tl.where(k_ok[None, :], hv - chunk_mean[:, None], 0.0)
-        chunk_m2 = tl.sum(dev * dev, axis=1)
-        delta = chunk_mean - mean
-        n_new = n_old + n_chunk
-        mean += delta * (n_chunk / n_new)
-        m2 += chunk_m2 + delta * delta * (n_old * n_chunk / n_new)
+    # Pass 1: per-row mean and M2 (sum of squared deviations), chunk by chunk (Chan's merge).
+    mean, m2 = row_mean_m2(h_ptr, h_row, row_ok, D, stride_hd, BLOCK_M, BLOCK_K)
     rstd = tl.math.rsqrt(m2 / D + eps)                       # biased variance, as LayerNorm
 
     # Pass 2: a = LN(h) * (1 + scale[img]) + shift[img] (fp32, one rounding), y = a @ W^T.
@@ -148,19 +132,6 @@ def _final_layer_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the op computes its Linear in and returns: the autocast dtype under autocast of
-    h's device (F.linear casts to it), else h's dtype."""
-    return autocast_dtype(h) or h.dtype
-
-
-def _fp32_precision() -> str:
-    """Dot precision for fp32: TF32 when PyTorch's TF32 matmul switch is on, else IEEE."""
-    if triton_interpreting():
-        return "ieee"
-    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
-
-
 def _shape_problems(h, shift, scale, weight, bias, region, image_shape) -> List[str]:
     """What is wrong with the shapes (empty: they are what `reference.final_layer` takes)."""
     tensors = {"h": h, "shift": shift, "scale": scale, "weight": weight}
@@ -199,16 +170,14 @@ def _shape_problems(h, shift, scale, weight, bias, region, image_shape) -> List[
     return problems
 
 
-def not_supported_reasons(h, shift, scale, weight, bias, region, image_shape) -> List[str]:
+def final_layer_not_supported_reasons(h, shift, scale, weight, bias, region, image_shape) -> List[str]:
     """Why the Triton final_layer kernel cannot take this call (empty list: it can)."""
     problems = _shape_problems(h, shift, scale, weight, bias, region, image_shape)
     if problems and any(not isinstance(t, torch.Tensor) for t in (h, shift, scale, weight)):
         return problems
     # Under autocast LN runs in fp32 and the Linear in the autocast dtype whatever the operands'
-    # dtypes, as in the reference, so mixed dtypes are fine there.
-    amp = autocast_dtype(h)
-    reasons = triton_reasons([h, shift, scale, weight, bias], compute_dtype=amp, mixed_dtypes_ok=amp is not None)
-    return reasons + problems
+    # dtypes, as in the reference, so mixed dtypes are fine there (the policy's default).
+    return triton_reasons([h, shift, scale, weight, bias]) + problems
 
 
 def _config(D: int, n_out: int, h_bytes: int):
@@ -239,27 +208,23 @@ def final_layer(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weigh
 
     Same result as `fastlego.reference.final_layer`. `out`, if given, must be image_shape of the
     compute dtype (the autocast dtype under autocast, else h's) on h's device; it is returned."""
-    problems = _shape_problems(h, shift, scale, weight, bias, region, image_shape)
-    problems += device_problems([h, shift, scale, weight, bias])
-    if problems:
-        raise ValueError("final_layer: " + "; ".join(problems))
-    dtype = _compute_dtype(h)
+    inputs = [h, shift, scale, weight, bias]
+    raise_if(_shape_problems(h, shift, scale, weight, bias, region, image_shape), "final_layer")
+    raise_if(launch_problems(inputs), "final_layer")
+    dtype = compute_dtype(h)
     B, C, H, W = (int(s) for s in image_shape)
     N, D = weight.shape
     p = math.isqrt(N // C)
+    raise_if(out_problems(out, (B, C, H, W), dtype, h.device, inputs), "final_layer")
     if out is None:
         out = torch.empty((B, C, H, W), device=h.device, dtype=dtype)
-    elif tuple(out.shape) != (B, C, H, W) or out.dtype != dtype or out.device != h.device:
-        raise ValueError(f"final_layer: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
-                         f"({B}, {C}, {H}, {W}) {dtype} on {h.device}: allocate it with "
-                         f"torch.empty(({B}, {C}, {H}, {W}), dtype={dtype}, device='{h.device}') or pass out=None")
     M = h.shape[0] * h.shape[1]
     if M == 0:
         return out
 
     L = (H // region) * (W // region)
     bias_t = bias if bias is not None else weight
-    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
+    precision = dot_precision(dtype)
     block_m, block_n, block_k, num_warps, num_stages = _config(D, N, h.element_size())
     args = (
         h, shift, scale, weight, bias_t, out,

@@ -1,8 +1,9 @@
 """Attention inside each region, read straight from the fused qkv tensor: the `window_attention`
-op (regions of <= 64 tokens) and the Triton backend of `global_attention` (any token count), and
-the gradient of the first, `window_attention_backward` (regions of <= 64 tokens).
+op (regions of <= 64 tokens), the Triton backend of `global_attention` (any token count), and
+the gradient of the first, `window_attention_backward` (regions of <= 64 tokens); twins of
+`fastlego.reference.window_attention`, `global_attention` and `window_attention_backward`.
 
-Semantics of `fastlego.reference.attention`: qkv is (N, T, 3D) with the last dim laid out
+Semantics (`fastlego.reference.attention`): qkv is (N, T, 3D) with the last dim laid out
 (3, heads, head_dim); for every region n and head h, out[n, :, h] = softmax(q k^T * hd^-0.5) v,
 written in merged-head layout (N, T, D). q, k and v are addressed by strides inside qkv (column
 `s * D + h * hd + d` for s = q, k, v), so no permute or split copies are made, and the output
@@ -38,13 +39,13 @@ regions, 50 MB per block (13 us at ~4 TB/s), 4 blocks. A 16-token window (e.g. r
 bytes floor is independent of T; only the wasted (masked) FLOPs grow with BLOCK_M / T.
 
 Precision: fp32 statistics (max, sum, exp2) always. bf16/fp16 inputs: P is rounded to the input
-dtype before the P @ V dot, as flash attention does. fp32 inputs: the dots use IEEE fp32 unless
-PyTorch's TF32 matmul switch is on (`torch.backends.cuda.matmul.allow_tf32`), then TF32 (about
-1e-3 relative error, like PyTorch's own matmuls in that mode). Under CUDA autocast the kernel
-computes in the autocast dtype and returns that dtype, as `scaled_dot_product_attention` does
-(autocast of the tensor's device: CPU autocast applies under the interpreter).
+dtype before the P @ V dot, as flash attention does. fp32 dots and autocast follow
+`kernels/policy.py` (IEEE fp32, or 3xTF32 when PyTorch's TF32 matmul switch is on; under autocast
+of the tensor's device the kernel computes in the autocast dtype and returns that dtype, as
+`scaled_dot_product_attention` does; CPU autocast applies under the interpreter).
 
-Backward (`window_attention_backward`, T <= 64; `backward_not_supported_reasons` says when):
+Backward (`window_attention_backward`, T <= 64; `window_attention_backward_not_supported_reasons`
+says when):
 grad_qkv (N, T, 3D) from qkv and grad_out = dL/d out (N, T, D). Same packing as the forward: one
 program per head of R = BLOCK_M // T whole regions, so every row of P is whole in one tile. It
 recomputes S = q k^T * scale and P = softmax(S) (nothing is saved by the forward), then
@@ -66,7 +67,8 @@ input dtype before the dots that use them (as flash attention does). Cost for th
   reference (SDPA) backward (`PACKED_BACKWARD_MAX_BLOCK_D`).
 Autograd is wired outside this module (fastlego.custom_ops pairs the forward with this backward
 through the `window_attention_backward` op); called directly, `window_attention` itself is
-forward-only (`not_supported_reasons` refuses qkv that requires grad while grad mode is on).
+forward-only (`window_attention_not_supported_reasons` refuses qkv that requires grad while grad
+mode is on).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlego.dispatch import autocast_dtype, triton_reasons
+from .policy import compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
 
 # Regions of at most this many tokens go to the packed kernel, larger ones to the flash kernel.
 PACKED_MAX_TOKENS = 64
@@ -296,21 +298,6 @@ def _packed_window_attention_backward_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _compute_dtype(qkv: torch.Tensor) -> torch.dtype:
-    """The dtype the op computes and returns in: the autocast dtype under autocast of the tensor's
-    device (floating inputs other than fp64 are cast, as autocast does for SDPA), else qkv's."""
-    return autocast_dtype(qkv) or qkv.dtype
-
-
-def _fp32_precision() -> str:
-    """Dot precision for fp32 inputs: TF32 when PyTorch's TF32 matmul switch is on, else IEEE."""
-    try:
-        tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    except Exception:
-        tf32 = torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if tf32 else "ieee"
-
-
 def _shape_problems(qkv, num_heads) -> List[str]:
     """What is wrong with the shapes (empty: qkv is (N, T, 3 * heads * head_dim), head_dim supported)."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
@@ -330,13 +317,12 @@ def _shape_problems(qkv, num_heads) -> List[str]:
     return problems
 
 
-def not_supported_reasons(qkv, num_heads) -> List[str]:
+def window_attention_not_supported_reasons(qkv, num_heads) -> List[str]:
     """Why the Triton attention kernels cannot take this call (empty list: they can)."""
     problems = _shape_problems(qkv, num_heads)
     if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
         return problems
-    dtype = _compute_dtype(qkv)
-    return triton_reasons([qkv], compute_dtype=dtype if dtype != qkv.dtype else None) + problems
+    return triton_reasons([qkv]) + problems
 
 
 def _packed_config(tokens: int, head_dim: int, fp32: bool):
@@ -365,29 +351,24 @@ def _flash_config(head_dim: int, fp32: bool):
 def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention over the T tokens of each region: qkv (N, T, 3D) -> (N, T, D).
 
-    Same result as `fastlego.reference.attention`. Regions of <= 64 tokens run the packed kernel,
+    Same result as `fastlego.reference.window_attention`. Regions of <= 64 tokens run the packed kernel,
     larger ones the flash kernel. `out`, if given, must be (N, T, D) of the compute dtype (the
     autocast dtype under autocast, else qkv's) on qkv's device; it is returned."""
-    problems = _shape_problems(qkv, num_heads)
-    if problems:
-        raise ValueError("window_attention: " + "; ".join(problems))
-    dtype = _compute_dtype(qkv)
-    if dtype != qkv.dtype:
-        qkv = qkv.to(dtype)
+    raise_if(_shape_problems(qkv, num_heads), "window_attention")
+    raise_if(launch_problems([qkv]), "window_attention")
+    dtype = compute_dtype(qkv)
     N, T, three_d = qkv.shape
     width = three_d // 3
     head_dim = width // num_heads
+    raise_if(out_problems(out, (N, T, width), dtype, qkv.device, [qkv]), "window_attention")
+    if dtype != qkv.dtype:
+        qkv = qkv.to(dtype)
     if out is None:
         out = torch.empty((N, T, width), device=qkv.device, dtype=dtype)
-    else:
-        if tuple(out.shape) != (N, T, width) or out.dtype != dtype or out.device != qkv.device:
-            raise ValueError(f"window_attention: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
-                             f"({N}, {T}, {width}) {dtype} on {qkv.device}: allocate it with "
-                             f"torch.empty(({N}, {T}, {width}), dtype={dtype}, device='{qkv.device}') or pass out=None")
     if N == 0:
         return out
 
-    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    precision = dot_precision(dtype)
     qk_scale = head_dim ** -0.5 * _LOG2E
     packed = T <= PACKED_MAX_TOKENS
     if packed:
@@ -421,6 +402,18 @@ def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
     return out
 
 
+def global_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton backend of the `global_attention` op (regions of more than 64 tokens, where it
+    runs the flash kernel): `window_attention`, which picks the kernel by the token count. The
+    last resort of `auto` (forward only; flash-attn, xformers and SDPA come first)."""
+    return window_attention(qkv, num_heads, out=out)
+
+
+def global_attention_not_supported_reasons(qkv, num_heads) -> List[str]:
+    """Why `global_attention` cannot take this call (empty list: it can)."""
+    return window_attention_not_supported_reasons(qkv, num_heads)
+
+
 # --------------------------------------------------------------------------------------------
 # Backward (packed regions, T <= 64)
 # --------------------------------------------------------------------------------------------
@@ -430,7 +423,7 @@ def _packed_backward_config(tokens: int, head_dim: int, fp32: bool):
     v, dO and the fp32 dq, dk, dv (BLOCK_M x BLOCK_D each) plus P, dP (BLOCK_M x BLOCK_M), about
     twice the forward's registers, so 16-bit tiles shrink to 32 rows at head_dim 128 and 16 at
     256 (never below one region's rows); fp32 takes the fewest rows that hold a region. Every
-    config that `backward_not_supported_reasons` accepts compiles without spills on sm_90
+    config that `window_attention_backward_not_supported_reasons` accepts compiles without spills on sm_90
     (ptxas -v)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = triton.next_power_of_2(tokens)
@@ -465,14 +458,13 @@ def _backward_problems(qkv, grad_out, num_heads) -> List[str]:
     return problems
 
 
-def backward_not_supported_reasons(qkv, grad_out, num_heads) -> List[str]:
+def window_attention_backward_not_supported_reasons(qkv, grad_out, num_heads) -> List[str]:
     """Why `window_attention_backward` should not take this call (empty list: it can)."""
     problems = _backward_problems(qkv, grad_out, num_heads)
     if problems and (not isinstance(qkv, torch.Tensor) or qkv.dim() != 3):
         return problems
-    dtype = _compute_dtype(qkv)
-    reasons = triton_reasons([qkv, grad_out], compute_dtype=dtype if dtype != qkv.dtype else None,
-                             mixed_dtypes_ok=True,  # the launcher casts both to the compute dtype
+    dtype = compute_dtype(qkv)
+    reasons = triton_reasons([qkv, grad_out], mixed_dtypes_ok=True,  # the launcher casts both to the compute dtype
                              forward_only=False) + problems
     if not problems and dtype in (torch.float32, torch.float16, torch.bfloat16):
         N, T, three_d = qkv.shape
@@ -495,25 +487,22 @@ def window_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_hea
     grad_out is cast to it). Recomputes the softmax from qkv (nothing saved); deterministic (no
     atomics). `out`, if given, must be (N, T, 3D) of the compute dtype on qkv's device; it is
     returned."""
-    problems = _backward_problems(qkv, grad_out, num_heads)
-    if problems:
-        raise ValueError("window_attention_backward: " + "; ".join(problems))
-    dtype = _compute_dtype(qkv)
-    qkv = qkv.to(dtype)
-    grad_out = grad_out.to(dtype)
+    op = "window_attention_backward"
+    raise_if(_backward_problems(qkv, grad_out, num_heads), op)
+    raise_if(launch_problems([qkv, grad_out], mixed_dtypes_ok=True, forward_only=False), op)
+    dtype = compute_dtype(qkv)
     N, T, three_d = qkv.shape
     width = three_d // 3
     head_dim = width // num_heads
+    raise_if(out_problems(out, (N, T, three_d), dtype, qkv.device, [qkv, grad_out]), op)
+    qkv = qkv.to(dtype)
+    grad_out = grad_out.to(dtype)
     if out is None:
         out = torch.empty((N, T, three_d), device=qkv.device, dtype=dtype)
-    elif tuple(out.shape) != (N, T, three_d) or out.dtype != dtype or out.device != qkv.device:
-        raise ValueError(f"window_attention_backward: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
-                         f"({N}, {T}, {three_d}) {dtype} on {qkv.device}: allocate it with "
-                         f"torch.empty(({N}, {T}, {three_d}), dtype={dtype}, device='{qkv.device}') or pass out=None")
     if N == 0:
         return out
 
-    precision = _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    precision = dot_precision(dtype)
     block_m, regions_per_block, block_d, num_warps = _packed_backward_config(T, head_dim, dtype == torch.float32)
     # 1-D grid (axis 0 takes up to 2^31 - 1 programs); beyond that, launch whole-block region chunks.
     chunk = max(1, int(_MAX_PROGRAMS // (num_heads / regions_per_block)))

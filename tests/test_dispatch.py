@@ -140,16 +140,57 @@ def test_unloadable_backend_is_refused_with_import_error(toy_op):
 
 
 def test_triton_reasons(monkeypatch):
+    from fastlego.kernels.policy import triton_reasons   # the kernels' support rules (no triton needed)
+
     cpu = torch.ones(2)
-    r = dispatch.triton_reasons([cpu, torch.ones(2, dtype=torch.float64)])
+    r = triton_reasons([cpu, torch.ones(2, dtype=torch.float64)])
     assert any("float64 not supported" in s for s in r)
     assert any("mixed dtypes" in s for s in r)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     # the interpreter is for tests: CPU tensors go to triton only when it is forced
-    assert any("only when the triton backend is forced" in s for s in dispatch.triton_reasons([cpu]))
-    assert any("bfloat16 under Triton's interpreter" in s for s in dispatch.triton_reasons([cpu.bfloat16()]))
+    assert any("only when the triton backend is forced" in s for s in triton_reasons([cpu]))
+    assert any("bfloat16 under Triton's interpreter" in s for s in triton_reasons([cpu.bfloat16()]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the compute dtype is autocast's
+        assert any("bfloat16 under Triton's interpreter" in s for s in triton_reasons([cpu]))
+        assert not any("mixed dtypes" in s for s in triton_reasons([cpu, cpu.half()]))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert any("Triton kernels need a CUDA device" in s for s in dispatch.triton_reasons([cpu]))
+    assert any("Triton kernels need a CUDA device" in s for s in triton_reasons([cpu]))
+
+
+def test_modes_are_the_registered_backends(toy_op):
+    """MODES (use_backend's modes, the CLI's --backend choices) is "auto" plus every backend name
+    registered for any op, read from the registry each time."""
+    from fastlego.__main__ import build_parser
+
+    registered = {b.name for op in dispatch.ops() for b in dispatch.backends(op)}
+    assert dispatch.MODES[0] == "auto" and set(dispatch.MODES[1:]) == registered
+    assert {"reference", "triton", "flash_attn", "xformers", "sdpa"} <= registered
+    dispatch.register("toy", "toy_fast", _fast)
+    assert "toy_fast" in dispatch.MODES and dispatch.modes("toy") == ("auto", "triton", "toy_fast", "reference")
+    with fastlego.use_backend("toy_fast"):
+        assert dispatch.choose("toy", torch.ones(2))[0].name == "toy_fast"
+    dispatch.unregister("toy", "toy_fast")
+    assert "toy_fast" not in dispatch.MODES
+    with pytest.raises(ValueError, match="'toy_fast' for mode is not one of auto, reference"):
+        fastlego.set_backend("toy_fast")
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    [backend] = [a for a in train._actions if a.dest == "backend"]
+    assert list(backend.choices) == list(dispatch.MODES)
+
+
+def test_per_op_override_takes_exactly_the_ops_backends():
+    """`use_backend(op=...)` takes "auto" and the backends registered for that op, no other."""
+    assert dispatch.modes("global_attention") == ("auto", "flash_attn", "xformers", "sdpa", "reference", "triton")
+    with fastlego.use_backend(global_attention="sdpa"):
+        assert dispatch.current_mode("global_attention") == "sdpa" and dispatch.current_mode() == "auto"
+        qkv = torch.randn(2, 80, 3 * 16)
+        backend, _ = dispatch.choose("global_attention", qkv, 2)
+        assert backend.name == "sdpa"
+        torch.testing.assert_close(dispatch.call("global_attention", qkv, 2), fastlego.reference.attention(qkv, 2))
+    for op, bad in (("window_attention", "sdpa"), ("brick_embed", "flash_attn")):
+        with pytest.raises(ValueError, match=f"backend '{bad}' for {op} is not one of auto, triton, reference"):
+            with fastlego.use_backend(**{op: bad}):
+                pass
 
 
 def test_set_backend_persists(toy_op, restore_settings):

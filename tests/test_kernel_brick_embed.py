@@ -1,7 +1,7 @@
-"""The Triton brick_embed kernel (kernels/brick_embed.py) against `fastlego.reference.brick_embed`.
+"""kernels/brick_embed.py against the reference ops `brick_embed` and `brick_embed_input_grad`.
 
-Without a GPU the kernel runs under Triton's interpreter on tiny shapes (fp32, fp16); the
-cuda-marked tests take real widths (384, 1152), regions 4..64 and fp32 (IEEE and TF32), bf16,
+Without a GPU the kernels run under Triton's interpreter on tiny shapes (fp32, fp16); the
+cuda-marked tests take real widths (384, 1152), regions 4..64 and fp32 (IEEE and 3xTF32), bf16,
 fp16 and autocast. The oracle is the reference op in float64 on the same inputs; the tolerance is
 twice the error of the same-dtype PyTorch path plus a small atol (`assert_close_to_reference`).
 """
@@ -20,7 +20,9 @@ from fastlego.testing import assert_close_to_reference
 pytestmark = pytest.mark.interpreter
 
 pytest.importorskip("triton")
-from fastlego.kernels.brick_embed import brick_embed, not_supported_reasons  # noqa: E402
+from fastlego.kernels.brick_embed import (brick_embed, brick_embed_input_grad,  # noqa: E402
+                                          brick_embed_not_supported_reasons)
+import kernel_cases as kc  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -74,7 +76,8 @@ def check_against_reference(args, region, dtype, what):
 
 @pytest.fixture
 def tf32(request):
-    """Set PyTorch's TF32 switches (the kernel follows cudnn.allow_tf32 for fp32), then restore."""
+    """Set PyTorch's TF32 switches (the reference conv follows cudnn.allow_tf32, the kernel the
+    matmul switch, kernels/policy.py), then restore."""
     saved = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     on = getattr(request, "param", False)
     torch.backends.cudnn.allow_tf32 = on
@@ -189,7 +192,7 @@ def _reasons_for(**changes):
     kw.update(changes)
     dispatch._config.forcing = True   # as the dispatcher does while asking a forced backend
     try:
-        return not_supported_reasons(**kw), kw
+        return brick_embed_not_supported_reasons(**kw), kw
     finally:
         dispatch._config.forcing = False
 
@@ -276,8 +279,7 @@ def tf32_truncate(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("tf32", [True], indirect=True)
 @pytest.mark.parametrize("B,C,H,W,region,patch,D,with_prev", GPU_CASES[:5])
 def test_fp32_with_tf32_matches_reference_cuda(B, C, H, W, region, patch, D, with_prev, tf32):
-    """With cuDNN's TF32 switch on (PyTorch's default) the fp32 kernel uses TF32 dots, as the conv
-    may. The error budget is accounted explicitly: twice the error of the exact conv of the
+    """With the TF32 switches on the fp32 kernel uses 3xTF32 dots and the conv may use TF32. The error budget is accounted explicitly: twice the error of the exact conv of the
     TF32-truncated operands ([prev, x, rows, cols] and the weight), plus atol."""
     args = make_inputs(B, C, H, W, region, patch, D, with_prev, torch.float32, "cuda", seed=3)
     x, prev, weight, bias, pos = args
@@ -302,7 +304,7 @@ def test_autocast_matches_reference_cuda(amp_dtype, with_prev, tf32):
     args = (x, prev, weight, bias, pos)
     with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype):
         same = reference.brick_embed(*args, 16)
-        assert not_supported_reasons(*args, 16) == []
+        assert brick_embed_not_supported_reasons(*args, 16) == []
         got = brick_embed(*args, 16, out=nan_out(3, 32, 64, 16, 8, 1152, amp_dtype))
         with fastlego.use_backend("auto"), dispatch.record() as rec:
             via_auto = fastlego.ops.brick_embed(*args, 16)
@@ -317,3 +319,43 @@ def test_large_batch_cuda(tf32):
     """lego_S_PG_64 brick 0 at batch 256: 262,144 token rows (a 2,048 x 3 program grid)."""
     args = make_inputs(256, 3, 64, 64, 4, 2, 384, False, torch.bfloat16, "cuda", seed=9)
     check_against_reference(args, 4, torch.bfloat16, "batch 256")
+
+
+# ------------------------------------------------------------------------------------------------
+# brick_embed_input_grad: the gradient to the images (interpreter: fp32, fp16; bf16 too on a GPU)
+# ------------------------------------------------------------------------------------------------
+
+poisoned_empty = kc.poisoned_empty   # the fixture
+
+
+def embed_inputs(B=2, C=3, H=8, W=16, region=4, patch=2, D=32, prev=True, seed=3):
+    g = kc.gen(seed)
+    cin = (2 * C if prev else C) + 2
+    return dict(x=kc.rand64((B, C, H, W), g), prev=kc.rand64((B, C, H, W), g) if prev else None,
+                weight=kc.rand64((D, cin, patch, patch), g, (cin * patch * patch) ** -0.5))
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.float16),
+                                          pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("cfg", [dict(prev=True), dict(prev=False), dict(prev=True, region=8, patch=4, H=16, W=8, C=4)])
+def test_brick_embed_input_grad_kernel(poisoned_empty, device, dtype, cfg):
+    e = embed_inputs(**cfg)
+    B, C, H, W = e["x"].shape
+    region, patch = cfg.get("region", 4), cfg.get("patch", 2)
+    M = B * (H // region) * (W // region) * (region // patch) ** 2
+    gout = kc.rand64((M // (region // patch) ** 2, (region // patch) ** 2, 32), kc.gen(22))
+    ref = reference.brick_embed_input_grad(gout, e["weight"], (B, C, H, W), cfg["prev"], region)
+    cast = [t.to(device, dtype) for t in (gout, e["weight"])]
+    same = reference.brick_embed_input_grad(*cast, (B, C, H, W), cfg["prev"], region)
+    got = brick_embed_input_grad(*cast, (B, C, H, W), cfg["prev"], region)
+    assert (got[0] is None) == (not cfg["prev"])
+    for o, r, s in zip(got, ref, same):
+        if r is not None:
+            kc.check_piece(o, r.to(device), s, dtype, f"brick_embed_input_grad {dtype} {cfg}")
+
+
+def test_brick_embed_input_grad_refuses_bad_calls():
+    e = embed_inputs()
+    with pytest.raises(ValueError, match="input channels"):
+        brick_embed_input_grad(torch.zeros(16, 4, 32), e["weight"], (2, 3, 8, 16), False, 4)

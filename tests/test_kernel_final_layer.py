@@ -1,7 +1,7 @@
 """The Triton final_layer kernel (kernels/final_layer.py) against `fastlego.reference.final_layer`.
 
 Without a GPU the kernel runs under Triton's interpreter on tiny shapes (fp32, fp16); the
-cuda-marked tests take real widths (384, 1152), regions 4..64 and fp32 (IEEE and TF32), bf16,
+cuda-marked tests take real widths (384, 1152), regions 4..64 and fp32 (IEEE and 3xTF32), bf16,
 fp16 and autocast. The oracle is the reference op in float64 on the same inputs; the tolerance is
 twice the error of the same-dtype PyTorch path plus a small atol (`assert_close_to_reference`).
 """
@@ -20,7 +20,7 @@ from fastlego.testing import assert_close_to_reference
 pytestmark = pytest.mark.interpreter
 
 pytest.importorskip("triton")
-from fastlego.kernels.final_layer import final_layer, not_supported_reasons  # noqa: E402
+from fastlego.kernels.final_layer import final_layer, final_layer_not_supported_reasons  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -67,7 +67,8 @@ def check_against_reference(args, region, shape, dtype, what):
 
 @pytest.fixture
 def tf32(request):
-    """Set PyTorch's TF32 matmul switch (the kernel follows it for fp32), then restore."""
+    """Set PyTorch's TF32 switches (the kernel follows the matmul one for fp32, kernels/policy.py),
+    then restore."""
     saved = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     on = getattr(request, "param", False)
     torch.backends.cudnn.allow_tf32 = on
@@ -185,7 +186,7 @@ def _call(**changes):
 
 def test_valid_call_has_no_reasons(forcing):
     with torch.no_grad():
-        assert not_supported_reasons(**_call()) == []
+        assert final_layer_not_supported_reasons(**_call()) == []
 
 
 @pytest.mark.parametrize("change,expect", [
@@ -204,7 +205,7 @@ def test_valid_call_has_no_reasons(forcing):
 def test_bad_inputs_are_refused_with_a_reason(change, expect, forcing):
     kw = _call(**change)
     with torch.no_grad():
-        reasons = not_supported_reasons(**kw)
+        reasons = final_layer_not_supported_reasons(**kw)
     assert any(expect in r for r in reasons), reasons
     dispatch._config.forcing = False
     if "dtype" not in expect:  # shape problems: the launcher raises before any compute
@@ -218,9 +219,9 @@ def test_bad_inputs_are_refused_with_a_reason(change, expect, forcing):
 def test_requires_grad_is_refused(forcing):
     kw = _call()
     kw["h"].requires_grad_(True)
-    assert any("requires grad" in r for r in not_supported_reasons(**kw))
+    assert any("requires grad" in r for r in final_layer_not_supported_reasons(**kw))
     with torch.no_grad():
-        assert not_supported_reasons(**kw) == []
+        assert final_layer_not_supported_reasons(**kw) == []
 
 
 def test_out_of_the_wrong_dtype_or_shape_raises():
@@ -266,13 +267,13 @@ def tf32_truncate(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("tf32", [True], indirect=True)
 @pytest.mark.parametrize("B,C,H,W,region,patch,D", GPU_CASES[:5])
 def test_fp32_with_tf32_matches_reference_cuda(B, C, H, W, region, patch, D, tf32):
-    """With TF32 matmuls on, the fp32 kernel uses TF32 dots as F.linear does. The error budget is
+    """With TF32 matmuls on, the fp32 kernel uses 3xTF32 dots and F.linear TF32. The error budget is
     accounted explicitly: twice the error of the exact Linear of the TF32-truncated operands (the
     modulated LN output and the weight), plus atol."""
     h, shift, scale, weight, bias = args = make_inputs(B, C, H, W, region, patch, D, torch.float32, "cuda", seed=3)
     got = final_layer(*args, region, (B, C, H, W), out=nan_out((B, C, H, W), torch.float32, "cuda"))
     ref64 = reference.final_layer(*map(f64, args), region, (B, C, H, W))
-    a = tf32_truncate(reference.layernorm_modulate(h.double(), shift.double(), scale.double())).double()
+    a = tf32_truncate(reference.modulate(reference.layernorm(h.double()), shift.double(), scale.double())).double()
     y = torch.nn.functional.linear(a, tf32_truncate(weight).double(), bias.double())
     tf32_path = reference.fold_regions(reference.unpatchify(y, patch, C), B, H, W)
     assert_close_to_reference(got, ref64, tf32_path, atol=1e-5, what=f"tf32 r{region} p{patch} D{D}")
@@ -292,7 +293,7 @@ def test_autocast_matches_reference_cuda(amp_dtype, h_dtype, tf32):
     args = (h, shift, scale, weight, bias)
     with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype):
         same = reference.final_layer(*args, r, (B, C, H, W))
-        assert not_supported_reasons(*args, r, (B, C, H, W)) == []
+        assert final_layer_not_supported_reasons(*args, r, (B, C, H, W)) == []
         got = final_layer(*args, r, (B, C, H, W), out=nan_out((B, C, H, W), amp_dtype))
         with fastlego.use_backend("auto"), dispatch.record() as rec:
             via_auto = fastlego.ops.final_layer(*args, r, (B, C, H, W))

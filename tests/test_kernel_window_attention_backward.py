@@ -1,5 +1,6 @@
 """kernels/window_attention.py's backward (`window_attention_backward`) against autograd of
-fastlego.reference.attention_math.
+fastlego.reference.attention_math (the op's reference twin, `fastlego.reference.window_attention_backward`,
+is itself checked against autograd in tests/test_training_ops.py).
 
 CPU: Triton's interpreter, fp32 and fp16, tiny shapes: several regions per program with a partial
 last program, T not a power of two (9), one-token regions, odd head dims (12, padded to 16);
@@ -24,6 +25,7 @@ from fastlego.testing import assert_close_to_reference
 pytestmark = pytest.mark.interpreter
 
 wa = pytest.importorskip("fastlego.kernels.window_attention")
+from fastlego.kernels.policy import dot_precision  # noqa: E402
 
 
 def _qkv(N, T, heads, head_dim, dtype, device="cpu", scale=1.5, seed=0):
@@ -159,10 +161,10 @@ def test_not_supported_reasons():
     qkv, go = _qkv(3, 4, 2, 16, torch.float32), _grad_out(3, 4, 32, torch.float32)
 
     def reasons(*args):  # on CPU the interpreter reason is always there (used only when forced)
-        return [r for r in wa.backward_not_supported_reasons(*args) if "CPU" not in r]
+        return [r for r in wa.window_attention_backward_not_supported_reasons(*args) if "CPU" not in r]
 
     assert reasons(qkv, go, 2) == []
-    assert any("CPU" in r for r in wa.backward_not_supported_reasons(qkv, go, 2))
+    assert any("CPU" in r for r in wa.window_attention_backward_not_supported_reasons(qkv, go, 2))
     # a backward takes tensors that require grad (no forward-only refusal)
     assert reasons(qkv.clone().requires_grad_(), go, 2) == []
     big = _qkv(1, 65, 2, 16, torch.float32)
@@ -204,21 +206,6 @@ def test_gradcheck_of_the_reference_op():
     qkv = _qkv(2, 3, 2, 4, torch.float64, scale=1.0).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: reference.attention(x, 2), (qkv,))
     assert torch.autograd.gradcheck(lambda x: reference.attention_math(x, 2), (qkv,))
-
-
-def test_docstring_backward_numbers():
-    """The backward's bytes and FLOPs quoted in the module docstring (lego_S_PG_64, batch 256,
-    brick 0, bf16): N = 65,536 four-token regions, D = 384 = 6 heads x 64."""
-    N, T, D, heads, hd = 256 * (64 // 4) ** 2, (4 // 2) ** 2, 384, 6, 64
-    bytes_moved = N * T * 3 * D * 2 + N * T * D * 2 + N * T * 3 * D * 2
-    assert round(bytes_moved / 1e6) == 1409 and "1409 MB" in wa.__doc__
-    assert abs(bytes_moved / 4e12 * 1e3 - 0.35) < 0.005 and "0.35 ms" in wa.__doc__
-    useful = 10 * T * T * hd * N * heads
-    packed = 10 * 64 * hd * N * T * heads
-    assert round(useful / 1e9, 1) == 4.0 and round(packed / 1e9, 1) == 64.4 and "64.4 GFLOP" in wa.__doc__
-    assert round(packed / bytes_moved) == 46 and "46 FLOP/byte" in wa.__doc__
-    fp32 = 10 * 16 * hd * N * T * heads
-    assert round(fp32 / 1e9, 1) == 16.1 and round(fp32 / (2 * bytes_moved), 1) == 5.7
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +259,7 @@ def test_cuda_autocast(grad_dtype):
     grad_out bf16 (what the autocast forward returns) or fp32."""
     qkv, go = _qkv(256, 16, 6, 64, torch.float32, "cuda"), _grad_out(256, 16, 384, grad_dtype, "cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert [r for r in wa.backward_not_supported_reasons(qkv, go, 6)] == []
+        assert [r for r in wa.window_attention_backward_not_supported_reasons(qkv, go, 6)] == []
         grad = wa.window_attention_backward(qkv, go, 6)
     assert grad.dtype == torch.bfloat16
     ref = _autograd(qkv, go, 6, torch.float64)
@@ -282,11 +269,12 @@ def test_cuda_autocast(grad_dtype):
 
 @pytest.mark.cuda
 def test_cuda_fp32_with_tf32():
-    """TF32 switch on: fp32 dots run in TF32 (~1e-3 relative); grads here reach ~10, 5e-2 absolute."""
+    """TF32 switch on: fp32 dots run in 3xTF32 (kernels/policy.py; the budget is TF32's, ~1e-3
+    relative); grads here reach ~10, 5e-2 absolute."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert wa._fp32_precision() == "tf32"
+        assert dot_precision(torch.float32) == "tf32x3"
         qkv, go = _qkv(256, 16, 6, 64, torch.float32, "cuda"), _grad_out(256, 16, 384, torch.float32, "cuda")
         grad = wa.window_attention_backward(qkv, go, 6)
     finally:
@@ -301,8 +289,8 @@ def test_cuda_reasons():
         return _qkv(N, T, heads, hd, dtype, "cuda"), _grad_out(N, T, heads * hd, dtype, "cuda"), heads
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert wa.backward_not_supported_reasons(*args(8, 4, 6, 64, dtype)) == []
-        assert wa.backward_not_supported_reasons(*args(8, 64, 2, 64, dtype)) == []
-    assert wa.backward_not_supported_reasons(*args(8, 64, 2, 128, torch.bfloat16)) == []
-    assert any("spill" in r for r in wa.backward_not_supported_reasons(*args(8, 64, 2, 128, torch.float32)))
-    assert any("<= 64 tokens" in r for r in wa.backward_not_supported_reasons(*args(2, 80, 2, 64, torch.bfloat16)))
+        assert wa.window_attention_backward_not_supported_reasons(*args(8, 4, 6, 64, dtype)) == []
+        assert wa.window_attention_backward_not_supported_reasons(*args(8, 64, 2, 64, dtype)) == []
+    assert wa.window_attention_backward_not_supported_reasons(*args(8, 64, 2, 128, torch.bfloat16)) == []
+    assert any("spill" in r for r in wa.window_attention_backward_not_supported_reasons(*args(8, 64, 2, 128, torch.float32)))
+    assert any("<= 64 tokens" in r for r in wa.window_attention_backward_not_supported_reasons(*args(2, 80, 2, 64, torch.bfloat16)))

@@ -190,7 +190,7 @@ def test_layernorm_matches_written_out_formula():
 
 def test_layernorm_modulate_per_image_vs_per_region():
     h, shift, scale = rand(B * L, T, D), rand(B, D), rand(B, D)
-    got = R.layernorm_modulate(h, shift, scale)
+    got = R.modulate(R.layernorm(h), shift, scale)
     # the release: c repeated per region, modulate(x, shift, scale) = x * (1 + scale) + shift
     s_r, c_r = repeat_per_region(shift, L), repeat_per_region(scale, L)
     want = my_layernorm(h) * (1 + c_r[:, None, :]) + s_r[:, None, :]
@@ -347,7 +347,7 @@ def test_reference_ops_keep_fp32_and_accept_strided_conditioning():
     mod = torch.randn(B, 2 * D)
     shift, scale = mod.chunk(2, dim=1)  # non-contiguous views
     assert not shift.is_contiguous()
-    got = R.layernorm_modulate(h, shift, scale)
-    want = R.layernorm_modulate(h, shift.contiguous(), scale.contiguous())
+    got = R.modulate(R.layernorm(h), shift, scale)
+    want = R.modulate(R.layernorm(h), shift.contiguous(), scale.contiguous())
     assert got.dtype == torch.float32
     assert torch.equal(got, want)

@@ -6,7 +6,8 @@ installing the fastest and leaving the random number generators as they were; th
 (keyed by GPU name, torch/triton versions, then op, shapes and dtypes; written atomically; read
 back instead of timing; an unreadable file rewritten); rank 0's choices on every rank (two gloo
 processes); the real launchers following the table under Triton's interpreter. Most tests use a
-toy op registered like fused_linear's two, with pure-torch candidates, so they need no Triton.
+toy op registered like the two matmul ops (kernels/modulated_linear.py and
+kernels/linear_gated_residual.py), with pure-torch candidates, so they need no Triton.
 On a GPU (cuda mark): tune a small model, then no host sync in its forward and a CUDA-graph
 capture that replays the eager output; both launcher paths within tolerance of the reference.
 """
@@ -47,7 +48,7 @@ def toy_key(x):
 
 
 def toy_model(x, w, taken=None):
-    """A 'model' whose one matmul asks the tuning table, as fused_linear's launchers do."""
+    """A 'model' whose one matmul asks the tuning table, as the matmul ops' launchers do."""
     path, _ = tuning.lookup(TOY, toy_key(x), (x, w))
     if taken is not None:
         taken.append(path)
@@ -321,25 +322,28 @@ def _f64(args):
 
 
 def _check_both(ml_args, gr_args, atol):
-    from fastlego.kernels import fused_linear as FL
-    out = FL.modulated_linear(*ml_args, "gelu_tanh")
+    from fastlego.kernels.linear_gated_residual import linear_gated_residual
+    from fastlego.kernels.modulated_linear import modulated_linear
+    out = modulated_linear(*ml_args, "gelu_tanh")
     assert_close_to_reference(out, reference.modulated_linear(*_f64(ml_args), "gelu_tanh"),
                               reference.modulated_linear(*ml_args, "gelu_tanh"), atol=atol, what="modulated_linear")
-    out = FL.linear_gated_residual(*gr_args)
+    out = linear_gated_residual(*gr_args)
     assert_close_to_reference(out, reference.linear_gated_residual(*_f64(gr_args)),
                               reference.linear_gated_residual(*gr_args), atol=atol, what="linear_gated_residual")
 
 
 @pytest.mark.interpreter
 def test_launchers_follow_the_tuned_table(monkeypatch):
-    from fastlego.kernels import fused_linear as FL
+    from fastlego.kernels import gemm
+    from fastlego.kernels import linear_gated_residual as LGR
+    from fastlego.kernels import modulated_linear as ML
     ml, gr = _modulated(), _gated()
-    key = FL._shape_key("modulated_linear", ml[0], ml[3], ml[1], "gelu_tanh")
+    key = gemm.shape_key("modulated_linear", ml[0], ml[3], ml[1], "gelu_tanh")
     assert key == "modulated_linear|M<=32|N=24|K=16|rows=12|float32|float32|amp=None|gelu_tanh"
     cublas_calls = []
-    for name in ("modulated_linear_cublas", "linear_gated_residual_cublas"):
-        real = getattr(FL, name)
-        monkeypatch.setattr(FL, name, lambda *a, _real=real, _n=name, **k: cublas_calls.append(_n) or _real(*a, **k))
+    for module, name in ((ML, "modulated_linear_cublas"), (LGR, "linear_gated_residual_cublas")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name, **k: cublas_calls.append(_n) or _real(*a, **k))
 
     def model():
         with torch.no_grad(), fastlego.use_backend("triton"):

@@ -18,17 +18,12 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-@contextlib.contextmanager
 def precision(device, tf32: bool = True):
-    """TF32 for fp32 matmuls and convolutions on or off inside the block (restored after)."""
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+    """TF32 for fp32 matmuls and convolutions on or off inside the block (restored after): the
+    switches the reference ops and, for their fp32 dots, the kernels follow
+    (`fastlego.kernels.policy.tf32`)."""
+    from ..kernels.policy import tf32 as tf32_switches
+    return tf32_switches(tf32)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype], cache: bool = True):

@@ -1,0 +1,263 @@
+"""LayerNorm + adaLN modulate + Linear [+ tanh-GELU], the forward of the `modulated_linear` op
+(twin of `fastlego.reference.modulated_linear`): a DiT block's qkv (N = 3D, no activation) and
+fc1 (N = 4D, tanh-GELU), K = D.
+
+  modulated_linear(h, shift, scale, W, bias, act) = act((LN(h) * (1 + scale[img]) + shift[img]) @ W^T + bias)
+
+Layout and tiles: see `kernels/gemm.py` (h seen as M rows, per-image shift/scale (B, K) chunks
+of the adaLN output, any strides, never copied).
+
+Two paths, chosen per shape by `fastlego.tuning.lookup` (measured by `fastlego.tune`; untuned
+shapes and deterministic mode take the fixed rule: cuBLAS on CUDA, the fused GEMM under the
+interpreter). Nothing here times or syncs, so a call is the same in eager, in a CUDA-graph capture
+and on every DDP rank:
+(a) fused: `_row_stats_kernel` computes mean and rstd of every row of h in fp32 (one read of h,
+    `row_mean_m2`), then `_modulated_linear_kernel`, a tiled GEMM whose prologue normalises and
+    modulates each A tile as it is loaded, a = (x * rstd - mean * rstd) * (1 + scale[img, k]) +
+    shift[img, k] in fp32, rounded to the MMA dtype (as the reference rounds LN's output before
+    F.linear), so the modulated activations are never written to memory. Epilogue: + bias,
+    tanh-GELU in fp32, one store in the output dtype. Computing the row statistics inside the GEMM
+    instead was not chosen: each of the N / BLOCK_N tiles of a row block would re-read its A rows
+    before the pipelined main loop, more than the statistics kernel's one read of h. That read
+    disappears only if the producer of h emits per-tile partial (mean, M2) in its epilogue (an
+    op-signature change).
+(b) `modulated_linear_cublas`: one LN-modulate pass (`layernorm_modulate`) writes the modulated
+    activations (M x K, MMA dtype), cuBLAS does matmul + bias (+ GELU through cublasLt's
+    epilogue): 2 x M x K more elements moved than (a), but cuBLAS's GEMM. Where the prologue's
+    normalise-and-modulate between the A loads and the MMAs costs more than that pass, (b) wins
+    (bench/RESULTS.md has the measurements).
+
+Precision: `kernels/policy.py` (fp32 dots IEEE or 3xTF32; under autocast the MMA runs in the
+autocast dtype with W cast to it, as F.linear does; LN statistics and modulation stay fp32, as
+autocast's layer_norm). Output dtype = the reference's: the compute dtype. The elementwise math
+differs from the reference only by rounding fewer times (the reference rounds LN, the
+modulation, F.linear's output and GELU's input each to the activation dtype).
+
+The launchers are the forward: called directly with autograd recording a grad-requiring input they
+refuse. Training runs them inside `fastlego.custom_ops`, whose backward recomputes A with
+`layernorm_modulate` and uses `layernorm_modulate_backward` (and, for the MLP,
+`gelu_tanh_backward`) with cuBLAS for dA and dW.
+
+Cost (bf16, 2 bytes/element; minimum bytes = read h + write out + read W, the per-image tables
+are kilobytes; path (a)'s statistics read h once more, 2 M K bytes). lego_S_PG_64 at B = 256,
+64 x 64, D = 384, M = 262,144 rows in the r=4 and r=64 bricks:
+    qkv  K 384 x N 1,152: 231.9 GFLOP, 806 MB, 288 FLOP/B;   statistics read of h: 201 MB
+    fc1  K 384 x N 1,536: 309.2 GFLOP, 1008 MB, 307 FLOP/B
+lego_XL_U_32 at B = 128, D = 1152, M = 32,768 in the r=32 and r=4 bricks:
+    qkv  K 1,152 x N 3,456: 260.9 GFLOP, 310 MB, 842 FLOP/B; statistics read of h: 75 MB
+    fc1  K 1,152 x N 4,608: 347.9 GFLOP, 388 MB, 896 FLOP/B
+Against a Hopper ridge of ~200 FLOP/byte (bf16 tensor cores over HBM), XL's matmuls are firmly
+compute bound (the prologue math must hide under the MMAs); S's are only ~1.5x above the ridge,
+so every extra pass over h (the statistics read, or path (b)'s write + re-read of A) shows.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastlego import tuning
+
+from .gelu import gelu_tanh
+from .gemm import gemm_variants, grouped_tile, launch_gemm, load_k_step, shape_key, tile_rows_cols, tuning_configs
+from .layernorm_modulate import layernorm_modulate, row_mean_m2
+from .policy import (LN_EPS, compute_dtype, dot_precision, launch_problems, linear_problems, modulate_problems,
+                     out_problems, raise_if, rows, triton_reasons)
+from .rows import stats_blocks
+
+_ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+
+
+@triton.jit
+def _row_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, K, stride_xm, stride_xk, eps,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean[m], rstd[m] (fp32) of the M rows of x (M, K): the LayerNorm statistics of path (a)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < M
+    mean, m2 = row_mean_m2(x_ptr, rows.to(tl.int64) * stride_xm, row_mask, K, stride_xk, BLOCK_ROWS, BLOCK_K)
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
+def _modulated_linear_kernel(
+    h_ptr, mean_ptr, rstd_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K, rows_per_image,
+    stride_hm, stride_hk,                        # h seen as (M, K)
+    stride_shift_b, stride_shift_k, stride_scale_b, stride_scale_k,
+    stride_wn, stride_wk,                        # W (N, K)
+    stride_bias, stride_om, stride_on,           # out seen as (M, N)
+    M_BUCKET,                                    # next power of two of M: an autotune key only
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TILE_IN_ONE_IMAGE: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out = act((LN(h) * (1 + scale[img]) + shift[img]) @ W^T + bias), LN from precomputed
+    mean/rstd; the modulated A tile exists only in registers."""
+    mma_dtype = w_ptr.dtype.element_ty
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m = pid_m * BLOCK_M
+    offs_m = tile_m + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_m, cols = tile_rows_cols(offs_m, offs_n, tile_m, M, N)
+    rows = tile_m + local_m
+    tile_base = tile_m.to(tl.int64)   # 64-bit row offset of the tile, 32-bit offsets inside it
+
+    # Per-row LN statistics, folded so that LN(x) = x * rstd - mean * rstd (one FMA per element).
+    rstd = tl.load(rstd_ptr + rows)
+    mean_rstd = tl.load(mean_ptr + rows) * rstd
+    if TILE_IN_ONE_IMAGE:
+        img = tile_m // rows_per_image                          # one image for the whole tile
+        shift_base = shift_ptr + img * stride_shift_b
+        scale_base = scale_ptr + img * stride_scale_b
+    else:
+        img = rows // rows_per_image                            # (BLOCK_M,) image of each row
+        shift_base = shift_ptr + img[:, None] * stride_shift_b
+        scale_base = scale_ptr + img[:, None] * stride_scale_b
+
+    h_rows = h_ptr + tile_base * stride_hm + local_m[:, None] * stride_hm    # (BLOCK_M, 1)
+    w_cols = w_ptr + cols[None, :] * stride_wn                                # (1, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # past K: x = 0 and W = 0, so whatever the modulation makes of x, the product is 0
+        x, w = load_k_step(h_rows, w_cols, offs_k, K, stride_hk, stride_wk, EVEN_K)
+        if TILE_IN_ONE_IMAGE:
+            if EVEN_K:
+                sc = tl.load(scale_base + offs_k * stride_scale_k)
+                sh = tl.load(shift_base + offs_k * stride_shift_k)
+            else:
+                sc = tl.load(scale_base + offs_k * stride_scale_k, mask=offs_k < K, other=0.0)
+                sh = tl.load(shift_base + offs_k * stride_shift_k, mask=offs_k < K, other=0.0)
+            one_plus_scale = 1.0 + sc.to(tl.float32)[None, :]
+            shift = sh.to(tl.float32)[None, :]
+        else:
+            if EVEN_K:
+                sc = tl.load(scale_base + offs_k[None, :] * stride_scale_k)
+                sh = tl.load(shift_base + offs_k[None, :] * stride_shift_k)
+            else:
+                sc = tl.load(scale_base + offs_k[None, :] * stride_scale_k, mask=(offs_k < K)[None, :], other=0.0)
+                sh = tl.load(shift_base + offs_k[None, :] * stride_shift_k, mask=(offs_k < K)[None, :], other=0.0)
+            one_plus_scale = 1.0 + sc.to(tl.float32)
+            shift = sh.to(tl.float32)
+        normed = x.to(tl.float32) * rstd[:, None] - mean_rstd[:, None]
+        a = (normed * one_plus_scale + shift).to(mma_dtype)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
+    if ACTIVATION == 1:
+        acc = gelu_tanh(acc)
+    out_ptrs = out_ptr + tile_base * stride_om + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+_modulated_linear_fixed, _modulated_linear_tuned = gemm_variants(_modulated_linear_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _row_stats(x2d: torch.Tensor):
+    M, K = x2d.shape
+    mean = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    block_rows, block_k, warps = stats_blocks(K)
+    _row_stats_kernel[(triton.cdiv(M, block_rows),)](
+        x2d, mean, rstd, M, K, x2d.stride(0), x2d.stride(1), LN_EPS,
+        BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+    return mean, rstd
+
+
+def _checked(op: str, h, shift, scale, weight, bias, activation, out) -> torch.dtype:
+    """Raise on what `op` (either path) cannot take; the compute dtype."""
+    raise_if(_modulated_linear_problems(h, shift, scale, weight, bias, activation), op)
+    inputs = [h, shift, scale, weight, bias]
+    raise_if(launch_problems(inputs), op)
+    dtype = compute_dtype(h)
+    raise_if(out_problems(out, tuple(h.shape[:-1]) + (weight.shape[0],), dtype, h.device, inputs, rows=True), op)
+    return dtype
+
+
+def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=None, config=None):
+    """Path (a), optionally with a fixed triton.Config (tuned, or given by tests and benchmarks)."""
+    dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, out)
+    K, N = h.shape[-1], weight.shape[0]
+    if out is None:
+        out = torch.empty(tuple(h.shape[:-1]) + (N,), dtype=dtype, device=h.device)
+    M = h.numel() // K
+    if M == 0:
+        return out
+    x2d = rows(h)
+    w = weight.to(dtype)          # a no-op unless autocast casts it (as F.linear does)
+    out2d = out.view(M, N)
+    mean, rstd = _row_stats(x2d)
+    args = (x2d, mean, rstd, shift, scale, w, bias if bias is not None else w, out2d,
+            M, N, K, M // shift.shape[0],
+            x2d.stride(0), x2d.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+            w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out2d.stride(0), out2d.stride(1),
+            triton.next_power_of_2(M))
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype))
+    launch_gemm(_modulated_linear_fixed, _modulated_linear_tuned, M, N, args, meta, config)
+    return out
+
+
+def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):
+    """Path (b): one Triton LN-modulate pass writes the modulated activations in the compute
+    dtype, cuBLAS(Lt) does matmul + bias (+ tanh-GELU epilogue)."""
+    dtype = _checked("modulated_linear_cublas", h, shift, scale, weight, bias, activation, out)
+    a = layernorm_modulate(h, shift, scale, dtype)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    # the operands are already in the compute dtype: keep autocast from re-casting them
+    with torch.autocast(a.device.type, enabled=False):
+        if activation == "gelu_tanh" and b is not None and a.is_cuda:
+            y = torch._addmm_activation(b, a, w.t(), use_gelu=True)   # cublasLt GELU (tanh) epilogue
+        else:
+            y = F.linear(a, w, b)
+            if activation == "gelu_tanh":
+                y = F.gelu(y, approximate="tanh")
+    y = y.view(tuple(h.shape[:-1]) + (weight.shape[0],))
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+# The candidates `fastlego.tune` times (arguments as the public launcher takes them).
+tuning.register_gemm("modulated_linear", fused=lambda *a, config: _modulated_linear(*a, config=config),
+                     cublas=lambda *a: modulated_linear_cublas(*a), configs=lambda a: tuning_configs(a[0], a[3]))
+
+
+def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):
+    """act(Linear(LN(h) * (1 + scale[img]) + shift[img])) by the path `fastlego.tuning.lookup`
+    gives for this shape: (a) the fused GEMM or (b) LN-modulate + cuBLAS (see the module docstring).
+    h (..., D); shift/scale (B, D) any strides; weight (N_out, D); bias (N_out,) or None;
+    activation None or "gelu_tanh". Returns (..., N_out) in the compute dtype."""
+    raise_if(_modulated_linear_problems(h, shift, scale, weight, bias, activation), "modulated_linear")
+    args = (h, shift, scale, weight, bias, activation)
+    path, config = tuning.lookup("modulated_linear", shape_key("modulated_linear", h, weight, shift, activation), args)
+    if path == "fused":
+        return _modulated_linear(*args, out=out, config=config)
+    return modulated_linear_cublas(*args, out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks, and what the dispatcher asks before every call
+# --------------------------------------------------------------------------------------------
+
+def _modulated_linear_problems(h, shift, scale, weight, bias, activation) -> List[str]:
+    if activation not in _ACTIVATIONS:
+        return [f"unknown activation {activation!r}: expected None or 'gelu_tanh'"]
+    return linear_problems("h", h, weight, bias) or modulate_problems(h, shift, scale)
+
+
+def modulated_linear_not_supported_reasons(h, shift, scale, weight, bias, activation=None, *, out=None) -> List[str]:
+    """Why `modulated_linear` cannot take this call (empty: it can)."""
+    return _modulated_linear_problems(h, shift, scale, weight, bias, activation) or triton_reasons(
+        [h, shift, scale, weight, bias])
