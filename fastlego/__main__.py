@@ -1,9 +1,10 @@
-"""The `fastlego` command line: demo, train, sample, bench, info.
+"""The `fastlego` command line: demo, train, sample, distill, eval, bench, info.
 
     fastlego demo                      # train a small LEGO on the bundled digits, sample, compare skipping
     fastlego train --data digits --outdir runs/digits --steps 2000
     torchrun --nproc_per_node 8 -m fastlego train --data imagenet64.zip --preset lego_S_PG_64 ...
     fastlego sample --network runs/digits/checkpoint.pt --seeds 0-63 --outdir out --t-break 0.4
+    fastlego distill --teacher runs/digits/checkpoint.pt --outdir runs/one-step   # SiD: a one-step generator
     torchrun --nproc_per_node 8 -m fastlego sample --network ... --seeds 0-49999 --batch 256 --npz --outdir fid
     fastlego bench ...                 # fastlego.benchmark
     fastlego info                      # backends, kernels, what runs where
@@ -49,9 +50,11 @@ def _sigma(name):
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampler (EDM Heun)")
-    g.add_argument("--steps", type=_positive_int("--steps"), default=18,
-                   help="Heun steps N: 2N-1 network evaluations per image (default 18)")
+    g = p.add_argument_group("sampler (EDM Heun; a beta-diffusion network uses its own, see --steps)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="sampler steps N: Heun steps, 2N-1 network evaluations per image (default 18); for a network "
+                        "trained with --process beta, beta diffusion's steps, one evaluation each (default 200). "
+                        "The sigma, rho and S options are EDM's")
     g.add_argument("--sigma-min", type=_sigma("--sigma-min"), default=0.002,
                    help="lowest noise level of the schedule, the last before 0 (default 0.002; the network's own "
                         "sigma_min if that is higher)")
@@ -100,7 +103,7 @@ def cmd_train(args) -> int:
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
         activation_checkpointing=args.activation_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
         deterministic=args.deterministic,
-        cuda_graph=args.cuda_graph, overwrite=args.overwrite)
+        cuda_graph=args.cuda_graph, overwrite=args.overwrite, process=args.process)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
@@ -144,7 +147,39 @@ def cmd_demo(args) -> int:
     demo(minutes=args.minutes, outdir=args.outdir, train_steps=args.train_steps, device=args.device, seed=args.seed,
          rows=args.rows, sample_steps=args.steps, t_break=args.t_break,
          cfg_scale=None if args.cfg == 1 else args.cfg, batch=args.batch, overwrite=args.overwrite,
-         progress=not args.quiet)
+         progress=not args.quiet, distill=args.distill, distill_minutes=args.distill_minutes,
+         distill_steps=args.distill_steps)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import DistillConfig, distill
+    cfg = DistillConfig(
+        teacher=args.teacher, which=args.which, outdir=args.outdir, batch_size=args.batch, steps=args.distill_steps,
+        max_seconds=None if args.minutes is None else args.minutes * 60, lr=args.lr, fake_lr=args.fake_lr,
+        betas=(args.beta1, args.beta2), eps=args.eps, alpha=args.alpha, tmax=args.tmax, sigma_init=args.sigma_init,
+        loss_scale=args.loss_scale, fake_loss_scale=args.fake_loss_scale, teacher_cfg=args.teacher_cfg,
+        class_dropout=args.class_dropout, ema_halflife_kimg=args.ema,
+        ema_rampup=None if args.ema_rampup == 0 else args.ema_rampup, grad_clip=args.grad_clip,
+        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, backend=args.backend,
+        progress=not args.quiet, threads=args.threads, activation_checkpointing=args.activation_checkpointing,
+        checkpoint_blocks=args.checkpoint_blocks, deterministic=args.deterministic, cuda_graph=args.cuda_graph)
+    cfg.validate()
+    result = distill(cfg)
+    if result.generator is not None:
+        if result.steps_run == 0:
+            print(f"nothing to distill: the run is at step {result.step} and --steps is {cfg.steps}; "
+                  f"pass a larger --steps to continue it")
+        else:
+            skipped = f"; non-finite samples left out: {result.skipped[0]} + {result.skipped[1]}" \
+                if any(result.skipped) else ""
+            print(f"distilled {result.steps_run} step{'s' if result.steps_run != 1 else ''} "
+                  f"(step {result.start_step} -> {result.step}) in {result.seconds:.1f} s, "
+                  f"{result.images_per_second:.1f} images/s; last losses: fake score "
+                  f"{result.last_losses['fake_score']:.4f}, generator {result.last_losses['generator']:.4g}{skipped}")
+        print(f"checkpoint: {result.checkpoint}  (one-step generator: fastlego sample --network {result.checkpoint})")
+        print(f"metrics:    {os.path.join(result.outdir, 'metrics.jsonl')}")
     return 0
 
 
@@ -211,19 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the training run and of the sampled images (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
+    p.add_argument("--distill", action="store_true",
+                   help="after the demo, distill its network into a one-step generator (SiD, fastlego distill) and "
+                        "measure its one-step samples of the same seeds; outside the --minutes budget (default: off)")
+    p.add_argument("--distill-minutes", type=_number(float, "--distill-minutes", lo=0, lo_open=True), default=3.0,
+                   help="with --distill: the distillation's time budget in minutes (default 3)")
+    p.add_argument("--distill-steps", type=_positive_int("--distill-steps"), default=None,
+                   help="with --distill: distill exactly this many steps instead (default: by time)")
     p.set_defaults(func=cmd_demo)
 
     # train --------------------------------------------------------------------------------
     from .presets import PRESETS
     from .networks import DEMO_BRICKS
-    p = sub.add_parser("train", help="train a LEGO network with EDM's loss (torchrun for several GPUs)",
-                       description="EDM training of a LEGO network. For several GPUs: "
-                                   "torchrun --nproc_per_node N -m fastlego train ... (the batch is split evenly). "
-                                   "A folder that already holds a run is never overwritten silently: continue it "
-                                   "with --resume auto, or replace it with --overwrite.")
+    p = sub.add_parser("train", help="train a LEGO network with EDM's loss or beta diffusion's (torchrun for "
+                                     "several GPUs)",
+                       description="EDM training of a LEGO network (beta diffusion with --process beta). For several "
+                                   "GPUs: torchrun --nproc_per_node N -m fastlego train ... (the batch is split "
+                                   "evenly). A folder that already holds a run is never overwritten silently: "
+                                   "continue it with --resume auto, or replace it with --overwrite.")
     p.add_argument("--data", default="digits",
                    help="an image folder, an EDM-style .zip, or 'digits' (1797 handwritten digits bundled with "
                         "fastlego) (default: %(default)s)")
+    p.add_argument("--process", choices=["edm", "beta"], default="edm",
+                   help="the diffusion process: edm (EDM's loss and Heun sampler), or beta (beta diffusion, Zhou et "
+                        "al. 2023: multiplicative beta noise on pixels mapped into [0.60, 0.99], the KLUB loss; "
+                        "recorded in the checkpoint, so fastlego sample and eval use its sampler) "
+                        "(default: %(default)s)")
     p.add_argument("--outdir", required=True,
                    help="the run folder: checkpoint.pt, metrics.jsonl and config.json go there (required; a folder "
                         "that holds another run is refused unless --resume auto or --overwrite)")
@@ -306,14 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # sample -------------------------------------------------------------------------------
     p = sub.add_parser("sample", help="generate images from a trained network (torchrun for several GPUs)",
-                       description="EDM Heun sampling with optional guidance and brick skipping; any size that the "
-                                   "bricks' regions tile, non-square (panoramas) included. One image per seed: an "
-                                   "image depends only on its seed. For several GPUs (e.g. the 50,000 images of an "
-                                   "FID set): torchrun --nproc_per_node N -m fastlego sample ... splits the batches "
-                                   "over the processes and writes the same files as one process.")
+                       description="EDM Heun sampling (beta diffusion's sampler for a network trained with "
+                                   "--process beta, found from its checkpoint) with optional guidance and brick "
+                                   "skipping; any size that the bricks' regions tile, non-square (panoramas) "
+                                   "included. One image per seed: an image depends only on its seed. For several "
+                                   "GPUs (e.g. the 50,000 images of an FID set): torchrun --nproc_per_node N -m "
+                                   "fastlego sample ... splits the batches over the processes and writes the same "
+                                   "files as one process.")
     p.add_argument("--network", required=True,
                    help="the network to sample: a fastlego training checkpoint (OUTDIR/checkpoint.pt of fastlego "
-                        "train), a release .pkl or a .safetensors file (required)")
+                        "train), a release .pkl or a .safetensors file, or the checkpoint of fastlego distill (a "
+                        "one-step generator: one network evaluation per image) (required)")
     p.add_argument("--which", choices=["ema", "model"], default="ema",
                    help="weights of a training checkpoint (the key of a release .pkl): ema, the moving average, "
                         "or model, the trained weights themselves (default ema)")
@@ -368,14 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     p.set_defaults(func=cmd_sample)
 
+    # distill ------------------------------------------------------------------------------
+    _add_distill_parser(sub)
+
     # eval ---------------------------------------------------------------------------------
     p = sub.add_parser("eval", help="sample a digits network and measure its samples (fastlego.metrics)",
                        description="Draw N images of every digit from a network trained on the bundled digits "
-                                   "(EDM Heun, same seeds every run) and measure them with fastlego's digits "
-                                   "classifier: class agreement (the fraction read as the digit asked for), "
-                                   "the Frechet distance of the classifier's features to the real digits', "
-                                   "and per-class counts.")
-    p.add_argument("--network", required=True, help="a fastlego training checkpoint (.pt) or saved network")
+                                   "(EDM Heun, or beta diffusion's sampler for a beta network; same seeds every "
+                                   "run) and measure them with fastlego's digits classifier: class agreement (the "
+                                   "fraction read as the digit asked for), the Frechet distance of the classifier's "
+                                   "features to the real digits', and per-class counts.")
+    p.add_argument("--network", required=True,
+                   help="a fastlego training checkpoint (.pt), a saved network, or a fastlego distill checkpoint "
+                        "(a one-step generator) (required)")
     p.add_argument("--which", choices=["ema", "model"], default="ema",
                    help="weights of a training checkpoint (default ema)")
     p.add_argument("--per-class", type=_positive_int("--per-class"), default=50,
@@ -406,6 +462,106 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device of the explained forward, cpu or cuda (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+def _add_distill_parser(sub) -> None:
+    from .distill import DistillConfig as D
+    p = sub.add_parser("distill", help="distill a diffusion network into a one-step generator (SiD; torchrun for "
+                                       "several GPUs)",
+                       description="Score identity Distillation (SiD, Zhou et al. 2024): a generator that draws each "
+                                   "image in one network evaluation, G(sigma_init z; sigma_init), learns from the "
+                                   "frozen teacher and a fake-score network of its own samples, both started from "
+                                   "the teacher's weights; no data needed. The result samples with fastlego sample "
+                                   "--network OUTDIR/checkpoint.pt and measures with fastlego eval. For several GPUs: "
+                                   "torchrun --nproc_per_node N -m fastlego distill ... (the batch is split evenly). A "
+                                   "folder that already holds a run is never overwritten silently: continue it with "
+                                   "--resume auto, or replace it with --overwrite.")
+    p.add_argument("--teacher", required=True,
+                   help="the teacher: a fastlego training checkpoint (OUTDIR/checkpoint.pt of fastlego train), a "
+                        "release .pkl or a .safetensors file (required)")
+    p.add_argument("--which", choices=["ema", "model"], default=D.which,
+                   help="the teacher checkpoint's weights: ema (the moving average) or model (default: %(default)s)")
+    p.add_argument("--outdir", required=True,
+                   help="the run folder: checkpoint.pt, metrics.jsonl and config.json go there (required; a folder "
+                        "that holds another run is refused unless --resume auto or --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --outdir (default: refuse)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=D.batch_size,
+                   help="global batch of each half-step (fake score, generator), split evenly over the processes "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", dest="distill_steps", type=_number(int, "--steps", lo=0), default=D.steps,
+                   help="total steps, each one fake-score update and one generator update; a resumed run counts "
+                        "its earlier steps (default: %(default)s)")
+    p.add_argument("--minutes", type=_number(float, "--minutes", lo=0, lo_open=True), default=None,
+                   help="also stop after this many minutes (default: no time limit)")
+    p.add_argument("--lr", type=_number(float, "--lr", lo=0, lo_open=True), default=D.lr,
+                   help="the generator's Adam learning rate; the paper uses 1e-5, 4e-6 at ImageNet scale "
+                        "(default: %(default)s)")
+    p.add_argument("--fake-lr", type=_number(float, "--fake-lr", lo=0, lo_open=True), default=None,
+                   help="the fake score's Adam learning rate (default: --lr)")
+    p.add_argument("--beta1", type=_number(float, "--beta1", lo=0, hi=0.999), default=D.betas[0],
+                   help="Adam's beta1 for both networks (default: %(default)s)")
+    p.add_argument("--beta2", type=_number(float, "--beta2", lo=0, hi=0.9999), default=D.betas[1],
+                   help="Adam's beta2 for both networks (default: %(default)s)")
+    p.add_argument("--eps", type=_number(float, "--eps", lo=0, lo_open=True), default=D.eps,
+                   help="Adam's epsilon for both networks (default: %(default)s)")
+    p.add_argument("--alpha", type=_number(float, "--alpha"), default=D.alpha,
+                   help="SiD's alpha in (y_real - y_fake) ((y_real - x_g) - alpha (y_real - y_fake)) "
+                        "(default: %(default)s)")
+    p.add_argument("--tmax", type=_number(float, "--tmax", lo=0, lo_open=True, hi=1000), default=D.tmax,
+                   help="the generator step's noise: t ~ U(0, tmax/1000) on EDM's sigma schedule, 0 being sigma_min "
+                        "0.002 (default: %(default)s)")
+    p.add_argument("--sigma-init", type=_sigma("--sigma-init"), default=D.sigma_init,
+                   help="the generator's input noise level: x_g = G(sigma_init z; sigma_init) (default: %(default)s)")
+    p.add_argument("--loss-scale", type=_number(float, "--loss-scale", lo=0, lo_open=True), default=D.loss_scale,
+                   help="the generator loss's scale over the batch (default: %(default)s)")
+    p.add_argument("--fake-loss-scale", type=_number(float, "--fake-loss-scale", lo=0, lo_open=True),
+                   default=D.fake_loss_scale, help="the fake-score loss's scale over the batch (default: %(default)s)")
+    p.add_argument("--teacher-cfg", type=_number(float, "--teacher-cfg", lo=0), default=None,
+                   help="distill the teacher's guided denoiser uncond + w (cond - uncond), so that the one-step "
+                        "generator draws what guidance w would (default: no guidance, the paper's setting)")
+    p.add_argument("--class-dropout", type=_number(float, "--class-dropout", lo=0, hi=0.999), default=None,
+                   help="probability that an image is drawn, scored and judged without its label by all three "
+                        "networks (default: the teacher's training label dropout)")
+    p.add_argument("--ema", type=_number(float, "--ema", lo=0), default=D.ema_halflife_kimg,
+                   help="EMA half-life of the generator's saved 'ema' weights, in thousands of images "
+                        "(default: %(default)s)")
+    p.add_argument("--ema-rampup", type=_number(float, "--ema-rampup", lo=0), default=D.ema_rampup,
+                   help="EMA ramp-up: the half-life is at most this fraction of the images seen so far; 0 turns it "
+                        "off (default: %(default)s)")
+    p.add_argument("--grad-clip", type=_number(float, "--grad-clip", lo=0, lo_open=True), default=None,
+                   help="clip each network's global gradient norm to this value (default: no clipping)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=D.precision,
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU (default: %(default)s)")
+    p.add_argument("--seed", type=_number(int, "--seed", lo=0), default=D.seed,
+                   help="seed of every random draw (latents, labels, noise) (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=D.checkpoint_every,
+                   help="write checkpoint.pt every N steps, and at the end (default: %(default)s)")
+    p.add_argument("--log-every", type=_positive_int("--log-every"), default=D.log_every,
+                   help="append the mean losses of the last N steps to metrics.jsonl every N steps "
+                        "(default: %(default)s)")
+    p.add_argument("--resume", default=None,
+                   help="continue a run: 'auto' continues the run in --outdir (its checkpoint.pt, when there is one), "
+                        "a path continues that checkpoint into an --outdir that holds no other run (default: start afresh)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one, else cpu)")
+    p.add_argument("--backend", default=None, choices=list(dispatch.MODES),
+                   help="kernel backend of every op (default: auto, the fastest that supports each call)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
+                   help="recompute activations in backward per brick or per DiT block, in all three networks: less "
+                        "memory, more compute (default: off)")
+    p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
+                   help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower) (default: off)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
+                       help="replay the whole step (both updates) as one CUDA graph (default: on for one CUDA process)")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                       help="run every step eagerly (default: on for one CUDA process)")
+    p.add_argument("--quiet", action="store_true", help="no header line and no progress bar (default: show them)")
+    p.set_defaults(func=cmd_distill)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

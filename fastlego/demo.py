@@ -24,11 +24,12 @@ DEMO_EMA_RAMPUP = 0.1        # ... at most 10% of the images seen so far
 DEMO_BATCH = {"cpu": 128, "cuda": 256}
 # Training by time gets the budget minus what sampling both grids will cost (measured before
 # training) and this much more for Python's start-up, measuring the samples and writing files.
-RESERVE_SECONDS = 10.0
+RESERVE_SECONDS = 15.0
 
 
-def _forward_seconds(net, batch: int, device, repeats: int = 3) -> float:
-    """Seconds of one denoiser call at this batch (the cost of one sampler evaluation)."""
+def _forward_seconds(net, batch: int, device, repeats: int = 3, return_stage_idx: Optional[int] = None) -> float:
+    """Seconds of one denoiser call at this batch (the cost of one sampler evaluation), every
+    brick or stopping after brick `return_stage_idx` (a skipped call)."""
     import torch
 
     x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device)
@@ -40,7 +41,7 @@ def _forward_seconds(net, batch: int, device, repeats: int = 3) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            net(x, sigma, labels)
+            net(x, sigma, labels, return_stage_idx=return_stage_idx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
@@ -50,12 +51,15 @@ def _forward_seconds(net, batch: int, device, repeats: int = 3) -> float:
 def demo(minutes: float = 3.0, outdir: str = "fastlego-demo", train_steps: Optional[int] = None,
          device: Optional[str] = None, seed: int = 0, rows: int = 20, sample_steps: int = 18,
          t_break: float = 0.5, cfg_scale: Optional[float] = 2.0, batch: Optional[int] = None,
-         overwrite: bool = False, progress: bool = True) -> dict:
+         overwrite: bool = False, progress: bool = True, distill: bool = False, distill_minutes: float = 3.0,
+         distill_steps: Optional[int] = None) -> dict:
     """Train `networks.DEMO_BRICKS` on the bundled digits for about `minutes` in all (or exactly
     `train_steps` steps), then draw `rows` images of every digit with every brick and with the
     last brick skipped after a fraction `t_break` of the steps (same seeds), measure both with
-    `fastlego.metrics`, and report the time skipping saves. Returns the summary it also writes
-    to `outdir/demo.json`."""
+    `fastlego.metrics`, and report the time skipping saves. `distill=True` then distills the
+    network into a one-step generator (`fastlego.distill`; `distill_minutes`, or exactly
+    `distill_steps` steps, outside the `minutes` budget) and measures its samples of the same
+    seeds. Returns the summary it also writes to `outdir/demo.json`."""
     import torch
 
     from . import metrics
@@ -76,8 +80,10 @@ def demo(minutes: float = 3.0, outdir: str = "fastlego-demo", train_steps: Optio
     probe = build_network(spec).to(dev).eval()
     n_params = sum(p.numel() for p in probe.parameters())
     sample_batch = len(seeds) * (2 if cfg_scale not in (None, 1.0) else 1)
-    per_eval = _forward_seconds(probe, sample_batch, dev)
-    sampling_estimate = per_eval * (2 * (evals["full"] + evals["skipped"]) + 4)
+    per_full = _forward_seconds(probe, sample_batch, dev)
+    per_skipped = _forward_seconds(probe, sample_batch, dev, return_stage_idx=probe.model.num_bricks - 2)
+    # the every-brick grid, then the skipping grid, plus a small warm-up call of the sampler
+    sampling_estimate = (per_full * (2 * evals["full"] + evals["skipped"] + 2) + per_skipped * evals["skipped"])
     del probe
     if train_steps is None:
         left = minutes * 60 - (time.perf_counter() - t_all) - sampling_estimate - RESERVE_SECONDS
@@ -139,6 +145,12 @@ def demo(minutes: float = 3.0, outdir: str = "fastlego-demo", train_steps: Optio
         "skip": {"seconds": skip.seconds, "grid": skip.files["grid"], **q_skip.to_dict()},
         "time_saved": saved, "checkpoint": result.checkpoint, "seconds": total,
     }
+    if distill:
+        from .distill import distill_demo
+        summary["distill"] = distill_demo(result.checkpoint, os.path.join(outdir, "distill"), minutes=distill_minutes,
+                                          steps=distill_steps, seeds=seeds, class_ids=class_ids, cfg_scale=cfg_scale,
+                                          device=dev, teacher_result=full, teacher_report=q_full,
+                                          overwrite=overwrite, progress=progress, seed=seed)
     with open(os.path.join(outdir, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -375,9 +375,13 @@ def cmd_eval(args) -> int:
     print(f"  {report.summary()}")
     print("  " + report.table().replace("\n", "\n  "))
     if args.json:
+        from .beta import DEFAULT_SAMPLE_STEPS
+
+        process = getattr(net, "process", "edm")   # beta diffusion, or EDM
+        steps = args.steps or (DEFAULT_SAMPLE_STEPS if process == "beta" else 18)
         with open(args.json, "w") as f:
-            json.dump({"network": args.network, "per_class": args.per_class, "seed": args.seed,
-                       "sampler": {"num_steps": args.steps, "cfg_scale": args.cfg, "t_break": args.t_break,
+            json.dump({"network": args.network, "per_class": args.per_class, "seed": args.seed, "process": process,
+                       "sampler": {"num_steps": steps, "cfg_scale": args.cfg, "t_break": args.t_break,
                                    "S_churn": args.S_churn, "precision": args.precision},
                        **report.to_dict()}, f, indent=2)
         print(f"  report: {args.json}")

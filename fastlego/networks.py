@@ -128,11 +128,19 @@ def _stack_from_dict(bricks: dict) -> Dict[str, list]:
 
 def network_spec(img_resolution: int, img_channels: int, label_dim: int, preset: Optional[str] = None,
                  bricks: Union[str, dict, None] = None, intermediate: bool = True,
-                 class_dropout_prob: float = 0.1, **options) -> dict:
+                 class_dropout_prob: float = 0.1, process: str = "edm", beta: Optional[dict] = None,
+                 **options) -> dict:
     """The plain-dict description of a network that `build_network` builds and checkpoints store.
 
     `options` are `SPEC_DEFAULTS`' keys (sigma_data, augment_dim, mlp_ratio, ...); only values
-    that differ from those defaults are stored."""
+    that differ from those defaults are stored. `process="beta"` describes a beta-diffusion
+    network (`fastlego.beta.BetaPrecond`): the spec then holds "process": "beta" and "beta", the
+    process's constants (`fastlego.beta.BETA_DEFAULTS`, overridden by `beta`) and data mean; an
+    EDM spec has neither key."""
+    if process not in ("edm", "beta"):
+        raise ValueError(f"process must be 'edm' or 'beta' (beta diffusion), got {process!r}")
+    if beta is not None and process != "beta":
+        raise ValueError("beta options need process='beta'")
     if (preset is None) == (bricks is None):
         raise ValueError("give exactly one of preset (a name from fastlego.PRESETS) or bricks "
                          f"(REGION:TYPE:DEPTH,..., e.g. {DEMO_BRICKS})")
@@ -154,6 +162,15 @@ def network_spec(img_resolution: int, img_channels: int, label_dim: int, preset:
             "preset": preset, "bricks": stack, "train_intermediate_stages": bool(intermediate),
             "class_dropout_prob": float(class_dropout_prob)}
     spec.update({k: v for k, v in options.items() if v != SPEC_DEFAULTS[k]})
+    if process == "beta":
+        from .beta import BETA_DEFAULTS, check_beta_options
+
+        given = dict(beta or {})
+        check_beta_options(given)
+        mean = given.pop("data_mean", None)
+        spec["process"] = "beta"
+        spec["beta"] = {**BETA_DEFAULTS, **{k: float(v) for k, v in given.items()},
+                        "data_mean": [0.5] * int(img_channels) if mean is None else [float(m) for m in mean]}
     return spec
 
 
@@ -170,10 +187,12 @@ def _mlp_ratio(backbone: LegoBackbone) -> float:
 
 
 def spec_from_network(net: EDMPrecond) -> dict:
-    """The network spec of any EDMPrecond, read from the module's own attributes (its bricks,
-    channels, labels, options and EDM parameters): `build_network(spec_from_network(net))`
-    builds the same network. A preset's stack is stored by the preset's name."""
-    if not isinstance(net, EDMPrecond):
+    """The network spec of any EDMPrecond (or beta-diffusion BetaPrecond), read from the module's
+    own attributes (its bricks, channels, labels, options and EDM or beta parameters):
+    `build_network(spec_from_network(net))` builds the same network. A preset's stack is stored
+    by the preset's name."""
+    beta = getattr(net, "process", "edm") == "beta"
+    if not isinstance(net, EDMPrecond) and not beta:
         raise TypeError(f"expected a fastlego.EDMPrecond, got {type(net).__name__}: wrap a LegoBackbone in "
                         f"EDMPrecond(img_resolution, img_channels, label_dim=..., backbone=backbone)")
     backbone = net.model
@@ -186,15 +205,37 @@ def spec_from_network(net: EDMPrecond) -> dict:
             "train_intermediate_stages": bool(backbone.train_intermediate_stages),
             "class_dropout_prob": float(backbone.class_dropout_prob)}
     options = {"augment_dim": int(backbone.augment_dim), "mlp_ratio": _mlp_ratio(backbone),
-               "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max),
-               "sigma_data": float(net.sigma_data), "use_fp16": bool(net.use_fp16)}
+               "use_fp16": bool(net.use_fp16)}
+    if not beta:   # EDM's own parameters
+        options.update(sigma_min=float(net.sigma_min), sigma_max=float(net.sigma_max),
+                       sigma_data=float(net.sigma_data))
     spec.update({k: v for k, v in options.items() if v != SPEC_DEFAULTS[k]})
+    if beta:
+        spec.update(process="beta", beta=net.options())
     return spec
 
 
 def build_network(spec: dict) -> EDMPrecond:
-    """An EDMPrecond from `network_spec`'s dict; `net.network_spec` keeps the dict."""
+    """An EDMPrecond from `network_spec`'s dict (a `fastlego.beta.BetaPrecond` for a spec with
+    process "beta"); `net.network_spec` keeps the dict."""
     options = {k: spec.get(k, v) for k, v in SPEC_DEFAULTS.items()}
+    if spec.get("process", "edm") == "beta":
+        from .beta import BetaPrecond
+
+        backbone_kwargs = dict(in_channels=spec["img_channels"], label_dim=spec["label_dim"],
+                               train_intermediate_stages=spec["train_intermediate_stages"],
+                               class_dropout_prob=spec["class_dropout_prob"], augment_dim=options["augment_dim"],
+                               mlp_ratio=options["mlp_ratio"])
+        if spec.get("preset"):
+            backbone, name = LegoBackbone.from_preset(spec["preset"], **backbone_kwargs), spec["preset"]
+        else:
+            stack = _stack_from_dict(spec["bricks"])
+            backbone = LegoBackbone(**stack, **backbone_kwargs)
+            name = brick_stack_name(stack["img_resolution"], stack["model_type"], stack["depths"])
+        net = BetaPrecond(spec["img_resolution"], spec["img_channels"], label_dim=spec["label_dim"],
+                          use_fp16=options["use_fp16"], backbone=backbone, model_type=name, **spec["beta"])
+        net.network_spec = dict(spec)
+        return net
     edm = dict(label_dim=spec["label_dim"], use_fp16=options["use_fp16"], sigma_min=options["sigma_min"],
                sigma_max=options["sigma_max"], sigma_data=options["sigma_data"])
     backbone_kwargs = dict(train_intermediate_stages=spec["train_intermediate_stages"],

@@ -261,8 +261,9 @@ class CudaGraphDenoiser:
 
 def load_network(path: str, which: str = "ema", device="cpu"):
     """A network ready to sample (eval mode, no grads): a fastlego training checkpoint (its EMA
-    weights unless which="model"), else whatever `fastlego.load_checkpoint` reads (a release
-    .pkl, a .safetensors file, a torch.save'd state dict; `which` is the .pkl's key)."""
+    weights unless which="model"), a `fastlego distill` checkpoint (its one-step generator, EMA
+    unless which="model", marked with `one_step_sigma`), else whatever `fastlego.load_checkpoint`
+    reads (a release .pkl, a .safetensors file, a torch.save'd state dict; `which` is the .pkl's key)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"network {path!r} does not exist: pass a fastlego training checkpoint "
                                 f"(outdir/checkpoint.pt), a release .pkl or a .safetensors file")
@@ -273,6 +274,9 @@ def load_network(path: str, which: str = "ema", device="cpu"):
             obj = None
         if is_training_checkpoint(obj):
             return network_from_checkpoint(check_training_checkpoint(obj, path), which=which, device=device)
+        from .distill import generator_from_checkpoint, is_distill_checkpoint
+        if is_distill_checkpoint(obj):   # fastlego distill's one-step generator (`one_step_sigma` set)
+            return generator_from_checkpoint(obj, which=which, device=device)
     from .checkpoint import load_checkpoint
 
     net = load_checkpoint(path, key=which) if path.endswith((".pkl", ".pickle")) else load_checkpoint(path)
@@ -353,8 +357,8 @@ def _sync(device: torch.device) -> None:
 
 def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Optional[int] = None,
            class_ids: Optional[Sequence[int]] = None, height: Optional[int] = None, width: Optional[int] = None,
-           resolution: Optional[int] = None, batch_size: int = 64, num_steps: int = 18, sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+           resolution: Optional[int] = None, batch_size: int = 64, num_steps: Optional[int] = None,
+           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
            S_max: float = float("inf"), S_noise: float = 1.0, cfg_scale: Optional[float] = None,
            t_break: float = 1.0, skip_stage_idx: Optional[int] = None, outdir: Optional[str] = None,
            prefix: str = "", grid: bool = True, grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
@@ -363,9 +367,15 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
            distributed: Optional[bool] = None, deterministic: bool = False) -> SampleResult:
     """Generate one image per seed with EDM's Heun sampler and write the requested files.
 
-    network: an EDMPrecond or a path (see `load_network`). Labels: `class_idx` for every image,
-    `class_ids` one per seed, else a random class per seed (drawn from the seed's generator);
-    none for unconditional networks. Sizes: `height` x `width` (default the training
+    network: an EDMPrecond or a path (see `load_network`). A beta-diffusion network
+    (`fastlego.beta.BetaPrecond`, trained with `process="beta"`; its checkpoint says so) is sampled
+    with `fastlego.beta.beta_sampler` instead: `num_steps` defaults to 200 there (18 Heun steps for
+    EDM), guidance and brick skipping alike; the sigma and rho settings are EDM's, S_churn must be
+    0. A one-step generator (`fastlego distill`'s; `one_step_sigma` set) draws each image in one
+    evaluation, `G(sigma_init z; sigma_init)` from the seed's latent z: the Heun settings do not
+    apply, and guidance, t_break < 1 and S_churn are refused. Labels: `class_idx` for every
+    image, `class_ids` one per seed, else a random class per
+    seed (drawn from the seed's generator); none for unconditional networks. Sizes: `height` x `width` (default the training
     resolution), any multiple of the bricks' region sizes, non-square included. Files in
     `outdir`: `{prefix}grid.png` (`grid_pad` gray pixels between images, enlarged `grid_scale`
     times), `{prefix}images/{seed:06d}.png` (images=True), and
@@ -511,6 +521,17 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
         if any(not 0 <= c < label_dim for c in class_ids):
             raise ValueError(f"class_ids must lie in 0..{label_dim - 1}")
     # Value checks before any compute.
+    beta = getattr(net, "process", "edm") == "beta"
+    if num_steps is None:
+        from .beta import DEFAULT_SAMPLE_STEPS
+        num_steps = DEFAULT_SAMPLE_STEPS if beta else 18
+    if beta and S_churn:
+        raise ValueError(f"S_churn={S_churn}: churn is EDM's; a beta-diffusion network's sampler draws fresh noise "
+                         f"every step already: drop it (S_churn=0)")
+    one_step = getattr(net, "one_step_sigma", None)   # fastlego.distill's one-step generator
+    if one_step is not None:
+        _check_one_step(cfg_scale, t_break, S_churn)
+        num_steps = 1   # one evaluation per image; the Heun schedule's settings do not apply
     if full_steps(num_steps, t_break) < num_steps:
         resolve_skip_stage(net, t_break, skip_stage_idx)
     edm_sigmas(num_steps, sigma_min, sigma_max, rho)
@@ -539,7 +560,7 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
     for start in mine:
         batch_seeds = seeds[start:start + batch_size]
         rnd = StackedRandomGenerator(dev, batch_seeds)
-        latents = rnd.randn([len(batch_seeds), C, H, W])
+        latents = None if beta else rnd.randn([len(batch_seeds), C, H, W])   # beta: its start is drawn later
         labels = ids = None
         if label_dim:
             # The random class is drawn even when a given class replaces it (as the release
@@ -558,10 +579,20 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
         _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad(), _autocast(precision, dev, cuda_graph):
-            x = edm_sampler(net, latents, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                            rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                            cfg_scale=cfg_scale, t_break=t_break, skip_stage_idx=skip_stage_idx,
-                            randn_like=rnd.randn_like, denoiser=denoiser, progress=_Scaled(bar, len(batch_seeds)))
+            if beta:   # fastlego.beta: the seed's generator draws the start and every step's noise
+                from .beta import beta_sampler
+                x = beta_sampler(net, (len(batch_seeds), C, H, W), labels, rnd, num_steps=num_steps,
+                                 cfg_scale=cfg_scale, t_break=t_break, skip_stage_idx=skip_stage_idx,
+                                 denoiser=denoiser, device=dev, progress=_Scaled(bar, len(batch_seeds)))
+            elif one_step is not None:   # x = G(sigma_init z; sigma_init): one network evaluation
+                from .distill import one_step_generate
+                x = one_step_generate(net, latents, labels, denoiser=denoiser)
+                bar.update(len(batch_seeds))
+            else:
+                x = edm_sampler(net, latents, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                                cfg_scale=cfg_scale, t_break=t_break, skip_stage_idx=skip_stage_idx,
+                                randn_like=rnd.randn_like, denoiser=denoiser, progress=_Scaled(bar, len(batch_seeds)))
         _sync(dev)
         seconds += time.perf_counter() - t0
         outputs.append(x.cpu())
@@ -591,6 +622,18 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
                                      overwrite=overwrite)
     procs.barrier()  # every rank returns once the files exist
     return result
+
+
+def _check_one_step(cfg_scale, t_break: float, S_churn: float) -> None:
+    """Settings that a one-step generator (fastlego.distill) cannot take, refused before any compute."""
+    if cfg_scale is not None and float(cfg_scale) != 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale}: this network is a one-step generator, whose guidance (if any) was "
+                         f"fixed when it was distilled (fastlego distill --teacher-cfg): drop the guidance (--cfg)")
+    if t_break < 1:
+        raise ValueError(f"t_break={t_break}: a one-step generator makes each image in one evaluation of every brick, "
+                         f"so there are no late steps to skip bricks on: drop --t-break")
+    if S_churn:
+        raise ValueError(f"S_churn={S_churn}: a one-step generator has no sampler steps to churn: drop --S-churn")
 
 
 class _Scaled:

@@ -4,7 +4,9 @@ The objective is EDM's (Karras et al. 2022; `fastlego.loss.EDMLoss`): noise leve
 log-normally and a per-level weight that makes the raw backbone's target unit-variance.
 With `intermediate=True` (the release's choice) every brick's output is a denoiser of its own
 (`train_intermediate_stages`) and the loss is the average over bricks; that is what makes
-stopping early at sampling time (brick skipping) give sensible images.
+stopping early at sampling time (brick skipping) give sensible images. `process="beta"`
+(`fastlego train --process beta`) trains with beta diffusion's KLUB instead (`fastlego.beta`),
+in the same loop: checkpoints, resume, DDP and CUDA graphs alike.
 
 Reproducibility: every random draw of a step (sigmas, noise, label dropout) comes from one
 generator that all ranks advance identically over the whole global batch, each rank keeping its
@@ -17,6 +19,7 @@ This module holds the settings (`TrainConfig`), the result (`TrainResult`) and t
 
     fastlego.networks             the network to train, as a plain dict (network_spec, build_network)
     fastlego.loss                 EDM's loss (EDMLoss)
+    fastlego.beta                 beta diffusion: its loss (BetaLoss), network wrapper and sampler
     fastlego.train_step           one step, eager or replayed as a CUDA graph (TrainStep, adamw)
     fastlego.ema                  the EMA of the weights (ema_beta, update_ema)
     fastlego.training_checkpoint  checkpoint.pt: atomic writes, loading, RNG states
@@ -49,6 +52,7 @@ import torch.nn as nn
 from .distributed import DistributedContext, setup_distributed
 from .edm import EDMPrecond
 from .ema import ema_beta, update_ema
+from .beta import BetaLoss, data_mean as beta_data_mean
 from .loss import EDMLoss
 from .networks import DEMO_BRICKS, build_network, network_spec, parse_bricks
 from .presets import get_preset
@@ -114,6 +118,7 @@ class TrainConfig:
     checkpoint_blocks: Optional[int] = None  # with "block": only the first N DiT blocks (None: all)
     deterministic: bool = False          # bitwise-reproducible gradients (fastlego.set_deterministic)
     cuda_graph: Optional[bool] = None    # replay the whole step as a CUDA graph (None: on for one CUDA process)
+    process: str = "edm"                 # "edm", or "beta": beta diffusion's KLUB (fastlego.beta)
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -145,6 +150,7 @@ class TrainConfig:
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
         need(self.preset is None or self.bricks is None, "give either preset or bricks, not both")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.process in ("edm", "beta"), f"process must be 'edm' or 'beta' (beta diffusion), got {self.process!r}")
         if self.preset is not None:
             get_preset(self.preset)
         if self.bricks is not None:
@@ -261,6 +267,10 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
             if old.get(key) != getattr(cfg, key):
                 raise ValueError(f"cannot resume {resume_path}: it was trained with {key}={old.get(key)!r} but this run "
                                  f"has {key}={getattr(cfg, key)!r}; pass the same value to continue exactly")
+        trained = ckpt["network"].get("process", "edm")
+        if trained != cfg.process:
+            raise ValueError(f"cannot resume {resume_path}: it trains with process={trained!r} but this run has "
+                             f"process={cfg.process!r}; pass --process {trained} to continue it")
 
     # Data.
     dataset = ImageDataset(cfg.data, resolution=cfg.resolution, use_labels=cfg.use_labels, max_images=cfg.max_images)
@@ -274,9 +284,10 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
                              f"^2 images but the data are {dataset.channels}x{dataset.resolution}^2")
     else:
         bricks = cfg.bricks if cfg.preset is None and cfg.bricks is not None else (None if cfg.preset else DEMO_BRICKS)
+        process = {"sigma_data": cfg.sigma_data} if cfg.process == "edm" else \
+            {"process": "beta", "beta": {"data_mean": beta_data_mean(dataset)}}
         spec = network_spec(dataset.resolution, dataset.channels, dataset.label_dim, preset=cfg.preset, bricks=bricks,
-                            intermediate=cfg.intermediate, class_dropout_prob=cfg.class_dropout,
-                            sigma_data=cfg.sigma_data)
+                            intermediate=cfg.intermediate, class_dropout_prob=cfg.class_dropout, **process)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_network(spec).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -306,7 +317,8 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
     graphed = _use_cuda_graph(cfg.cuda_graph, device, dctx.world)
     make_capturable(opt, graphed, device)
 
-    loss_fn = EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data)
+    beta = spec.get("process", "edm") == "beta"
+    loss_fn = BetaLoss.from_options(spec["beta"]) if beta else EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data)
     total_steps = cfg.steps if cfg.steps is not None else sys.maxsize   # None: until max_seconds
     per_rank = cfg.batch_size // dctx.world
     lo, hi = dctx.rank * per_rank, (dctx.rank + 1) * per_rank
@@ -373,11 +385,21 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
     for step, images_u8, labels, flips in step_batches(dataset, order, step, total_steps, dctx.rank, dctx.world, cfg.workers):
         # Random draws for the whole global batch; this rank keeps its slice.
         B = cfg.batch_size
-        normal = torch.randn(B, generator=gen, device=device)
-        noise = torch.randn(B, C, R, R, generator=gen, device=device)
+        if beta:  # times, and one seed per image for its forward draw (the same draws at any world size)
+            uniform = torch.rand(B, generator=gen, device=device)
+            image_seeds = torch.randint(2 ** 62, (B,), generator=gen, device=device)
+        else:
+            normal = torch.randn(B, generator=gen, device=device)
+            noise = torch.randn(B, C, R, R, generator=gen, device=device)
         drop = torch.rand(B, generator=gen, device=device) < cfg.class_dropout
         y = images_to_float(images_u8.to(device, non_blocking=True), flips)
-        sigma = loss_fn.sigma(normal[lo:hi])
+        if beta:
+            sigma = loss_fn.time(uniform[lo:hi])   # t; the "noise" is the forward sample, logit z_t
+            noise = torch.zeros(B, C, R, R, device=device)
+            noise[lo:hi] = loss_fn.forward(y, sigma, [torch.Generator(device).manual_seed(int(s))
+                                                      for s in image_seeds[lo:hi].tolist()])
+        else:
+            sigma = loss_fn.sigma(normal[lo:hi])
         labels = labels.to(device, non_blocking=True) if label_dim else None
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         set_lr(opt, lr)
