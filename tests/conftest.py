@@ -11,9 +11,10 @@ How `python3 -m pytest -q tests` runs them:
 
 - without CUDA (CI): the whole session runs with TRITON_INTERPRET=1; `cuda` tests are skipped;
 - with CUDA: this process runs the `cuda` tests on the GPU and every unmarked test, without the
-  interpreter; the `interpreter` tests run in ONE child pytest with TRITON_INTERPRET=1 and the GPU
-  hidden (CUDA_VISIBLE_DEVICES=""), started when the test loop starts and running alongside it.
-  The child sends back pytest's own reports of each test (setup, call, teardown; pytest's
+  interpreter; the `interpreter` tests run in child pytests with TRITON_INTERPRET=1 and the GPU
+  hidden (CUDA_VISIBLE_DEVICES=""), started when the test loop starts and running alongside it:
+  one child per 4 CPU cores, at most 4 (FASTLEGO_TEST_INTERPRETER_WORKERS=N sets the number), each
+  taking whole test files, balanced by test count. A child sends back pytest's own reports of each test (setup, call, teardown; pytest's
   report serialization) and this process logs them as that test's result, so the counts, `-k`,
   `-m`, `-x` and the failure messages read as in one process;
 - TRITON_INTERPRET=1 set by the caller: one process, every kernel interpreted (as without CUDA);
@@ -36,6 +37,7 @@ import torch
 
 _FORCE_CHILD_VAR = "FASTLEGO_TEST_INTERPRETER_CHILD"   # public: the CUDA layout without a GPU
 _CHILD_DIR_VAR = "_FASTLEGO_INTERPRETER_CHILD_DIR"     # internal: set for the child (its ids, its reports)
+_WORKERS_VAR = "FASTLEGO_TEST_INTERPRETER_WORKERS"      # public: how many child pytests share the tests
 
 
 def _truthy(value) -> bool:
@@ -155,8 +157,9 @@ def pytest_collectreport(report):
 class _InterpreterChild:
     """One child pytest that runs `items` with TRITON_INTERPRET=1, and the reports it sends back."""
 
-    def __init__(self, config, items):
+    def __init__(self, config, items, threads=None):
         self.config = config
+        self.threads = threads
         self.ids = [it.nodeid for it in items]
         self.id_set = set(self.ids)
         self.files = list(dict.fromkeys(str(it.path) for it in items))
@@ -192,6 +195,8 @@ class _InterpreterChild:
         open(os.path.join(self.dir, "reports.jsonl"), "w").close()
         env = {k: v for k, v in os.environ.items() if k not in (_FORCE_CHILD_VAR, "PYTEST_ADDOPTS")}
         env.update({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", _CHILD_DIR_VAR: self.dir})
+        if self.threads is not None:   # children share the cores: no oversubscribed thread pools
+            env.setdefault("OMP_NUM_THREADS", str(self.threads))
         self.log = open(os.path.join(self.dir, "output.log"), "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.command(), cwd=str(self.config.invocation_params.dir), env=env,
@@ -280,50 +285,114 @@ class _InterpreterChild:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _worker_count() -> int:
+    value = os.environ.get(_WORKERS_VAR)
+    if value is not None:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise pytest.UsageError(f"{_WORKERS_VAR} must be a whole number >= 1 (child pytests for the "
+                                    f"`interpreter` tests), got {value!r}")
+        return n
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def _shard_by_file(items, workers: int):
+    """Whole files to `workers` shards, the largest file first to the emptiest shard; each shard
+    keeps the session's order. Fewer shards when there are fewer files."""
+    files = {}
+    for it in items:
+        files.setdefault(str(it.path), []).append(it)
+    shards = [[] for _ in range(min(workers, len(files)))]
+    for group in sorted(files.values(), key=len, reverse=True):
+        min(shards, key=len).extend(group)
+    order = {id(it): i for i, it in enumerate(items)}
+    return [sorted(shard, key=lambda it: order[id(it)]) for shard in shards]
+
+
+class _InterpreterChildren:
+    """The child pytests that share the `interpreter` tests; each test's reports come from its child."""
+
+    def __init__(self, config, items, workers: int):
+        shards = _shard_by_file(items, workers)
+        threads = max(1, (os.cpu_count() or 1) // len(shards)) if len(shards) > 1 else None
+        self.children = [_InterpreterChild(config, shard, threads) for shard in shards]
+        self.owner = {nodeid: child for child in self.children for nodeid in child.ids}
+        self.ids = list(self.owner)
+        self.id_set = set(self.owner)
+
+    def start(self):
+        for child in self.children:
+            child.start()
+
+    def reports_of(self, item):
+        return self.owner[item.nodeid].reports_of(item)
+
+    def stop(self):
+        for child in self.children:
+            child.stop()
+
+    @property
+    def terminated(self) -> bool:
+        return any(child.terminated for child in self.children)
+
+    def failed_on_its_own(self) -> bool:
+        return any(not c.terminated and c.returncode not in _CHILD_EXIT_CODES for c in self.children)
+
+    def summary(self) -> str:
+        n = len(self.children)
+        where = "one child pytest" if n == 1 else f"{n} child pytests"
+        hows = ["stopped early" if c.terminated else f"exit code {c.returncode}" for c in self.children]
+        how = hows[0] if len(set(hows)) == 1 else ", ".join(hows)
+        seconds = max(c.seconds or 0 for c in self.children)
+        return (f"fastlego: {len(self.ids)} `interpreter` tests ran in {where} (TRITON_INTERPRET=1, CUDA hidden): "
+                f"{how}, {seconds:.0f} s")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
     # session.items is final here (after every plugin's reordering and deselection)
-    child = None
+    children = None
     if SPLIT and not session.config.option.collectonly:
         items = [it for it in session.items if _runs_in_child(it)]
         if items:
-            child = _InterpreterChild(session.config, items)
-            session.config.stash[_CHILD_KEY] = child
-            child.start()
+            children = _InterpreterChildren(session.config, items, _worker_count())
+            session.config.stash[_CHILD_KEY] = children
+            children.start()
     yield
-    if child is not None:
-        child.stop()
+    if children is not None:
+        children.stop()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
-    child = item.config.stash.get(_CHILD_KEY, None)
-    if child is None or item.nodeid not in child.id_set:
+    children = item.config.stash.get(_CHILD_KEY, None)
+    if children is None or item.nodeid not in children.id_set:
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in child.reports_of(item):
+    for report in children.reports_of(item):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 
 
 def pytest_sessionfinish(session, exitstatus):
-    child = session.config.stash.get(_CHILD_KEY, None)
+    children = session.config.stash.get(_CHILD_KEY, None)
     # a child that failed on its own (not stopped by us) fails the session even if every test passed
-    if child is not None and not child.terminated and child.returncode not in _CHILD_EXIT_CODES \
-            and session.exitstatus == pytest.ExitCode.OK:
+    if children is not None and children.failed_on_its_own() and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    child = config.stash.get(_CHILD_KEY, None)
-    if child is None:
+    children = config.stash.get(_CHILD_KEY, None)
+    if children is None:
         return
-    how = "stopped early" if child.terminated else f"exit code {child.returncode}"
-    terminalreporter.write_line(f"fastlego: {len(child.ids)} `interpreter` tests ran in one child pytest "
-                                f"(TRITON_INTERPRET=1, CUDA hidden): {how}, {child.seconds:.0f} s")
-    if not child.terminated and child.returncode not in _CHILD_EXIT_CODES:
-        terminalreporter.write_line("the end of the child's output:\n" + child.tail)
+    terminalreporter.write_line(children.summary())
+    for child in children.children:
+        if not child.terminated and child.returncode not in _CHILD_EXIT_CODES:
+            terminalreporter.write_line("the end of the child's output:\n" + child.tail)
 
 
 @pytest.fixture(autouse=True)

@@ -138,10 +138,11 @@ def sample(tmp_path):
     return root
 
 
-def run_sample(root, *args, child=True, interpret=None):
+def run_sample(root, *args, child=True, interpret=None, workers=1):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "FASTLEGO_TEST_INTERPRETER_CHILD", "PYTEST_ADDOPTS")}
     env["SAMPLE_LOG"] = str(root / "log.txt")
+    env["FASTLEGO_TEST_INTERPRETER_WORKERS"] = str(workers)
     if child:
         env["FASTLEGO_TEST_INTERPRETER_CHILD"] = "1"
     if interpret:
@@ -188,6 +189,31 @@ def test_interpreter_tests_run_in_one_child_and_report_back(sample):
     assert "exited with code 7 before reporting test_crash.py::test_crash" in out
     assert "exited with code 7 before reporting test_crash.py::test_after_crash" in out
     assert "fastlego: 10 `interpreter` tests ran in one child pytest (TRITON_INTERPRET=1, CUDA hidden): exit code 7" in out
+
+
+def test_several_children_share_the_files(sample):
+    (sample / "test_more.py").write_text(
+        "import os\nimport pytest\n\n\n@pytest.mark.interpreter\ndef test_more():\n"
+        "    with open(os.environ['SAMPLE_LOG'], 'a') as f:\n"
+        "        f.write(f\"more {os.getpid()} {os.getppid()} {os.environ.get('TRITON_INTERPRET', '-')} nocuda\\n\")\n")
+    proc, log = run_sample(sample, "-q", "-k", "not crash", "test_sample.py", "test_more.py", workers=2)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out                                  # test_fails_in_child and the setup error
+    assert counts(proc.stdout) == {"passed": 7 if ON_GPU else 6, "failed": 1, "error": 1,
+                                   "skipped": 1 if ON_GPU else 2, "xfailed": 1}, out
+    parent = log["plain"][0]
+    sample_children = {log[n][0] for n in ("kernel", "fails", "param1", "param2", "skipped", "xfail")}
+    assert len(sample_children) == 1, "a file's tests run in one child"
+    assert log["more"][0] not in sample_children and log["more"][0] != parent, "the other file ran in another child"
+    assert all(log[n][1] == parent and log[n][2] == "1" for n in ("kernel", "more"))
+    assert "fastlego: 8 `interpreter` tests ran in 2 child pytests" in out, out
+    assert "FAILED test_sample.py::test_fails_in_child" in out and "distinct-child-failure" in out
+
+
+def test_worker_count_must_be_a_whole_number(sample):
+    proc, _ = run_sample(sample, "-q", "test_sample.py", workers="two")
+    assert proc.returncode != 0
+    assert "FASTLEGO_TEST_INTERPRETER_WORKERS must be a whole number >= 1" in proc.stdout + proc.stderr
 
 
 def test_selection_and_skip_reasons_follow_the_parent(sample):
