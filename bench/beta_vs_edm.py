@@ -35,13 +35,14 @@ from fastlego.sampling import load_network, sample  # noqa: E402
 from fastlego.training import TrainConfig, train  # noqa: E402
 
 
-def train_one(process: str, seed: int, seconds: float, outdir: str, threads: int) -> dict:
+def train_one(process: str, seed: int, seconds: float, outdir: str, threads: int, device: str = "cpu") -> dict:
     """Train the demo network with `process` for `seconds`; the run's numbers as a dict."""
     torch.set_num_threads(threads)
-    cfg = TrainConfig(data="digits", resolution=16, outdir=outdir, bricks=DEMO_BRICKS, batch_size=DEMO_BATCH["cpu"],
+    batch = DEMO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+    cfg = TrainConfig(data="digits", resolution=16, outdir=outdir, bricks=DEMO_BRICKS, batch_size=batch,
                       steps=None, max_seconds=seconds, lr=DEMO_LR, warmup_steps=DEMO_WARMUP,
                       ema_halflife_kimg=DEMO_EMA_KIMG, ema_rampup=DEMO_EMA_RAMPUP, class_dropout=0.1, seed=seed,
-                      checkpoint_every=10 ** 9, log_every=25, device="cpu", overwrite=True, progress=False,
+                      checkpoint_every=10 ** 9, log_every=25, device=device, overwrite=True, progress=False,
                       threads=threads, process=process)
     res = train(cfg)
     return {"process": process, "seed": seed, "steps": res.steps_run, "kimg": res.nimg / 1000,
@@ -64,6 +65,8 @@ def main() -> int:
     p.add_argument("--concurrent", action="store_true",
                    help="train a seed's two networks at once, one thread each (the same load for both)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads when training one after the other (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: on cuda the demo's GPU batch (256), "
+                   "the two trainings one after the other")
     p.add_argument("--outdir", default="beta-vs-edm", help="run folders and results.json (default ./beta-vs-edm)")
     args = p.parse_args()
     os.makedirs(args.outdir, exist_ok=True)
@@ -74,19 +77,19 @@ def main() -> int:
     rows = []
     for seed in seeds:
         jobs = [(process, seed, args.seconds, os.path.join(args.outdir, f"{process}-seed{seed}"),
-                 1 if args.concurrent else args.threads) for process in ("edm", "beta")]
-        if args.concurrent:
+                 1 if args.concurrent else args.threads, args.device) for process in ("edm", "beta")]
+        if args.concurrent and args.device == "cpu":
             with mp.get_context("spawn").Pool(2) as pool:
                 runs = pool.map(_train_star, jobs)
         else:
             runs = [train_one(*job) for job in jobs]
         torch.set_num_threads(args.threads)
         for run in runs:
-            net = load_network(run["checkpoint"])
+            net = load_network(run["checkpoint"], device=args.device)
             steps = args.beta_steps if run["process"] == "beta" else args.edm_steps
             t0 = time.perf_counter()
             res = sample(net, sample_seeds, class_ids=ids, num_steps=steps, cfg_scale=cfg_scale,
-                         batch_size=len(sample_seeds), device="cpu", progress=False)
+                         batch_size=len(sample_seeds), device=args.device, progress=False)
             q = metrics.evaluate_samples(res.images, ids)
             run.update(sample_steps=steps, sample_seconds=time.perf_counter() - t0, agreement=q.agreement,
                        frechet_distance=q.frechet_distance, floor=q.real_floor)
@@ -94,7 +97,7 @@ def main() -> int:
             print(f"  {run['process']} seed {seed}: {run['steps']} steps, {run['images_per_s']:.0f} images/s, "
                   f"agreement {100 * q.agreement:.1f}%, Frechet distance {q.frechet_distance:.2f}", flush=True)
     floor = rows[0]["floor"]
-    print(f"\nDigits, {DEMO_BRICKS}, {args.seconds:.0f} s of training each"
+    print(f"\nDigits, {DEMO_BRICKS}, {args.seconds:.0f} s of training each on {args.device}"
           f"{' (both at once, one thread each)' if args.concurrent else ''}; {len(ids)} images "
           f"({args.per_class} per digit, seeds 0-{len(ids) - 1}), guidance {args.cfg}")
     head = (f"{'process':<8}{'seed':>5}{'steps':>7}{'kimg':>8}{'img/s':>7}{'loss':>9}{'sampler':>13}"
@@ -108,7 +111,7 @@ def main() -> int:
     print(f"{'real digits, same count':<57}{100 * floor['agreement']:>10.1f}%{floor['frechet_distance']:>9.2f}"
           f" +- {floor['frechet_distance_std']:.2f}")
     with open(os.path.join(args.outdir, "results.json"), "w") as f:
-        json.dump({"seconds": args.seconds, "concurrent": args.concurrent, "cfg": args.cfg, "bricks": DEMO_BRICKS,
+        json.dump({"seconds": args.seconds, "device": args.device, "concurrent": args.concurrent, "cfg": args.cfg, "bricks": DEMO_BRICKS,
                    "per_class": args.per_class, "runs": rows}, f, indent=2)
     return 0
 

@@ -92,6 +92,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
+    if not args.patch_diffusion and (args.real_p is not None or args.progressive):
+        raise ValueError("--real-p and --progressive set how patch diffusion draws its crops: add --patch-diffusion")
     cfg = TrainConfig(
         data=args.data, outdir=args.outdir, resolution=args.resolution, preset=args.preset, bricks=args.bricks,
         use_labels=not args.no_labels, xflip=args.xflip, max_images=args.max_images, batch_size=args.batch,
@@ -103,7 +105,9 @@ def cmd_train(args) -> int:
         workers=args.workers, device=args.device, backend=args.backend, progress=not args.quiet, threads=args.threads,
         activation_checkpointing=args.activation_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
         deterministic=args.deterministic,
-        cuda_graph=args.cuda_graph, overwrite=args.overwrite, process=args.process)
+        cuda_graph=args.cuda_graph, overwrite=args.overwrite, process=args.process,
+        patch_diffusion=args.patch_diffusion, real_p=0.5 if args.real_p is None else args.real_p,
+        progressive=args.progressive)
     cfg.validate()
     result = train(cfg)
     if result.network is not None:
@@ -316,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-brick-only", action="store_true",
                    help="train only the last brick's output (default: every brick as a denoiser of its own, "
                         "the release's joint loss, which makes brick skipping work)")
+    p.add_argument("--patch-diffusion", action="store_true",
+                   help="Patch Diffusion (Wang et al. 2023): each step trains on random crops of size res/4, res/2 "
+                        "or res (batch x4, x2, x1), each carrying its pixels' coordinates in the full image; only "
+                        "the bricks whose regions tile a crop run on it (the header line says which); sampling "
+                        "draws full images as usual. Needs a resolution that is a multiple of 4 and a first brick "
+                        "that tiles res/4 (default: off)")
+    p.add_argument("--real-p", type=_number(float, "--real-p", lo=0, hi=1), default=None,
+                   help="with --patch-diffusion: the probability of a full-size step; crops of res/4 and res/2 "
+                        "share the rest 2:3 (default 0.5)")
+    p.add_argument("--progressive", action="store_true",
+                   help="with --patch-diffusion: instead of drawing, train res/4 crops for the first (1-p)*2/5 of "
+                        "training (20%%), res/2 until 1-p (50%%), then full images (default: off)")
     p.add_argument("--class-dropout", type=_number(float, "--class-dropout", lo=0, hi=0.999), default=0.1,
                    help="probability of dropping a training image's label, which classifier-free guidance "
                         "(--cfg when sampling) needs (default: %(default)s)")

@@ -33,7 +33,8 @@ What the backward of each op saves (no normalised or modulated activations are k
                          writes GELU(pre) over pre, its last reader, unless the backward keeps
                          the graph (retain_graph): one M x 4D buffer less at the peak.
   window_attention       qkv; the softmax is recomputed inside the backward kernel.
-  brick_embed            its inputs (images and weights); the patches are re-gathered.
+  brick_embed            its inputs (images, weights and external coordinates if any); the
+                         patches are re-gathered. Coordinates get no gradient.
   final_layer            its inputs.
 The backward's matmuls run on cuBLAS (dA = dY W, dW = dY^T A); the rest are the Triton kernels
 `layernorm_modulate`, `layernorm_modulate_backward`, `gated_residual_backward`,
@@ -561,16 +562,18 @@ _RECOMPUTE = torch.utils.weak.WeakIdKeyDictionary()
 # brick_embed: coordinates + concat + unfold + patch embedding + bias + position table
 # --------------------------------------------------------------------------------------------
 
+# `coords` (external coordinate channels, Patch Diffusion's crops) comes last, after `settings`,
+# so calls written before it existed keep their meaning.
 @_custom_op("brick_embed")
 def _brick_embed(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
-                 region: int, amp: Optional[torch.dtype], settings: str = "") -> Tensor:
+                 region: int, amp: Optional[torch.dtype], settings: str = "", coords: Optional[Tensor] = None) -> Tensor:
     with scope(settings), _impl(x.device.type, amp):
-        out = call("brick_embed", x, prev, weight, bias, pos_embed, region).to(amp or x.dtype)
-        return _distinct((out,), (x, prev, weight, bias, pos_embed))[0]
+        out = call("brick_embed", x, prev, weight, bias, pos_embed, region, coords).to(amp or x.dtype)
+        return _distinct((out,), (x, prev, weight, bias, pos_embed, coords))[0]
 
 
 @_brick_embed.register_fake
-def _(x, prev, weight, bias, pos_embed, region, amp, settings=""):
+def _(x, prev, weight, bias, pos_embed, region, amp, settings="", coords=None):
     B, C, H, W = x.shape
     L, T = (H // region) * (W // region), (region // weight.shape[-1]) ** 2
     return x.new_empty((B * L, T, weight.shape[0]), dtype=amp or x.dtype)
@@ -578,25 +581,25 @@ def _(x, prev, weight, bias, pos_embed, region, amp, settings=""):
 
 @_custom_op("brick_embed_backward")
 def _brick_embed_backward(grad_out: Tensor, x: Tensor, prev: Optional[Tensor], weight: Tensor, pos_embed: Tensor,
-                          region: int, amp: Optional[torch.dtype], has_bias: bool, settings: str = ""
-                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dprev or empty, dweight, dbias or empty, dpos)."""
+                          region: int, amp: Optional[torch.dtype], has_bias: bool, settings: str = "",
+                          coords: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dprev or empty, dweight, dbias or empty, dpos); `coords` (no gradient) enter dweight."""
     dt = amp or x.dtype
     D, _, p, _ = weight.shape
     with scope(settings), _impl(x.device.type, None):
         g = grad_out.to(dt)
         g2 = g.reshape(-1, D)
         dprev, dx = call("brick_embed_input_grad", g, weight.to(dt), tuple(x.shape), prev is not None, region)
-        a = reference.patches(x, prev, p, region, dt)                      # (M, Cin p p), re-gathered
+        a = reference.patches(x, prev, p, region, dt, coords)              # (M, Cin p p), re-gathered
         dweight = torch.mm(g2.t(), a).view(weight.shape).to(weight.dtype)
         dbias = torch.sum(g2, 0, dtype=torch.float32).to(weight.dtype) if has_bias else _empty(weight)
         dpos = torch.sum(g, 0, dtype=torch.float32).reshape(pos_embed.shape).to(pos_embed.dtype)
         dprev = dprev.to(prev.dtype) if prev is not None else _empty(x)
-    return _distinct((dx.to(x.dtype), dprev, dweight, dbias, dpos), (grad_out, x, prev, weight, pos_embed))
+    return _distinct((dx.to(x.dtype), dprev, dweight, dbias, dpos), (grad_out, x, prev, weight, pos_embed, coords))
 
 
 @_brick_embed_backward.register_fake
-def _(grad_out, x, prev, weight, pos_embed, region, amp, has_bias, settings=""):
+def _(grad_out, x, prev, weight, pos_embed, region, amp, has_bias, settings="", coords=None):
     return (torch.empty_like(x), torch.empty_like(prev) if prev is not None else x.new_empty((0,)),
             torch.empty_like(weight), weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,)),
             torch.empty_like(pos_embed))
@@ -606,21 +609,23 @@ def _brick_embed_setup(ctx, inputs, output):
     x, prev, weight, bias, pos_embed, region, amp = inputs[:7]
     ctx.region, ctx.amp, ctx.has_bias, ctx.has_prev = region, amp, bias is not None, prev is not None
     _carry(ctx, inputs[7] if len(inputs) > 7 else "")
-    ctx.save_for_backward(x, prev, weight, pos_embed)
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(x, prev, weight, pos_embed, inputs[8] if len(inputs) > 8 else None)
 
 
 def _brick_embed_grad(ctx, grad_out):
-    x, prev, weight, pos_embed = ctx.saved_tensors
+    x, prev, weight, pos_embed, coords = ctx.saved_tensors
     dx, dprev, dweight, dbias, dpos = _backward(ctx, "brick_embed_backward")(
-        grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias, ctx.settings)
-    return (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos, None, None, None)
+        grad_out, x, prev, weight, pos_embed, ctx.region, ctx.amp, ctx.has_bias, ctx.settings, coords)
+    grads = (dx, dprev if ctx.has_prev else None, dweight, dbias if ctx.has_bias else None, dpos)
+    return grads + (None,) * (ctx.n_inputs - len(grads))   # region, amp, settings, coords: no gradient
 
 
 _register_autograd(_brick_embed, _brick_embed_grad, _brick_embed_setup)
 
 
-def brick_embed(x, prev, weight, bias, pos_embed, region):
-    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, autocast_dtype(x), settings_token())
+def brick_embed(x, prev, weight, bias, pos_embed, region, coords=None):
+    return _run("brick_embed", x, prev, weight, bias, pos_embed, region, autocast_dtype(x), settings_token(), coords)
 
 
 # --------------------------------------------------------------------------------------------

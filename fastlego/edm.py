@@ -96,10 +96,15 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
                 cfg_scale: Optional[float] = None, return_stage_idx: Optional[int] = None,
-                force_fp32: bool = False, skip_bricks=None, **model_kwargs):
+                force_fp32: bool = False, skip_bricks=None, coords: Optional[torch.Tensor] = None,
+                **model_kwargs):
         """The denoiser D(x; sigma). Returns a list (one per brick) when the backbone trains its
         intermediate stages. `use_fp16` runs the backbone under fp16 autocast on CUDA (the
-        release's cast to fp16 without converting the weights fails; this one works)."""
+        release's cast to fp16 without converting the weights fails; this one works).
+
+        `coords` (B, 2, H, W), row position first: the coordinate channels of x's pixels when x
+        is a crop of a larger image (Patch Diffusion training, `fastlego.patch_diffusion`); None
+        builds x's own grid. They pass to the backbone unchanged (not preconditioned)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
@@ -120,11 +125,12 @@ class EDMPrecond(nn.Module):
         with autocast:
             if cfg_scale is None:
                 F_x = self.model(inp, c_noise.flatten(), class_labels=class_labels,
-                                 return_stage_idx=return_stage_idx, skip_bricks=skip_bricks, **model_kwargs)
+                                 return_stage_idx=return_stage_idx, skip_bricks=skip_bricks, coords=coords,
+                                 **model_kwargs)
             else:
                 F_x = self.model.forward_with_cfg(inp, c_noise.flatten(), class_labels, cfg_scale,
                                                   return_stage_idx=return_stage_idx, skip_bricks=skip_bricks,
-                                                  **model_kwargs)
+                                                  coords=coords, **model_kwargs)
         if isinstance(F_x, list):
             return [c_skip * x + c_out * f.to(torch.float32) for f in F_x]
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -4,7 +4,10 @@ For an image y, `sigma = exp(P_mean + P_std * u)` with u ~ N(0, 1), `n = sigma *
 the loss is `lambda(sigma) * |D(y + n; sigma) - y|^2` with
 `lambda = (sigma^2 + s_d^2) / (sigma * s_d)^2`, which makes the effective training target of
 the raw backbone unit-variance at every sigma. When the network returns one denoiser per brick
-(`train_intermediate_stages`, the release's choice) the loss is the average over bricks.
+(`train_intermediate_stages`, the release's choice) the loss is the average over bricks. Patch
+Diffusion training (`fastlego.patch_diffusion`) applies it unchanged to crops, passing the crops'
+coordinates and the last brick that tiles them as network arguments (`coords`,
+`return_stage_idx`): the average is then over the bricks that ran.
 """
 
 from __future__ import annotations

@@ -124,19 +124,21 @@ class Brick(nn.Module):
                   self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
 
-    def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) the network input, prev the previous brick's output (or None) -> (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor,
+                coords: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W) the network input, prev the previous brick's output (or None), coords
+        external coordinate channels (B, 2, H, W) or None (the brick builds x's grid) -> (B, C, H, W)."""
         if self.checkpointing == "brick" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, prev, c, use_reentrant=False, preserve_rng_state=False,
+            return checkpoint(self._forward, x, prev, c, coords, use_reentrant=False, preserve_rng_state=False,
                               context_fn=dispatch.checkpoint_contexts)
-        return self._forward(x, prev, c)
+        return self._forward(x, prev, c, coords)
 
     # A brick draws no random numbers (label dropout happens in the embedder, before the bricks),
     # so recomputation needs no saved RNG state: preserve_rng_state=False skips that state's
     # device sync, which also lets a checkpointed step be captured as a CUDA graph.
-    def _forward(self, x, prev, c):
+    def _forward(self, x, prev, c, coords=None):
         proj = self.x_embedder.proj
-        h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region)
+        h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region, coords)
         per_block = self.checkpoint_blocks if self.checkpointing == "block" and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < per_block:
@@ -191,8 +193,9 @@ class LegoBackbone(nn.Module):
     `model_type` entries are the release's brick names (`fastlego.presets.BRICK_TYPES`) or
     `(width, patch, heads)` tuples for small custom bricks (tests, demos).
 
-    Beyond the release: any H, W that are multiples of every region size (non-square too, with
-    rows normalised by H-1 and columns by W-1); real brick skipping (`return_stage_idx` stops after
+    Beyond the release: any H, W that are multiples of every run brick's region size (non-square
+    too, with rows normalised by H-1 and columns by W-1); external coordinates (`coords`: a crop's
+    slice of the full image's grid, for Patch Diffusion training); real brick skipping (`return_stage_idx` stops after
     that brick, `skip_bricks` leaves chosen bricks out), also in `forward_with_cfg`; the adaLN
     conditioning computed once per image; integer class ids accepted besides one-hot vectors.
     """
@@ -333,25 +336,32 @@ class LegoBackbone(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 augment_labels: Optional[torch.Tensor] = None, force_drop_ids: Optional[torch.Tensor] = None,
                 return_stage_idx: Optional[int] = None, skip_bricks: Optional[Iterable[int]] = None,
-                **kwargs) -> Union[torch.Tensor, List[torch.Tensor]]:
+                coords: Optional[torch.Tensor] = None, **kwargs) -> Union[torch.Tensor, List[torch.Tensor]]:
         """x (B, C, H, W), timesteps (B,), class_labels (B, label_dim) float or (B,) int ids.
 
         Returns F of the last brick run; in training mode with `train_intermediate_stages`, the
         list of every run brick's output. `return_stage_idx=k` stops after brick k (-1: the last);
         `skip_bricks` leaves bricks out: a brick after a skipped one sees the last run brick's
-        output (or x itself if none ran yet) in place of its predecessor's.
+        output (or x itself if none ran yet) in place of its predecessor's. H and W must be
+        multiples of the region sizes of the bricks that run.
+
+        `coords` (B, 2, H, W), row position first and column second, are the coordinate channels
+        every brick reads instead of building x's own grid: for a crop of a larger image, its
+        pixels' positions in that image normalised to [-1, 1] over the full size (Patch
+        Diffusion; `fastlego.patch_diffusion.crop_coordinates`). None: the grid of x's size, as
+        `fastlego.reference.coordinate_channels` builds it.
         """
-        class_labels = self._validate(x, timesteps, class_labels, augment_labels, force_drop_ids)
-        if self.train_intermediate_stages and not self.training and return_stage_idx is None:
-            return_stage_idx = self.num_bricks - 1
-        run = self.bricks_to_run(return_stage_idx, skip_bricks)
+        run = self.bricks_to_run(self.num_bricks - 1 if (self.train_intermediate_stages and not self.training
+                                                          and return_stage_idx is None) else return_stage_idx,
+                                 skip_bricks)
+        class_labels = self._validate(x, timesteps, class_labels, augment_labels, force_drop_ids, run, coords)
         c = self.conditioning(timesteps, class_labels, augment_labels, force_drop_ids)
         prev, outputs = None, []
         for i in run:
             feed = prev if i > 0 else None
             if i > 0 and feed is None:
                 feed = x  # brick i > 0 with every earlier brick skipped: it refines the input itself
-            prev = self.model[i](x, feed, c)
+            prev = self.model[i](x, feed, c, coords)
             outputs.append(prev)
         if self.train_intermediate_stages and self.training:
             return outputs
@@ -359,18 +369,21 @@ class LegoBackbone(nn.Module):
 
     def forward_with_cfg(self, x, t, class_labels, cfg_scale, use_full_channels: bool = True,
                          return_stage_idx: Optional[int] = None, skip_bricks: Optional[Iterable[int]] = None,
-                         **kwargs):
+                         coords: Optional[torch.Tensor] = None, **kwargs):
         """Classifier-free guidance in one batched call: `uncond + cfg_scale * (cond - uncond)`."""
         if class_labels is None:
             raise ValueError("forward_with_cfg needs class_labels (B, label_dim): the unconditional half "
                              "uses all-zero labels; for an unconditional model call forward() instead")
         # check the caller's batch before doubling it, so that errors name the caller's shapes
-        class_labels = self._validate(x, t, class_labels, None, None)
-        self.bricks_to_run(return_stage_idx, skip_bricks)
+        run = self.bricks_to_run(self.num_bricks - 1 if (self.train_intermediate_stages and not self.training
+                                                          and return_stage_idx is None) else return_stage_idx,
+                                 skip_bricks)
+        class_labels = self._validate(x, t, class_labels, None, None, run, coords)
         both = torch.cat([x, x], 0)
         t2 = torch.cat([t.reshape(-1), t.reshape(-1)], 0)
         y = torch.cat([class_labels, torch.zeros_like(class_labels)], 0)
-        out = self.forward(both, t2, y, return_stage_idx=return_stage_idx, skip_bricks=skip_bricks)
+        coords2 = None if coords is None else torch.cat([coords, coords], 0)
+        out = self.forward(both, t2, y, return_stage_idx=return_stage_idx, skip_bricks=skip_bricks, coords=coords2)
         ch = self.in_channels if use_full_channels else 3
         eps, rest = out[:, :ch], out[:, ch:]
         cond, uncond = eps.chunk(2, dim=0)
@@ -405,20 +418,34 @@ class LegoBackbone(nn.Module):
             raise ValueError(f"class_labels has {class_labels.shape[0]} rows but x has batch {batch}")
         return class_labels.expand(batch, -1)
 
-    def _validate(self, x, timesteps, class_labels, augment_labels, force_drop_ids):
-        """Check every input before any compute; errors name the expected value and the fix."""
+    def _validate(self, x, timesteps, class_labels, augment_labels, force_drop_ids,
+                  run: Optional[List[int]] = None, coords: Optional[torch.Tensor] = None):
+        """Check every input before any compute; errors name the expected value and the fix.
+        `run`: the bricks that run (default all), whose regions must tile x."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
         B, C, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"x has {C} channels but this model was built for in_channels={self.in_channels}; "
                              f"pass (B, {self.in_channels}, H, W) images or build the model with in_channels={C}")
-        bad = [r for r in self.img_resolution if H % r or W % r]
+        regions = [self.img_resolution[i] for i in (range(self.num_bricks) if run is None else run)]
+        bad = [r for r in regions if H % r or W % r]
         if bad:
-            m = math.lcm(*self.img_resolution)
-            raise ValueError(f"x is {H}x{W} but H and W must be multiples of every brick's region size "
-                             f"{self.img_resolution} (not of {sorted(set(bad))}): use sizes that are multiples "
+            m = math.lcm(*regions)
+            which = "every brick's region size" if run is None or len(run) == self.num_bricks else \
+                f"the region size of every brick that runs (bricks {list(run)})"
+            raise ValueError(f"x is {H}x{W} but H and W must be multiples of {which} "
+                             f"{regions} (not of {sorted(set(bad))}): use sizes that are multiples "
                              f"of {m}, e.g. {max(m, H - H % m)}x{max(m, W - W % m)}")
+        if coords is not None:
+            if not isinstance(coords, torch.Tensor) or tuple(coords.shape) != (B, 2, H, W) \
+                    or not torch.is_floating_point(coords):
+                got = f"{coords.dtype} {tuple(coords.shape)}" if isinstance(coords, torch.Tensor) else type(coords).__name__
+                raise ValueError(f"coords must be float coordinate channels of shape (B, 2, H, W) = ({B}, 2, {H}, {W}) "
+                                 f"(row position first, column second), got {got}; pass None for x's own grid")
+            if coords.device != x.device:
+                raise ValueError(f"coords are on {coords.device} but x is on {x.device}: move them, e.g. "
+                                 f"coords.to('{x.device}')")
         if not torch.is_floating_point(x):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.device != self.device:

@@ -83,9 +83,10 @@ def _route(op: str, args: tuple, custom, reference_op):
     return call(op, *args)
 
 
-def brick_embed(x, prev, weight, bias, pos_embed, region: int):
-    """(B,C,H,W) input [+ previous brick output] -> tokens (B*L, T, D); see reference.brick_embed."""
-    return _route("brick_embed", (x, prev, weight, bias, pos_embed, region), custom_ops.brick_embed,
+def brick_embed(x, prev, weight, bias, pos_embed, region: int, coords=None):
+    """(B,C,H,W) input [+ previous brick output] -> tokens (B*L, T, D); see reference.brick_embed.
+    `coords` (B, 2, H, W): external coordinate channels (a crop's slice of the full grid) or None."""
+    return _route("brick_embed", (x, prev, weight, bias, pos_embed, region, coords), custom_ops.brick_embed,
                   reference.brick_embed)
 
 

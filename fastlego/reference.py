@@ -44,9 +44,16 @@ def coordinate_channels(batch: int, height: int, width: int, dtype, device) -> t
     return grid.to(dtype)[None].expand(batch, 2, height, width)
 
 
-def brick_input(x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
-    """The brick's input image: `[prev, x, rows, cols]` along channels (`prev` may be None)."""
-    coords = coordinate_channels(x.shape[0], x.shape[2], x.shape[3], x.dtype, x.device)
+def brick_input(x: torch.Tensor, prev: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The brick's input image: `[prev, x, rows, cols]` along channels (`prev` may be None).
+
+    `coords` (B, 2, H, W), row position first, are external coordinate channels (a crop's slice
+    of the full image's grid, in Patch Diffusion training), cast to x's dtype as `prev` is; None
+    builds `coordinate_channels` of x's own size."""
+    if coords is None:
+        coords = coordinate_channels(x.shape[0], x.shape[2], x.shape[3], x.dtype, x.device)
+    else:
+        coords = coords.to(x.dtype)
     parts = ([prev.to(x.dtype)] if prev is not None else []) + [x, coords]
     return torch.cat(parts, dim=1)
 
@@ -140,14 +147,15 @@ def adaln_modulation(c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 # The dispatched ops
 # --------------------------------------------------------------------------------------------
 
-def brick_embed(x, prev, weight, bias, pos_embed, region: int) -> torch.Tensor:
+def brick_embed(x, prev, weight, bias, pos_embed, region: int, coords=None) -> torch.Tensor:
     """Coordinates + concat + region unfold + patch embedding + bias + position table.
 
     x (B, C, H, W) the network input; prev (B, C, H, W) the previous brick's output or None;
-    weight (D, Cin, p, p) with Cin = C + 2 (prev None) or 2C + 2; bias (D,); pos_embed (1, T, D).
+    weight (D, Cin, p, p) with Cin = C + 2 (prev None) or 2C + 2; bias (D,); pos_embed (1, T, D);
+    coords (B, 2, H, W) external coordinate channels (rows first; see `brick_input`) or None.
     Returns tokens (B * L, T, D), L = (H / r) * (W / r), T = (r / p) ** 2.
     """
-    z = brick_input(x, prev)
+    z = brick_input(x, prev, coords)
     tokens = patch_embed(unfold_regions(z, region), weight, bias)
     return tokens + pos_embed.to(tokens.dtype)
 
@@ -321,10 +329,10 @@ def window_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_hea
 
 
 def patches(x: torch.Tensor, prev: Optional[torch.Tensor], patch: int, region: int,
-            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+            dtype: Optional[torch.dtype] = None, coords: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The brick input's patches as the (M, Cin * p * p) matrix that brick_embed multiplies by its
     (D, Cin * p * p) weight: rows (region, token) as brick_embed's tokens, columns (channel, row, col)."""
-    z = brick_input(x if dtype is None else x.to(dtype), prev)
+    z = brick_input(x if dtype is None else x.to(dtype), prev, coords)
     r = unfold_regions(z, region)
     Nr, C, _, _ = r.shape
     g = region // patch

@@ -6,7 +6,11 @@ With `intermediate=True` (the release's choice) every brick's output is a denois
 (`train_intermediate_stages`) and the loss is the average over bricks; that is what makes
 stopping early at sampling time (brick skipping) give sensible images. `process="beta"`
 (`fastlego train --process beta`) trains with beta diffusion's KLUB instead (`fastlego.beta`),
-in the same loop: checkpoints, resume, DDP and CUDA graphs alike.
+in the same loop: checkpoints, resume, DDP and CUDA graphs alike. `patch_diffusion=True`
+(`fastlego train --patch-diffusion`) trains on random crops of res/4, res/2 or res that carry
+their pixels' coordinates in the full image, with a batch 4x / 2x / 1x as large, running only the
+bricks whose regions tile the crop (`fastlego.patch_diffusion` says which, and how images are
+counted); sampling is unchanged.
 
 Reproducibility: every random draw of a step (sigmas, noise, label dropout) comes from one
 generator that all ranks advance identically over the whole global batch, each rank keeping its
@@ -20,6 +24,7 @@ This module holds the settings (`TrainConfig`), the result (`TrainResult`) and t
     fastlego.networks             the network to train, as a plain dict (network_spec, build_network)
     fastlego.loss                 EDM's loss (EDMLoss)
     fastlego.beta                 beta diffusion: its loss (BetaLoss), network wrapper and sampler
+    fastlego.patch_diffusion      Patch Diffusion: crop sizes, crops and their coordinates, bricks per crop size
     fastlego.train_step           one step, eager or replayed as a CUDA graph (TrainStep, adamw)
     fastlego.ema                  the EMA of the weights (ema_beta, update_ema)
     fastlego.training_checkpoint  checkpoint.pt: atomic writes, loading, RNG states
@@ -55,6 +60,8 @@ from .ema import ema_beta, update_ema
 from .beta import BetaLoss, data_mean as beta_data_mean
 from .loss import EDMLoss
 from .networks import DEMO_BRICKS, build_network, network_spec, parse_bricks
+from .patch_diffusion import (PatchSchedule, batches_consumed, check_patch_training, crop_coordinates, crop_images,
+                              describe_bricks_per_crop_size, draw_offsets, step_indices)
 from .presets import get_preset
 from .progress import ProgressBar
 from .run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RunPlan, plan_run, start_metrics
@@ -119,6 +126,10 @@ class TrainConfig:
     deterministic: bool = False          # bitwise-reproducible gradients (fastlego.set_deterministic)
     cuda_graph: Optional[bool] = None    # replay the whole step as a CUDA graph (None: on for one CUDA process)
     process: str = "edm"                 # "edm", or "beta": beta diffusion's KLUB (fastlego.beta)
+    patch_diffusion: bool = False        # train on random crops with global coordinates (fastlego.patch_diffusion;
+                                         # its images load in the training process: `workers` is not used)
+    real_p: float = 0.5                  # with patch_diffusion: probability of a full-size step
+    progressive: bool = False            # with patch_diffusion: res/4, then res/2, then full images by progress
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -151,6 +162,14 @@ class TrainConfig:
         need(self.preset is None or self.bricks is None, "give either preset or bricks, not both")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.process in ("edm", "beta"), f"process must be 'edm' or 'beta' (beta diffusion), got {self.process!r}")
+        need(isinstance(self.real_p, (int, float)) and not isinstance(self.real_p, bool) and 0 <= self.real_p <= 1,
+             f"real_p is the probability of a full-size image and must lie in [0, 1], got {self.real_p!r}")
+        need(self.patch_diffusion or (not self.progressive and self.real_p == 0.5),
+             "real_p and progressive set how patch diffusion draws its crops: they need patch_diffusion=True "
+             "(--patch-diffusion)")
+        need(not (self.patch_diffusion and self.process != "edm"),
+             f"patch_diffusion trains with EDM's loss on the crops; process={self.process!r} is not supported with "
+             f"it: drop --patch-diffusion or use --process edm")
         if self.preset is not None:
             get_preset(self.preset)
         if self.bricks is not None:
@@ -271,6 +290,14 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
         if trained != cfg.process:
             raise ValueError(f"cannot resume {resume_path}: it trains with process={trained!r} but this run has "
                              f"process={cfg.process!r}; pass --process {trained} to continue it")
+        patch_then = {k: old.get(k, d) for k, d in (("patch_diffusion", False), ("real_p", 0.5), ("progressive", False))}
+        patch_now = {k: getattr(cfg, k) for k in patch_then}
+        if patch_then != patch_now:
+            flags = (f"--patch-diffusion --real-p {patch_then['real_p']}" + (" --progressive" if patch_then["progressive"]
+                                                                            else "")) \
+                if patch_then["patch_diffusion"] else "no --patch-diffusion"
+            raise ValueError(f"cannot resume {resume_path}: it was trained with {patch_then} but this run has "
+                             f"{patch_now}; pass {flags} to continue it exactly")
 
     # Data.
     dataset = ImageDataset(cfg.data, resolution=cfg.resolution, use_labels=cfg.use_labels, max_images=cfg.max_images)
@@ -288,6 +315,15 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
             {"process": "beta", "beta": {"data_mean": beta_data_mean(dataset)}}
         spec = network_spec(dataset.resolution, dataset.channels, dataset.label_dim, preset=cfg.preset, bricks=bricks,
                             intermediate=cfg.intermediate, class_dropout_prob=cfg.class_dropout, **process)
+    # Patch Diffusion: which crop size each step trains and which bricks run on it (refused here,
+    # before any work, when a crop size could train no brick).
+    regions = list(get_preset(spec["preset"]).regions) if spec.get("preset") else list(spec["bricks"]["img_resolution"])
+    patch = PatchSchedule(dataset.resolution, cfg.real_p, cfg.progressive, cfg.seed) if cfg.patch_diffusion else None
+    crop_bricks = check_patch_training(regions, dataset.resolution, cfg.real_p, cfg.progressive,
+                                       spec["train_intermediate_stages"]) if patch else {}
+    # crop size -> the last brick a step of that size runs (sizes that run every brick are absent)
+    stage_of = {size: run[-1] for size, run in crop_bricks.items() if len(run) < len(regions)}
+    patch_gen = patch.generator() if patch else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_network(spec).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -303,6 +339,8 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
         opt.load_state_dict(ckpt["optimizer"])
         step, nimg = int(ckpt["step"]), int(ckpt["nimg"])
         gen.set_state(ckpt["rng"]["train_generator"].to("cpu"))
+        if patch_gen is not None and "patch_generator" in ckpt["rng"]:
+            patch_gen.set_state(ckpt["rng"]["patch_generator"].to("cpu"))
         per_rank = ckpt["rng"]["per_rank"]
         set_global_rng_state(per_rank[dctx.rank] if len(per_rank) == dctx.world else per_rank[0])
         del ckpt
@@ -313,7 +351,9 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
 
     model = net
     if dctx.world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # a crop that runs a prefix of the bricks leaves the others without gradients that step
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=bool(stage_of))
     graphed = _use_cuda_graph(cfg.cuda_graph, device, dctx.world)
     make_capturable(opt, graphed, device)
 
@@ -339,6 +379,11 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
         print(f"fastlego train: {dataset.describe()}; network {net.model_type} ({n_params / 1e6:.2f}M parameters), "
               f"{dctx.world} process(es) on {device}, batch {cfg.batch_size}, "
               f"{_describe_target(step, cfg.steps, cfg.max_seconds)}", file=sys.stderr)
+        if patch is not None:
+            how = "progressive schedule" if cfg.progressive else f"real_p {cfg.real_p}"
+            graphs = "; CUDA graphs: one per crop size" if graphed else ""
+            print(f"patch diffusion ({how}): {describe_bricks_per_crop_size(regions, R, cfg.real_p, cfg.progressive)}"
+                  f"{graphs}", file=sys.stderr)
 
     def save(at_step: int, at_nimg: int) -> None:
         states = [None] * dctx.world
@@ -353,16 +398,32 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
                 "network": spec, "model": net.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "step": at_step, "nimg": at_nimg,
                 "config": dataclasses.asdict(cfg), "world_size": dctx.world,
-                "rng": {"train_generator": gen.get_state(), "per_rank": states},
+                "rng": {"train_generator": gen.get_state(), "per_rank": states,
+                        **({"patch_generator": patch_gen.get_state()} if patch_gen is not None else {})},
                 "data": {"num_images": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
-                         "next_position": at_step * cfg.batch_size, "xflip": cfg.xflip},
+                         "next_position": at_nimg if patch is not None else at_step * cfg.batch_size,
+                         "xflip": cfg.xflip},
             }, ckpt_path)
         if dctx.world > 1:
             dist.barrier()
 
-    def body(y, sigma, noise, labels, drop_ids):
-        """Forward, loss, backward, gradient guard and clip, optimizer step -> [loss, brick losses...]."""
+    loss_columns = len(regions) if spec["train_intermediate_stages"] else 1
+
+    def net_kwargs(y, drop_ids, coords) -> dict:
+        """The network's keyword arguments for a step on images y: label dropout, and for a crop its
+        coordinates and the last brick that tiles it (`return_stage_idx`)."""
         kwargs = {} if drop_ids is None else {"force_drop_ids": drop_ids}
+        if coords is not None:
+            kwargs["coords"] = coords
+        stage = stage_of.get(y.shape[-1])
+        if stage is not None:
+            kwargs["return_stage_idx"] = stage
+        return kwargs
+
+    def body(y, sigma, noise, labels, drop_ids, coords):
+        """Forward, loss, backward, gradient guard and clip, optimizer step -> [loss, brick losses...]
+        (NaN for the bricks a crop did not run)."""
+        kwargs = net_kwargs(y, drop_ids, coords)
         with _autocast(cfg.precision, device, cache=not graphed):
             loss, per_brick = loss_fn(model, y, sigma, noise, labels, **kwargs)
         loss.backward()
@@ -372,58 +433,103 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if patch is not None and len(per_brick) < loss_columns:
+            per_brick = per_brick + [torch.full_like(loss.detach(), float("nan"))] * (loss_columns - len(per_brick))
         return torch.stack([loss.detach()] + per_brick)
 
-    train_step = TrainStep(body, opt, cuda_graph=graphed)
+    # One step object per image size: plain training has one; patch training one per crop size,
+    # so that each replays its own CUDA graph (the shapes differ between crop sizes).
+    train_steps = {}
+    tuned = set()                              # image sizes `tune` has seen (CUDA)
     pending: List[torch.Tensor] = []           # per-step [loss, brick losses...] on the device
     history: List[float] = []
     last_loss = float("nan")                   # mean loss of the last logged window
     t_start = time.perf_counter()
     t_log, n_log = t_start, 0
-    steps_run = 0
+    steps_run = images_run = 0
+    elapsed_s = 0.0                            # training time after the last step (rank 0's clock)
+    crop_counts = {}                           # crop size -> steps in the current log window
     last_saved = step
-    for step, images_u8, labels, flips in step_batches(dataset, order, step, total_steps, dctx.rank, dctx.world, cfg.workers):
-        # Random draws for the whole global batch; this rank keeps its slice.
-        B = cfg.batch_size
+
+    def progress(s: int) -> float:
+        """How far training is at step s (0..1), for the progressive schedule: step / steps, and
+        with a time budget the time spent / max_seconds (the larger of the two)."""
+        frac = s / cfg.steps if cfg.steps else 0.0
+        return max(frac, elapsed_s / cfg.max_seconds) if cfg.max_seconds else frac
+
+    def patch_batches(start_step: int, start_nimg: int):
+        """(step, images, labels, flips, crop size) of this rank: each step draws its crop size,
+        then takes that many batches (multiplier) of the data order, in order."""
+        first = batches_consumed(start_nimg, cfg.batch_size)
+        for s in range(start_step, total_steps):
+            size = patch.draw(patch_gen, progress(s))
+            m = patch.multiplier(size)
+            idx, flips = step_indices(order, first, m, dctx.rank, dctx.world)
+            first += m
+            images, labels = dataset.batch(idx.tolist())
+            yield s, images, labels, flips, size
+
+    batches = ((s, im, lb, fl, R) for s, im, lb, fl in
+               step_batches(dataset, order, step, total_steps, dctx.rank, dctx.world, cfg.workers)) \
+        if patch is None else patch_batches(step, nimg)
+    for step, images_u8, labels, flips, size in batches:
+        # Random draws for the whole global batch (batch_size x the crop's multiplier images);
+        # this rank keeps its slice: offsets (crops only), then sigmas, noise and label dropout.
+        m = 1 if patch is None else patch.multiplier(size)
+        B = cfg.batch_size * m
+        glo, ghi = lo * m, hi * m
+        offsets = None
         if beta:  # times, and one seed per image for its forward draw (the same draws at any world size)
             uniform = torch.rand(B, generator=gen, device=device)
             image_seeds = torch.randint(2 ** 62, (B,), generator=gen, device=device)
         else:
+            if size < R:
+                offsets = draw_offsets(B, size, R, gen, device)
             normal = torch.randn(B, generator=gen, device=device)
-            noise = torch.randn(B, C, R, R, generator=gen, device=device)
+            noise = torch.randn(B, C, size, size, generator=gen, device=device)
         drop = torch.rand(B, generator=gen, device=device) < cfg.class_dropout
         y = images_to_float(images_u8.to(device, non_blocking=True), flips)
+        coords = None
+        if offsets is not None:   # each image's crop, and its pixels' coordinates in the full image
+            y = crop_images(y, offsets[glo:ghi], size)
+            coords = crop_coordinates(offsets[glo:ghi], size, R, device)
         if beta:
             sigma = loss_fn.time(uniform[lo:hi])   # t; the "noise" is the forward sample, logit z_t
             noise = torch.zeros(B, C, R, R, device=device)
             noise[lo:hi] = loss_fn.forward(y, sigma, [torch.Generator(device).manual_seed(int(s))
                                                       for s in image_seeds[lo:hi].tolist()])
         else:
-            sigma = loss_fn.sigma(normal[lo:hi])
+            sigma = loss_fn.sigma(normal[glo:ghi])
         labels = labels.to(device, non_blocking=True) if label_dim else None
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         set_lr(opt, lr)
-        drop_ids = drop[lo:hi].long().reshape(-1, 1) if label_dim else None
-        if steps_run == 0 and device.type == "cuda":
-            # Choose each matmul's path (fused Triton GEMM or cuBLAS) once, before the first step
-            # and any CUDA-graph capture: a collective under DDP, so every rank runs rank 0's choices.
+        drop_ids = drop[glo:ghi].long().reshape(-1, 1) if label_dim else None
+        if size not in tuned and device.type == "cuda":
+            # Choose each matmul's path (fused Triton GEMM or cuBLAS) once per image size, before
+            # its first step and any CUDA-graph capture: a collective under DDP (every rank draws the
+            # same crop size, so all call it together), every rank runs rank 0's choices.
             with _autocast(cfg.precision, device, cache=not graphed):
-                tune(loss_fn, net, y, sigma, noise[lo:hi], labels,
-                     **({} if drop_ids is None else {"force_drop_ids": drop_ids}))
-        losses = train_step(y, sigma, noise[lo:hi], labels, drop_ids)
-        nimg += cfg.batch_size
-        update_ema(ema, net, ema_beta(cfg.batch_size, nimg, cfg.ema_halflife_kimg, cfg.ema_rampup))
+                tune(loss_fn, net, y, sigma, noise[glo:ghi], labels, **net_kwargs(y, drop_ids, coords))
+        tuned.add(size)
+        if size not in train_steps:
+            train_steps[size] = TrainStep(body, opt, cuda_graph=graphed)
+        losses = train_steps[size](y, sigma, noise[glo:ghi], labels, drop_ids, coords)
+        nimg += B                 # images drawn: batch_size x the crop's multiplier
+        update_ema(ema, net, ema_beta(B, nimg, cfg.ema_halflife_kimg, cfg.ema_rampup))
         pending.append(losses.clone())
         step += 1
         steps_run += 1
-        n_log += cfg.batch_size
+        n_log += B
+        images_run += B
+        crop_counts[size] = crop_counts.get(size, 0) + 1
 
         stop = False
         if cfg.max_seconds is not None:
             elapsed = torch.tensor([time.perf_counter() - t_start], dtype=torch.float64, device=device)  # NCCL: on the GPU
             if dctx.world > 1:  # every rank must stop at the same step: rank 0's clock decides
                 dist.broadcast(elapsed, 0)
-            stop = elapsed.item() >= cfg.max_seconds
+            elapsed_s = elapsed.item()
+            stop = elapsed_s >= cfg.max_seconds
         last = step >= total_steps or stop
         if step % cfg.log_every == 0 or last:
             rows = torch.stack(pending).float()
@@ -437,14 +543,20 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
             ips = n_log / max(now - t_log, 1e-9)
             t_log, n_log = now, 0
             mean = rows.mean(0)
+            if patch is not None:   # a brick's loss over the steps that ran it (None: no step did)
+                mean[1:] = rows[:, 1:].nanmean(0)
             last_loss = float(mean[0])
             bar.update(len(rows), loss=float(mean[0]), img_s=f"{ips:.1f}")
             if dctx.main:
                 record = {"step": step, "kimg": nimg / 1000, "loss": float(mean[0]),
                           "loss_per_brick": [float(v) for v in mean[1:]], "lr": lr, "images_per_s": ips,
                           "seconds": now - t_start, "world_size": dctx.world}
+                if patch is not None:
+                    record["loss_per_brick"] = [None if math.isnan(v) else v for v in record["loss_per_brick"]]
+                    record["crop_steps"] = {str(k): v for k, v in sorted(crop_counts.items())}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            crop_counts.clear()
         if step % cfg.checkpoint_every == 0 or last:
             save(step, nimg)
             last_saved = step
@@ -454,7 +566,8 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
         save(step, nimg)
     bar.close()
     seconds = time.perf_counter() - t_start
-    ips = steps_run * cfg.batch_size / max(seconds, 1e-9)
+    ips = images_run / max(seconds, 1e-9)
     return TrainResult(outdir=cfg.outdir, checkpoint=ckpt_path, step=step, nimg=nimg, losses=history,
                        seconds=seconds, images_per_second=ips, network=ema if dctx.main else None,
-                       cuda_graph=train_step.captured, steps_run=steps_run, last_loss=last_loss)
+                       cuda_graph=any(ts.captured for ts in train_steps.values()), steps_run=steps_run,
+                       last_loss=last_loss)

@@ -4,9 +4,11 @@ patch-embedding matmul + bias + position table, read straight from the NCHW imag
 Semantics of `fastlego.reference.brick_embed`. The brick input is the channel concatenation
 `z = [prev, x, rows, cols]` (Cin = CP + C + 2 channels, CP = C when `prev` is given, else 0);
 the rows/cols channels are `(i / (H - 1) - 0.5) * 2` and `(j / (W - 1) - 0.5) * 2` in fp32,
-rounded to x's dtype (as `coordinate_channels` does). No copy of z is ever made: the kernel is a
-GEMM  out[m, d] = sum_k A[m, k] * Wt[k, d] + bias[d] + pos[t, d]  whose A operand is gathered by
-pointer arithmetic from x / prev (or computed, for the two coordinate channels):
+rounded to x's dtype (as `coordinate_channels` does), or, when `coords` (B, 2, H, W) is given,
+that tensor's two channels, rounded to x's dtype likewise. No copy of z is ever made: the kernel
+is a GEMM  out[m, d] = sum_k A[m, k] * Wt[k, d] + bias[d] + pos[t, d]  whose A operand is
+gathered by pointer arithmetic from x / prev / coords (or computed, for the two coordinate
+channels when coords is None):
 
   token row m of M = B * L * T:  region n = m // T, token t = m % T,
                                  image b = n // L, region (rh, rw) = divmod(n % L, W / r),
@@ -33,6 +35,19 @@ bytes = read x (+ prev) once + write M * D outputs:
 Patch-2 bricks (~20 FLOP/byte) are bound by writing the tokens (M * D * 2 bytes, 94% of all
 bytes); patch-8 bricks reach ~250 FLOP/byte, near the bf16 tensor-core ridge, but move only
 8-26 MB. So tiles are chosen for store bandwidth without spills, not for MMA shape.
+
+External coordinates (Patch Diffusion training on crops, `fastlego.patch_diffusion`): a crop's
+pixels carry their positions in the full image, which its own size cannot give. The kernel
+takes them as an optional `coords` pointer, gathered exactly like `prev` (a third source image
+of 2 channels, any strides), rather than as per-image crop offsets plus the full resolution
+computed in-kernel. Offsets would save the reads, but serve only axis-aligned crops of one grid;
+a pointer serves any coordinates (crops of every size, tiles, other grids) with one code path
+whose values are the reference's by construction (the same loads and casts). The reads are
+cheap: 2 channels per pixel (8 bytes in fp32) against the tokens written, D * 2 bytes per
+patch in bf16: for a patch-2 brick of width 384, 32 bytes read per 768 written (+4% bytes);
+patch-8 bricks write fewer bytes but are a small share of the step. Without `coords` the grid
+is computed as before (no reads). Coordinates carry no gradient: the input-gradient kernel
+below is unchanged (it writes the image channels only).
 """
 
 from __future__ import annotations
@@ -71,15 +86,16 @@ def _patch_origin(offs_m, L, REGIONS_PER_ROW, REGION: tl.constexpr, PATCH: tl.co
 
 @triton.jit
 def _brick_embed_kernel(
-    x_ptr, prev_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    x_ptr, prev_ptr, coords_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     M, D, K, L, REGIONS_PER_ROW, H, W, C, CP,   # CP: channels taken from prev (0 or C)
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_pb, stride_pc, stride_ph, stride_pw,
+    stride_cb, stride_cc, stride_ch, stride_cw,  # coords (B, 2, H, W), read when HAS_COORDS
     stride_wd, stride_wk,                       # weight seen as (D, K)
     stride_pos_t, stride_pos_d,                 # pos_embed seen as (T, D)
     stride_on, stride_ot, stride_od,            # out (B * L, T, D)
     REGION: tl.constexpr, PATCH: tl.constexpr, HAS_PREV: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_COORDS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     PP: tl.constexpr = PATCH * PATCH
@@ -97,6 +113,7 @@ def _brick_embed_kernel(
     # the gather is one add per element.
     x_row = img * stride_xb + y0 * stride_xh + x0 * stride_xw
     p_row = img * stride_pb + y0 * stride_ph + x0 * stride_pw
+    c_row = img * stride_cb + y0 * stride_ch + x0 * stride_cw
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
@@ -130,17 +147,27 @@ def _brick_embed_kernel(
                          other=0.0)
             a = tl.where(in_prev[None, :], pv.to(x_dtype).to(compute_dtype), a)
         if k0 + BLOCK_K > first_coord_k:
-            # This chunk holds (part of) the two coordinate channels. Column (rows, kr, kc) of
-            # token m holds rows(y0[m] + kr), column (cols, kr, kc) holds cols(x0[m] + kc): p
-            # per-row values each, computed as 1-D vectors (fp32 -> x dtype -> compute dtype)
-            # and placed with selects, so no 2-D division or index tile stays live.
-            is_rows = ch == CP + C
-            is_cols = ch == CP + C + 1
-            for i in tl.static_range(PATCH):
-                rows = ((tl.math.div_rn((y0 + i).to(tl.float32), h_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
-                cols = ((tl.math.div_rn((x0 + i).to(tl.float32), w_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
-                a = tl.where((is_rows & (kr == i))[None, :], rows[:, None], a)
-                a = tl.where((is_cols & (kc == i))[None, :], cols[:, None], a)
+            if HAS_COORDS:
+                # External coordinates: channel ch - (CP + C) of coords, gathered like prev and
+                # cast the same way (coords dtype -> x dtype -> compute dtype). Columns past K
+                # are masked out (their channel index is clamped so no address leaves coords).
+                in_coord = (ch >= CP + C) & k_ok
+                c_col = tl.minimum(tl.maximum(ch - CP - C, 0), 1) * stride_cc + kr * stride_ch + kc * stride_cw
+                cv = tl.load(coords_ptr + c_row[:, None] + c_col[None, :], mask=row_ok[:, None] & in_coord[None, :],
+                             other=0.0)
+                a = tl.where(in_coord[None, :], cv.to(x_dtype).to(compute_dtype), a)
+            else:
+                # This chunk holds (part of) the two coordinate channels. Column (rows, kr, kc) of
+                # token m holds rows(y0[m] + kr), column (cols, kr, kc) holds cols(x0[m] + kc): p
+                # per-row values each, computed as 1-D vectors (fp32 -> x dtype -> compute dtype)
+                # and placed with selects, so no 2-D division or index tile stays live.
+                is_rows = ch == CP + C
+                is_cols = ch == CP + C + 1
+                for i in tl.static_range(PATCH):
+                    rows = ((tl.math.div_rn((y0 + i).to(tl.float32), h_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
+                    cols = ((tl.math.div_rn((x0 + i).to(tl.float32), w_last) - 0.5) * 2.0).to(x_dtype).to(compute_dtype)
+                    a = tl.where((is_rows & (kr == i))[None, :], rows[:, None], a)
+                    a = tl.where((is_cols & (kc == i))[None, :], cols[:, None], a)
 
         # Wt[k, d] = weight[d, k]; columns past K are zero, so padded A columns add nothing.
         w_off = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wd
@@ -208,7 +235,7 @@ def _brick_embed_input_grad_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
+def _shape_problems(x, prev, weight, bias, pos_embed, region, coords=None) -> List[str]:
     """What is wrong with the shapes (empty: they are what `reference.brick_embed` takes)."""
     tensors = {"x": x, "weight": weight, "pos_embed": pos_embed}
     bad = [f"{name} is {type(t).__name__}" for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
@@ -221,6 +248,11 @@ def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
     if prev is not None and (not isinstance(prev, torch.Tensor) or tuple(prev.shape) != (B, C, H, W)):
         problems.append(f"prev must be None or the previous brick's output of x's shape ({B}, {C}, {H}, {W}), "
                         f"got {tuple(prev.shape) if isinstance(prev, torch.Tensor) else type(prev).__name__}")
+    if coords is not None and (not isinstance(coords, torch.Tensor) or tuple(coords.shape) != (B, 2, H, W)
+                               or not torch.is_floating_point(coords)):
+        got = f"{coords.dtype} {tuple(coords.shape)}" if isinstance(coords, torch.Tensor) else type(coords).__name__
+        problems.append(f"coords must be None or float coordinate channels (B, 2, H, W) = ({B}, 2, {H}, {W}) "
+                        f"(row position first, column second), got {got}")
     cin = (2 * C if prev is not None else C) + 2
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
         return problems + [f"weight must be the patch conv's (D, Cin, p, p), got shape {tuple(weight.shape)}"]
@@ -233,8 +265,9 @@ def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
         return problems
     if H % region or W % region:
         problems.append(f"x is {H}x{W}: H and W must be multiples of the region size {region}")
-    if H < 2 or W < 2:
-        problems.append(f"x is {H}x{W}: the coordinate channels divide by H - 1 and W - 1, so H, W >= 2")
+    if coords is None and (H < 2 or W < 2):
+        problems.append(f"x is {H}x{W}: the coordinate channels divide by H - 1 and W - 1, so H, W >= 2 "
+                        f"(or pass coords)")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (D,)):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         problems.append(f"bias must be None or ({D},), got {got}")
@@ -245,15 +278,16 @@ def _shape_problems(x, prev, weight, bias, pos_embed, region) -> List[str]:
     return problems
 
 
-def brick_embed_not_supported_reasons(x, prev, weight, bias, pos_embed, region) -> List[str]:
-    """Why the Triton brick_embed kernel cannot take this call (empty list: it can)."""
-    problems = _shape_problems(x, prev, weight, bias, pos_embed, region)
+def brick_embed_not_supported_reasons(x, prev, weight, bias, pos_embed, region, coords=None) -> List[str]:
+    """Why the Triton brick_embed kernel cannot take this call (empty list: it can). Crops with
+    external `coords` of every size are taken: a crop never falls back to the reference."""
+    problems = _shape_problems(x, prev, weight, bias, pos_embed, region, coords)
     if problems and (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
                      or not isinstance(pos_embed, torch.Tensor)):
         return problems
     # Mixed dtypes are fine: like the reference, every operand is cast to the compute dtype (x's,
     # or autocast's) as it is loaded.
-    return triton_reasons([x, prev, weight, bias, pos_embed], mixed_dtypes_ok=True) + problems
+    return triton_reasons([x, prev, weight, bias, pos_embed, coords], mixed_dtypes_ok=True) + problems
 
 
 def _config(K: int, D: int, patch: int):
@@ -277,13 +311,16 @@ def _config(K: int, D: int, patch: int):
 
 
 def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-                pos_embed: torch.Tensor, region: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos_embed: torch.Tensor, region: int, coords: Optional[torch.Tensor] = None, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[prev, x, rows, cols] -> regions -> patch tokens (B * L, T, D) + bias + pos_embed.
 
-    Same result as `fastlego.reference.brick_embed`. `out`, if given, must be (B * L, T, D) of the
-    compute dtype (the autocast dtype under autocast, else x's) on x's device; it is returned."""
-    inputs = [x, prev, weight, bias, pos_embed]
-    raise_if(_shape_problems(x, prev, weight, bias, pos_embed, region), "brick_embed")
+    Same result as `fastlego.reference.brick_embed`. `coords` (B, 2, H, W), if given, are the
+    rows/cols channels (a crop's slice of the full image's grid), read instead of computed.
+    `out`, if given, must be (B * L, T, D) of the compute dtype (the autocast dtype under
+    autocast, else x's) on x's device; it is returned."""
+    inputs = [x, prev, weight, bias, pos_embed, coords]
+    raise_if(_shape_problems(x, prev, weight, bias, pos_embed, region, coords), "brick_embed")
     raise_if(launch_problems(inputs, mixed_dtypes_ok=True), "brick_embed")
     dtype = compute_dtype(x)
     B, C, H, W = x.shape
@@ -305,18 +342,19 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
     w2 = weight.reshape(D, K)                    # (channel, row, col) flattening = K order above
     pos2 = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     prev_t = prev if prev is not None else x     # never read when HAS_PREV is False
+    coords_t = coords if coords is not None else x  # never read when HAS_COORDS is False
     bias_t = bias if bias is not None else w2
     precision = dot_precision(dtype)
     block_m, block_n, block_k, num_warps, num_stages = _config(K, D, p)
     args = (
-        x, prev_t, w2, bias_t, pos2, out,
+        x, prev_t, coords_t, w2, bias_t, pos2, out,
         M, D, K, L, W // region, H, W, C, C if prev is not None else 0,
-        *x.stride(), *prev_t.stride(), *w2.stride(), *pos2.stride(), *out.stride(),
+        *x.stride(), *prev_t.stride(), *coords_t.stride(), *w2.stride(), *pos2.stride(), *out.stride(),
     )
     grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_n))
     _brick_embed_kernel[grid](
         *args, REGION=region, PATCH=p, HAS_PREV=prev is not None, HAS_BIAS=bias is not None,
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_COORDS=coords is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)
     return out
 

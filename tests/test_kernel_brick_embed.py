@@ -359,3 +359,146 @@ def test_brick_embed_input_grad_refuses_bad_calls():
     e = embed_inputs()
     with pytest.raises(ValueError, match="input channels"):
         brick_embed_input_grad(torch.zeros(16, 4, 32), e["weight"], (2, 3, 8, 16), False, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# External coordinates (Patch Diffusion crops): `coords` read instead of the grid of x's size
+# ------------------------------------------------------------------------------------------------
+
+def crop_coords(B, size, resolution, seed, device=DEVICE, aligned=1):
+    """(B, 2, size, size) fp32 coordinates of crops at random per-image offsets (multiples of
+    `aligned`) of a resolution x resolution image, as Patch Diffusion training makes them."""
+    from fastlego.patch_diffusion import crop_coordinates
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randint((resolution - size) // aligned + 1, (B, 2), generator=g) * aligned
+    return crop_coordinates(offsets, size, resolution).to(device), offsets
+
+
+CROP_CASES = [
+    # B, C, size, resolution, region, patch, D, prev
+    (3, 3, 8, 32, 4, 2, 32, False),     # brick 0 on a res/4 crop
+    (2, 3, 16, 32, 4, 2, 48, True),     # brick 0 on a res/2 crop, previous output given
+    (2, 4, 16, 32, 16, 8, 40, True),    # a patch-8 brick whose region is the crop (K = 640)
+    (1, 3, 8, 16, 8, 4, 32, False),     # one region per image
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,C,size,res,region,patch,D,with_prev", CROP_CASES)
+def test_crop_with_coords_matches_reference(B, C, size, res, region, patch, D, with_prev, dtype, tf32):
+    """A crop with its slice of the full grid as `coords`: the kernel (NaN-filled out=) against the
+    float64 reference with the same coords; every weight random and non-zero."""
+    x, prev, weight, bias, pos = make_inputs(B, C, size, size, region, patch, D, with_prev, dtype, seed=size + D)
+    coords, _ = crop_coords(B, size, res, seed=B + size)
+    out = nan_out(B, size, size, region, patch, D, dtype)
+    got = brick_embed(x, prev, weight, bias, pos, region, coords, out=out)
+    assert got is out
+    args = (x, prev, weight, bias, pos)
+    ref64 = reference.brick_embed(*map(f64, args), region, coords.double())
+    same = reference.brick_embed(*args, region, coords)
+    assert not torch.equal(same, reference.brick_embed(*args, region)), "the crop's coordinates must matter"
+    assert_close_to_reference(got, ref64, same, atol=ATOL[dtype], what=f"crop {size} of {res} r{region} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_prev", [False, True])
+def test_coords_equal_to_the_built_grid_are_bit_identical(with_prev, dtype, tf32):
+    """At full size, coords equal to `coordinate_channels` (fp32, as training passes them) give
+    the tokens of the kernel's own grid bit for bit, and so does the reference."""
+    B, C, H, W, r, p = 2, 3, 8, 16, 4, 2
+    args = make_inputs(B, C, H, W, r, p, 32, with_prev, dtype, seed=11)
+    grid = reference.coordinate_channels(B, H, W, torch.float32, DEVICE)
+    built = brick_embed(*args, r, out=nan_out(B, H, W, r, p, 32, dtype))
+    given = brick_embed(*args, r, grid, out=nan_out(B, H, W, r, p, 32, dtype))
+    given_x_dtype = brick_embed(*args, r, grid.to(dtype).contiguous(), out=nan_out(B, H, W, r, p, 32, dtype))
+    assert torch.equal(built, given) and torch.equal(built, given_x_dtype)
+    assert torch.equal(reference.brick_embed(*args, r), reference.brick_embed(*args, r, grid))
+
+
+def test_identity_weights_gather_the_coords_exactly(tf32):
+    """Identity patch weights: each token holds its patch of [x, coords] exactly (strided coords:
+    a channels-last view), plus bias and pos rounded once."""
+    B, C, size, res, r, p = 2, 3, 8, 32, 4, 2
+    x, _, _, _, _ = make_inputs(B, C, size, size, r, p, 16, False, torch.float32)
+    coords, _ = crop_coords(B, size, res, seed=4)
+    coords = coords.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)   # NHWC memory, NCHW view
+    cin = C + 2
+    K, T = cin * p * p, (r // p) ** 2
+    weight = torch.eye(K, device=DEVICE).reshape(K, cin, p, p)
+    bias = torch.zeros(K, device=DEVICE)
+    pos = torch.zeros(1, T, K, device=DEVICE)
+    got = brick_embed(x, None, weight, bias, pos, r, coords, out=nan_out(B, size, size, r, p, K, torch.float32))
+    regions = reference.unfold_regions(torch.cat([x, coords], 1), r)
+    g_ = r // p
+    expected = regions.reshape(-1, cin, g_, p, g_, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, T, K)
+    assert torch.equal(got, expected)
+
+
+def test_crops_take_the_triton_path_not_the_reference(tf32):
+    """The dispatcher never sends a crop to the reference: the kernel reports no reason against a
+    crop with coords (of every crop size), and a forced-Triton call runs it (interpreter)."""
+    for size, region, patch in ((8, 4, 2), (16, 4, 2), (16, 16, 8), (32, 4, 2)):
+        args = make_inputs(2, 3, size, size, region, patch, 32, True, seed=size)
+        coords, _ = crop_coords(2, size, 32, seed=size)
+        with torch.no_grad():
+            reasons, _ = _reasons_for(x=args[0], prev=args[1], weight=args[2], bias=args[3], pos_embed=args[4],
+                                      region=region, coords=coords)
+        assert reasons == [], (size, reasons)
+    with torch.no_grad(), fastlego.use_backend("triton"), dispatch.record() as rec:
+        via_ops = fastlego.ops.brick_embed(*args, region, coords)
+    assert [d.chosen for d in rec] == ["triton"]
+    assert torch.equal(via_ops, brick_embed(*args, region, coords))
+
+
+@pytest.mark.parametrize("bad,expect", [
+    (lambda c: c[:, :1], "coords must be None or float coordinate channels (B, 2, H, W) = (2, 2, 8, 8)"),
+    (lambda c: c[:1], "coords must be None or float coordinate channels"),
+    (lambda c: c.long(), "coords must be None or float coordinate channels"),
+])
+def test_bad_coords_are_refused(bad, expect):
+    args = make_inputs(2, 3, 8, 8, 4, 2, 32, True)
+    coords = bad(crop_coords(2, 8, 32, seed=1)[0])
+    with torch.no_grad():
+        reasons, kw = _reasons_for(coords=coords)
+    assert any(expect in r for r in reasons), reasons
+    with pytest.raises(ValueError, match="brick_embed: coords must be"):
+        brick_embed(*args, 4, coords)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,C,size,res,region,patch,D,with_prev", [
+    (64, 3, 16, 64, 4, 2, 384, False),    # lego_S_PG_64 brick 0 on res/4 crops
+    (32, 3, 32, 64, 16, 8, 384, True),    # brick 1 on res/2 crops
+    (16, 4, 8, 32, 4, 2, 1152, True),     # XL width, res/4 crop of 32x32 latents
+    (5, 3, 16, 32, 16, 2, 1024, True),    # the crop is one region, odd batch
+])
+def test_crop_with_coords_matches_reference_cuda(B, C, size, res, region, patch, D, with_prev, dtype, tf32):
+    x, prev, weight, bias, pos = make_inputs(B, C, size, size, region, patch, D, with_prev, dtype, "cuda", seed=D)
+    coords, _ = crop_coords(B, size, res, seed=B, device="cuda")
+    got = brick_embed(x, prev, weight, bias, pos, region, coords, out=nan_out(B, size, size, region, patch, D, dtype,
+                                                                               "cuda"))
+    args = (x, prev, weight, bias, pos)
+    ref64 = reference.brick_embed(*map(f64, args), region, coords.double())
+    same = reference.brick_embed(*args, region, coords)
+    assert_close_to_reference(got, ref64, same, atol=ATOL[dtype], what=f"crop {size} of {res} D{D} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_crop_autocast_auto_picks_triton_cuda(amp_dtype, tf32):
+    """Under autocast (how training runs), `auto` takes the Triton kernel for a crop with fp32
+    coords, and its tokens match the reference's; full-size coords equal to the grid are bit-exact."""
+    x, prev, weight, bias, pos = make_inputs(8, 3, 16, 16, 4, 2, 384, True, torch.float32, "cuda")
+    prev = prev.to(amp_dtype)
+    coords, _ = crop_coords(8, 16, 64, seed=2, device="cuda")
+    args = (x, prev, weight, bias, pos)
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype):
+        same = reference.brick_embed(*args, 4, coords)
+        with fastlego.use_backend("auto"), dispatch.record() as rec:
+            got = fastlego.ops.brick_embed(*args, 4, coords)
+        grid = reference.coordinate_channels(8, 16, 16, torch.float32, "cuda")
+        assert torch.equal(brick_embed(*args, 4, grid), brick_embed(*args, 4))
+    assert rec[0].chosen == "triton", rec[0].refused
+    ref64 = reference.brick_embed(*map(f64, args), 4, coords.double())
+    assert_close_to_reference(got, ref64, same, atol=ATOL[amp_dtype], what=f"crop autocast {amp_dtype}")
