@@ -243,8 +243,10 @@ def _autocast_as(device_type: str, state: tuple):
 
 def measure(request: Request, timer: Callable[[Callable], float] = time_ms) -> Optional[Choice]:
     """Time both paths of one noted call (the fused GEMM once per tile config that fits) and
-    return the fastest as a Choice; None if no candidate ran. A candidate that fails (a config
-    out of shared memory, out of memory) is skipped with its error in the warning."""
+    return the fastest as a Choice; None if no candidate ran. A candidate that fails is skipped:
+    a tile config that Triton refuses for want of shared memory (OutOfResources: the prune's
+    estimate does not count every kernel's epilogue and prologue buffers) quietly when another
+    candidate ran, any other failure (out of memory, a compile error) with its error in a warning."""
     gemm = _OPS[request.op]
     args = tuple(_rebuild(a, torch.Generator().manual_seed(0)) for a in request.args)
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
@@ -265,6 +267,8 @@ def measure(request: Request, timer: Callable[[Callable], float] = time_ms) -> O
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
     finite = {k: v for k, v in ms.items() if math.isfinite(v)}
+    if finite:   # a config too large for this GPU's shared memory is a pruned candidate, not news
+        errors = {k: e for k, e in errors.items() if not e.startswith("OutOfResources:")}
     if errors:
         warnings.warn(f"fastlego.tune: {request.op} candidate(s) failed and were skipped: {errors}", RuntimeWarning)
     if not finite:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -225,6 +226,32 @@ def test_a_failing_candidate_is_skipped(tmp_path):
     with pytest.warns(RuntimeWarning, match="shared memory"):
         result = fastlego.tune(toy_model, x, w, cache_file=False, timer=timer)
     assert result.choices[toy_key(x)].path == "cublas"
+
+
+def test_a_config_out_of_shared_memory_is_skipped_quietly(tmp_path):
+    """Triton's OutOfResources for a tile config (the prune's estimate missed some buffer) is a
+    pruned candidate when another candidate ran: no warning; if nothing ran it is still said."""
+    class OutOfResources(Exception):   # what triton.runtime.errors raises, by name
+        pass
+
+    x, w = inputs()
+
+    def timer(fn):
+        fn()
+        if RAN[-1][0] == "fused":
+            raise OutOfResources("out of resource: shared memory, Required: 245760, Hardware limit: 232448")
+        return 2.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fastlego.tune(toy_model, x, w, cache_file=False, timer=timer)
+    assert result.choices[toy_key(x)].path == "cublas"
+
+    def nothing_runs(fn):
+        raise OutOfResources("out of resource: shared memory")
+
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):
+        fastlego.tune(toy_model, x, w, cache_file=False, timer=nothing_runs)
 
 
 # --------------------------------------------------------------------------------------------
