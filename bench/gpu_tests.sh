@@ -9,7 +9,7 @@ unset TRITON_INTERPRET
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 python3 -m fastlego info 2>&1 | tee "$OUT/info.txt"
-KERNEL_TESTS="tests/test_kernel_window_attention.py tests/test_kernel_window_attention_backward.py tests/test_kernel_fused_linear.py tests/test_kernel_brick_embed.py tests/test_kernel_final_layer.py tests/test_attention_backends.py tests/test_model_triton.py"
+KERNEL_TESTS="$(ls tests/test_kernel_*.py) tests/test_attention_backends.py tests/test_model_triton.py"
 python3 -m pytest -q -rfE -p no:cacheprovider --durations=10 -m cuda $KERNEL_TESTS "$@" 2>&1 | tee "$OUT/gpu_kernel_tests.log"
 rc1=${PIPESTATUS[0]}
 python3 -m pytest -q -rfE -p no:cacheprovider -m cuda $(ls tests/test_*.py | grep -v -e test_kernel_ -e test_attention_backends -e test_model_triton) 2>&1 | tee "$OUT/gpu_other_tests.log"
