@@ -52,7 +52,7 @@ from .info import explain  # noqa: E402
 from . import ops, reference, dispatch  # noqa: E402,F401
 
 __all__ = ["LegoBackbone", "EDMPrecond", "PRESETS", "Preset", "get_preset", "use_backend", "set_backend",
-           "BackendNotSupported", "set_deterministic", "deterministic", "tune", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample"]
+           "BackendNotSupported", "set_deterministic", "deterministic", "tune", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample", "quantize"]
 
 
 def __getattr__(name):
@@ -66,4 +66,7 @@ def __getattr__(name):
     if name == "sample":
         from .sampling import sample
         return sample
+    if name == "quantize":
+        from .fp8 import quantize
+        return quantize
     raise AttributeError(f"module 'fastlego' has no attribute {name!r}")
