@@ -41,6 +41,31 @@ def _number(kind, name: str, lo=None, hi=None, lo_open=False):
     return parse
 
 
+def _add_run_options(p, checkpointing: str, step: str) -> None:
+    """The options `train` and `distill` share: resume, where and how the steps run, output."""
+    p.add_argument("--resume", default=None,
+                   help="continue a run: 'auto' continues the run in --outdir (its checkpoint.pt, when there is one), "
+                        "a path continues that checkpoint into an --outdir that holds no other run (default: start afresh)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one, else cpu)")
+    p.add_argument("--backend", default=None, choices=list(dispatch.MODES),
+                   help="kernel backend of every op (default: auto, the fastest that supports each call)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
+                   help=f"recompute activations in backward per brick or per DiT block{checkpointing}: less memory, "
+                        f"more compute (default: off)")
+    p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
+                   help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower) (default: off)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
+                       help=f"replay {step} as one CUDA graph (default: on for one CUDA process)")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                       help="run every step eagerly, e.g. to profile op by op (default: on for one CUDA process)")
+    p.add_argument("--quiet", action="store_true", help="no header line and no progress bar (default: show them)")
+
+
 def _positive_int(name):
     return _number(int, name, lo=1)
 
@@ -343,29 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoint.pt every N steps, and at the end (default: %(default)s)")
     p.add_argument("--log-every", type=_positive_int("--log-every"), default=50,
                    help="append the mean loss of the last N steps to metrics.jsonl every N steps (default: %(default)s)")
-    p.add_argument("--resume", default=None,
-                   help="continue a run: 'auto' continues the run in --outdir (its checkpoint.pt, when there is one), "
-                        "a path continues that checkpoint into an --outdir that holds no other run (default: start afresh)")
     p.add_argument("--workers", type=_number(int, "--workers", lo=0), default=0,
                    help="data-loading processes for image files; 0 loads in this process (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one, else cpu)")
-    p.add_argument("--backend", default=None, choices=list(dispatch.MODES),
-                   help="kernel backend of every op (default: auto, the fastest that supports each call)")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
-                   help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
-                   help="recompute activations in backward per brick or per DiT block: less memory, more compute "
-                        "(default: off)")
-    p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
-                   help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower) (default: off)")
-    graph = p.add_mutually_exclusive_group()
-    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
-                       help="replay the whole training step as one CUDA graph (default: on for one CUDA process)")
-    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                       help="run every step eagerly, e.g. to profile op by op (default: on for one CUDA process)")
-    p.add_argument("--quiet", action="store_true", help="no header line and no progress bar (default: show them)")
+    _add_run_options(p, checkpointing="", step="the whole training step")
     p.set_defaults(func=cmd_train)
 
     # sample -------------------------------------------------------------------------------
@@ -556,27 +561,7 @@ def _add_distill_parser(sub) -> None:
     p.add_argument("--log-every", type=_positive_int("--log-every"), default=D.log_every,
                    help="append the mean losses of the last N steps to metrics.jsonl every N steps "
                         "(default: %(default)s)")
-    p.add_argument("--resume", default=None,
-                   help="continue a run: 'auto' continues the run in --outdir (its checkpoint.pt, when there is one), "
-                        "a path continues that checkpoint into an --outdir that holds no other run (default: start afresh)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU when there is one, else cpu)")
-    p.add_argument("--backend", default=None, choices=list(dispatch.MODES),
-                   help="kernel backend of every op (default: auto, the fastest that supports each call)")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
-                   help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--activation-checkpointing", choices=["brick", "block"], default=None,
-                   help="recompute activations in backward per brick or per DiT block, in all three networks: less "
-                        "memory, more compute (default: off)")
-    p.add_argument("--checkpoint-blocks", type=_number(int, "--checkpoint-blocks", lo=0), default=None,
-                   help="with --activation-checkpointing block: only the first N DiT blocks (default: all)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="bitwise-reproducible gradients run to run (fastlego.set_deterministic; slower) (default: off)")
-    graph = p.add_mutually_exclusive_group()
-    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
-                       help="replay the whole step (both updates) as one CUDA graph (default: on for one CUDA process)")
-    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                       help="run every step eagerly (default: on for one CUDA process)")
-    p.add_argument("--quiet", action="store_true", help="no header line and no progress bar (default: show them)")
+    _add_run_options(p, checkpointing=", in all three networks", step="the whole step (both updates)")
     p.set_defaults(func=cmd_distill)
 
 

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .edm import DEFAULT_MODEL_TYPE, brick_stack_name, matching_preset
+from .edm import DEFAULT_MODEL_TYPE, brick_stack_name, matching_preset, noise_levels_and_labels
 from .model import LegoBackbone
 from .presets import get_preset
 
@@ -321,18 +321,8 @@ class BetaPrecond(nn.Module):
                 cfg_scale: Optional[float] = None, return_stage_idx: Optional[int] = None,
                 force_fp32: bool = False, skip_bricks=None, **model_kwargs):
         """logit x0_hat from `x` = logit z_t (B, C, H, W) and `sigma` = logit alpha_t (a number or (B,))."""
-        logit_alpha = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1, 1, 1, 1)
-        if logit_alpha.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"logit_alpha holds {logit_alpha.shape[0]} values but x has batch {x.shape[0]}: pass one "
-                             f"(a number) or one per image, shape ({x.shape[0]},)")
-        if logit_alpha.shape[0] == 1 and x.shape[0] > 1:
-            logit_alpha = logit_alpha.expand(x.shape[0], 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-        elif torch.is_floating_point(class_labels):
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        logit_alpha, class_labels = noise_levels_and_labels(x, sigma, class_labels, self.label_dim, torch.float64,
+                                                            "logit_alpha")
         E, S, c_noise = self.preconditioning(logit_alpha)
         inp = ((x.to(torch.float64) - E) / S).to(torch.float32)
         fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"

@@ -48,6 +48,27 @@ def matching_preset(regions: Sequence[int], types: Sequence, depths: Sequence[in
     return None
 
 
+def noise_levels_and_labels(x: torch.Tensor, level, class_labels: Optional[torch.Tensor], label_dim: int,
+                            dtype: torch.dtype, name: str):
+    """The preconditioning wrappers' common input rule: `level` (a number or one per image) as a
+    (B, 1, 1, 1) tensor of `dtype`, and the labels as the backbone takes them (None for an
+    unconditional network, all-zero one-hot rows when none are given, float rows reshaped to
+    (B, label_dim), integer ids unchanged). `name` names the level in the error."""
+    level = torch.as_tensor(level, device=x.device).to(dtype).reshape(-1, 1, 1, 1)
+    if level.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"{name} holds {level.shape[0]} values but x has batch {x.shape[0]}: pass one {name} "
+                         f"(a number) or one per image, shape ({x.shape[0]},)")
+    if level.shape[0] == 1 and x.shape[0] > 1:
+        level = level.expand(x.shape[0], 1, 1, 1)
+    if label_dim == 0:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros([x.shape[0], label_dim], device=x.device)
+    elif torch.is_floating_point(class_labels):
+        class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
+    return level, class_labels
+
+
 class EDMPrecond(nn.Module):
     """`D(x) = c_skip x + c_out F(c_in x, log(sigma) / 4)`, sigma_data 0.5; the backbone is `.model`,
     so state-dict keys are the release's (`model.model.{i}...`)."""
@@ -106,18 +127,7 @@ class EDMPrecond(nn.Module):
         is a crop of a larger image (Patch Diffusion training, `fastlego.patch_diffusion`); None
         builds x's own grid. They pass to the backbone unchanged (not preconditioned)."""
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        if sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma holds {sigma.shape[0]} values but x has batch {x.shape[0]}: pass one sigma "
-                             f"(a number) or one per image, shape ({x.shape[0]},)")
-        if sigma.shape[0] == 1 and x.shape[0] > 1:
-            sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-        elif torch.is_floating_point(class_labels):
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        sigma, class_labels = noise_levels_and_labels(x, sigma, class_labels, self.label_dim, torch.float32, "sigma")
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
