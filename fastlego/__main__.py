@@ -427,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu; under torchrun each process "
                         "takes the GPU of its LOCAL_RANK)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="the network's precision: fp32, or bf16 / fp16 autocast; the sampler's own state stays "
-                        "in fp64 (default fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8", "fp8_emulated"], default="fp32",
+                   help="the network's precision: fp32, or bf16 / fp16 autocast, or fp8 (the DiT blocks' linears "
+                        "in e4m3 on FP8 tensor cores, compute capability 8.9+; the rest bf16), or fp8_emulated "
+                        "(fp8's numerics with plain ops on any device, slow: to measure its effect); the "
+                        "sampler's own state stays in fp64 (default fp32)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the network as a CUDA graph per batch shape, which removes launch overhead at "
                         "small batches (CUDA only; default: off)")
@@ -462,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int("--batch"), default=250, help="images per sampler batch (default 250)")
     _add_sampler_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="sampling precision (default fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8", "fp8_emulated"], default="fp32",
+                   help="sampling precision, as `fastlego sample --precision` (default fp32)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -575,9 +577,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give --resolution or --height/--width, not both")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, dispatch.BackendNotSupported) as exc:
         # Bad values found past argparse (sizes that the bricks cannot tile, missing files, outputs
-        # that would be overwritten, ...): one clear line, no traceback.
+        # that would be overwritten, a mode this machine cannot run, ...): one clear message, no traceback.
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: say which process speaks
         where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         print(f"fastlego {args.command}{where}: error: {exc}", file=sys.stderr)

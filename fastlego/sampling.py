@@ -341,10 +341,16 @@ class SampleResult:
     world: int = 1                         # processes that shared the seeds
 
 
+# Sampling precisions: fp32, autocast to bf16 / fp16, and FP8 (`fastlego.fp8`: the DiT blocks'
+# linears in e4m3 on FP8 tensor cores, or their numerics emulated with plain ops on any device),
+# whose attention and residual stream run under bf16 autocast.
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "fp8_emulated")
+
+
 def _autocast(precision: str, device: torch.device, cuda_graph: bool = False):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
     # Autocast's cache of cast weights is freed when the context exits; a captured CUDA graph
     # would keep pointing at it, so graphs run with the cache off (weights cast inside the graph).
     return torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graph)
@@ -382,6 +388,10 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
     `{prefix}samples.npz` (npz=True; uint8 NHWC under `arr_0`, as FID tools read it).
     Networks with other than 1 or 3 channels (latents) write only the .npz of raw samples.
     Files that a run would replace make it stop before any sampling unless `overwrite=True`.
+    `precision`: "fp32", "bf16" / "fp16" (autocast), "fp8" (`fastlego.quantize(net, "fp8")`: the
+    DiT blocks' linears on FP8 tensor cores, compute capability 8.9 or later, else refused with
+    the reasons before sampling; the rest under bf16 autocast) or "fp8_emulated" (the same
+    numerics with plain PyTorch ops on any device: slow, for measuring FP8's effect on samples).
     `deterministic=True` fixes every kernel choice by a fixed rule instead of the tuned table
     (`fastlego.set_deterministic`): the same bits run to run and process to process on GPUs.
 
@@ -397,8 +407,8 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if grid_scale < 1 or grid_pad < 0:
         raise ValueError(f"grid_scale must be >= 1 and grid_pad >= 0, got {grid_scale}, {grid_pad}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from .dispatch import deterministic as fixed_kernels
 
     procs = _Processes.join(device, distributed)
@@ -535,6 +545,14 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
     if full_steps(num_steps, t_break) < num_steps:
         resolve_skip_stage(net, t_break, skip_stage_idx)
     edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+    if precision in ("fp8", "fp8_emulated"):   # refused here, before any sampling, where FP8 cannot run
+        from .fp8 import not_supported_reasons, quantize, refusal
+
+        net = quantize(net, "fp8", emulate=precision == "fp8_emulated")
+        reasons = not_supported_reasons(net)
+        if reasons:
+            raise refusal(reasons + ["(sampling: precision='fp8_emulated', `--precision fp8_emulated`, is that "
+                                     "emulation; precision='bf16' the unquantized model)"])
 
     # The batches one process would run, dealt out in turn: batch b goes to rank b % world.
     starts = list(range(0, len(seeds), batch_size))
