@@ -1,6 +1,6 @@
 """One-step digits: distill the demo's network with SiD and measure it against the teacher's Heun samples.
 
-    python3 bench/distill_digits.py --outdir /tmp/distill-digits                     # teacher, distill, measure
+    python3 bench/distill_digits.py --outdir runs/distill-digits                     # teacher, distill, measure
     python3 bench/distill_digits.py --outdir DIR --teacher fastlego-demo/checkpoint.pt --minutes 10
     OMP_NUM_THREADS=1 python3 bench/distill_digits.py --outdir DIR --steps 600 --measure-every 100
 
