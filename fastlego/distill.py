@@ -67,7 +67,7 @@ from .progress import ProgressBar
 from .run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RunPlan, plan_run, start_metrics
 from .train_step import TrainStep, adamw, make_capturable, set_lr
 from .training import _autocast, _describe_target, _use_cuda_graph
-from .training_checkpoint import atomic_save, global_rng_state, set_global_rng_state
+from .training_checkpoint import atomic_save, global_rng_states_of_ranks, set_global_rng_state
 
 DISTILL_FORMAT = "fastlego-distill-checkpoint"
 DISTILL_VERSION = 1
@@ -709,12 +709,7 @@ def _distill(cfg: DistillConfig, dctx: DistributedContext, plan: RunPlan) -> Dis
               file=sys.stderr)
 
     def save(at_step: int, at_nimg: int) -> None:
-        states = [None] * dctx.world
-        mine = global_rng_state()
-        if dctx.world > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
+        states = global_rng_states_of_ranks(dctx.world)
         if dctx.main:
             atomic_save({
                 "format": DISTILL_FORMAT, "version": DISTILL_VERSION, "network": spec,

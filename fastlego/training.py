@@ -66,14 +66,14 @@ from .presets import get_preset
 from .progress import ProgressBar
 from .run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RunPlan, plan_run, start_metrics
 from .train_step import TrainStep, adamw, make_capturable, set_lr
-from .training_checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, global_rng_state,
-                                  load_training_checkpoint, set_global_rng_state)
+from .training_checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save,
+                                  global_rng_states_of_ranks, load_training_checkpoint, set_global_rng_state)
 from .tuning import tune
 
 # Re-exported: names fastlego.training offered before its parts moved to the modules above.
 from .networks import SPEC_DEFAULTS, _stack_from_dict, parse_brick_type, spec_from_network  # noqa: F401
 from .run_folder import RUN_FILES, RunFolderInUse, existing_run_files  # noqa: F401
-from .training_checkpoint import (check_training_checkpoint, is_training_checkpoint,  # noqa: F401
+from .training_checkpoint import (check_training_checkpoint, global_rng_state, is_training_checkpoint,  # noqa: F401
                                   network_from_checkpoint)
 
 
@@ -386,12 +386,7 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
                   f"{graphs}", file=sys.stderr)
 
     def save(at_step: int, at_nimg: int) -> None:
-        states = [None] * dctx.world
-        mine = global_rng_state()
-        if dctx.world > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
+        states = global_rng_states_of_ranks(dctx.world)
         if dctx.main:
             atomic_save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,

@@ -64,6 +64,19 @@ def global_rng_state() -> dict:
     }
 
 
+def global_rng_states_of_ranks(world: int) -> list:
+    """Every process's `global_rng_state()`, in rank order (all ranks call it: a collective when
+    world > 1), for a checkpoint that resumes each rank's streams."""
+    mine = global_rng_state()
+    if world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
 def set_global_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if state.get("torch_cuda") is not None and torch.cuda.is_available():
