@@ -48,11 +48,12 @@ from .model import LegoBackbone  # noqa: E402
 from .edm import EDMPrecond  # noqa: E402
 from .dispatch import use_backend, set_backend, BackendNotSupported, set_deterministic, deterministic  # noqa: E402
 from .tuning import tune  # noqa: E402
+from .weight_cache import frozen_weights  # noqa: E402
 from .info import explain  # noqa: E402
 from . import ops, reference, dispatch  # noqa: E402,F401
 
 __all__ = ["LegoBackbone", "EDMPrecond", "PRESETS", "Preset", "get_preset", "use_backend", "set_backend",
-           "BackendNotSupported", "set_deterministic", "deterministic", "tune", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample", "quantize"]
+           "BackendNotSupported", "set_deterministic", "deterministic", "tune", "frozen_weights", "load_checkpoint", "save_checkpoint", "explain", "train", "TrainConfig", "sample", "quantize"]
 
 
 def __getattr__(name):

@@ -432,9 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in e4m3 on FP8 tensor cores, compute capability 8.9+; the rest bf16), or fp8_emulated "
                         "(fp8's numerics with plain ops on any device, slow: to measure its effect); the "
                         "sampler's own state stays in fp64 (default fp32)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the network as a CUDA graph per batch shape, which removes launch overhead at "
-                        "small batches (CUDA only; default: off)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
+                       help="insist on replaying the network as a CUDA graph per batch shape (a failed capture "
+                            "stops the run) (default: graphs on CUDA, eager with a message if capture fails)")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                       help="run every network call eagerly, e.g. to profile op by op (default: graphs on CUDA)")
     p.add_argument("--deterministic", action="store_true",
                    help="fix every kernel choice by a fixed rule instead of the tuned table (fastlego.set_deterministic), so that "
                         "GPU runs, and the processes of a torchrun run, give the bits of one process; slower "

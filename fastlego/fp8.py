@@ -51,6 +51,7 @@ import torch.nn as nn
 from . import ops
 from .dispatch import BackendNotSupported, autocast_dtype
 from .reference import adaln_modulation, gated_residual, gelu_tanh, layernorm_modulate
+from .weight_cache import autocast_weights
 
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0                 # torch.finfo(torch.float8_e4m3fn).max
@@ -308,7 +309,8 @@ class FP8DiTBlock(nn.Module):
             if reasons:
                 raise refusal(reasons)
         lin = self.adaLN_modulation[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, lin.weight, lin.bias).chunk(6, dim=1)
+        mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         act = autocast_dtype(h) or h.dtype        # attention and the residual stream: the model's precision
         qkv = qkv_linear(*layernorm_modulate_quantize(h, shift1, scale1)).reshape(*h.shape[:-1], -1)
         a = ops.attention(qkv.to(act), self.attn.num_heads)

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import dispatch, ops
 from .presets import BRICK_TYPES, get_preset
 from .reference import adaln_modulation, sincos_pos_embed
+from .weight_cache import autocast_weights
 
 
 class PatchEmbed(nn.Module):
@@ -62,7 +63,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         lin = self.adaLN_modulation[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, lin.weight, lin.bias).chunk(6, dim=1)
+        mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
         a = ops.attention(qkv, self.attn.num_heads)
         h = ops.linear_gated_residual(a, self.attn.proj.weight, self.attn.proj.bias, gate1, h, keep_y=False)
@@ -80,7 +82,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, h, c, region: int, image_shape) -> torch.Tensor:
         lin = self.adaLN_modulation[1]
-        shift, scale = adaln_modulation(c, lin.weight, lin.bias).chunk(2, dim=1)
+        shift, scale = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias)).chunk(2, dim=1)
         return ops.final_layer(h, shift, scale, self.linear.weight, self.linear.bias, region, image_shape)
 
 

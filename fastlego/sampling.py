@@ -210,17 +210,28 @@ def count_network_evaluations(num_steps: int, t_break: float = 1.0) -> Dict[str,
 class CudaGraphDenoiser:
     """Captures `net(x, sigma, labels, cfg_scale, return_stage_idx)` once per (shape, stage) as
     a CUDA graph and replays it: the per-step Python and launch overhead disappears, which
-    matters for small batches. Inputs are copied into static buffers; outputs are cloned."""
+    matters for small batches. Inputs are copied into static buffers; outputs are cloned. The
+    graphs share one memory pool (they never run at once, and each one's inputs and outputs stay
+    referenced here, so only scratch memory is shared).
 
-    def __init__(self, net, cfg_scale: Optional[float] = None, warmup: int = 2):
+    `fallback=True` (sampling's default, when graphs were not asked for explicitly): a capture
+    that fails for another reason than running out of memory is reported once on stderr with the
+    reason, and the network then runs eagerly, same values; `fallback=False` raises."""
+
+    def __init__(self, net, cfg_scale: Optional[float] = None, warmup: int = 2, fallback: bool = False):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA GPU; sample without cuda_graph on this machine")
-        self.net, self.cfg_scale, self.warmup = net, cfg_scale, warmup
+        self.net, self.cfg_scale, self.warmup, self.fallback = net, cfg_scale, warmup, fallback
         self.graphs: Dict[tuple, tuple] = {}
         self.labels: Optional[torch.Tensor] = None
+        self.pool = None
+        self.failed: Optional[str] = None      # why capturing failed (fallback mode): eager from then on
 
     def set_labels(self, labels: Optional[torch.Tensor]) -> None:
         self.labels = labels
+
+    def _eager(self, x, sigma, stage):
+        return self.net(x.to(torch.float32), sigma, self.labels, cfg_scale=self.cfg_scale, return_stage_idx=stage)
 
     def _capture(self, shape, stage):
         dev = next(self.net.parameters()).device
@@ -237,15 +248,30 @@ class CudaGraphDenoiser:
             for _ in range(self.warmup):  # kernels compiled / autotuned outside the capture
                 run()
         torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
             out = run()
         return graph, static_x, static_sigma, static_labels, out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, stage: Optional[int]) -> torch.Tensor:
+        if self.failed is not None:
+            return self._eager(x, sigma, stage)
         key = (tuple(x.shape), stage, self.labels is None)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(tuple(x.shape), stage)
+            try:
+                self.graphs[key] = self._capture(tuple(x.shape), stage)
+            except Exception as exc:
+                from .dispatch import _out_of_memory
+                if not self.fallback or _out_of_memory(exc):
+                    raise
+                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"fastlego sample: capturing the network as a CUDA graph failed ({self.failed}); sampling "
+                      f"goes on eagerly with the same values (cuda_graph=False / --no-cuda-graph skips the "
+                      f"attempt)", file=sys.stderr)
+                torch.cuda.synchronize()
+                return self._eager(x, sigma, stage)
         graph, sx, ss, sl, out = self.graphs[key]
         sx.copy_(x)
         ss.copy_(torch.as_tensor(sigma, dtype=torch.float32, device=ss.device).reshape(-1).expand(ss.shape[0]))
@@ -339,6 +365,7 @@ class SampleResult:
     files: Dict[str, object] = field(default_factory=dict)
     rank: int = 0                          # this process's rank under torchrun (0: one process)
     world: int = 1                         # processes that shared the seeds
+    cuda_graph: bool = False               # the network ran as replayed CUDA graphs
 
 
 # Sampling precisions: fp32, autocast to bf16 / fp16, and FP8 (`fastlego.fp8`: the DiT blocks'
@@ -368,8 +395,8 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
            S_max: float = float("inf"), S_noise: float = 1.0, cfg_scale: Optional[float] = None,
            t_break: float = 1.0, skip_stage_idx: Optional[int] = None, outdir: Optional[str] = None,
            prefix: str = "", grid: bool = True, grid_columns: Optional[int] = None, grid_pad: int = 0, grid_scale: int = 1,
-           images: bool = False, npz: bool = False, device=None, precision: str = "fp32", cuda_graph: bool = False,
-           which: str = "ema", progress: bool = True, overwrite: bool = False,
+           images: bool = False, npz: bool = False, device=None, precision: str = "fp32",
+           cuda_graph: Optional[bool] = None, which: str = "ema", progress: bool = True, overwrite: bool = False,
            distributed: Optional[bool] = None, deterministic: bool = False) -> SampleResult:
     """Generate one image per seed with EDM's Heun sampler and write the requested files.
 
@@ -392,6 +419,12 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
     DiT blocks' linears on FP8 tensor cores, compute capability 8.9 or later, else refused with
     the reasons before sampling; the rest under bf16 autocast) or "fp8_emulated" (the same
     numerics with plain PyTorch ops on any device: slow, for measuring FP8's effect on samples).
+    `cuda_graph`: replay the network as a CUDA graph per batch shape (and brick-skipping stage),
+    which removes the per-call Python and launch cost that dominates small batches. None (the
+    default) means on for CUDA devices: a capture that fails then says why on stderr and sampling
+    goes on eagerly with the same values; True insists (a failure raises); False runs eagerly.
+    Weights are cast to the autocast dtype once for the whole call (`fastlego.frozen_weights`),
+    not at every network evaluation.
     `deterministic=True` fixes every kernel choice by a fixed rule instead of the tuned table
     (`fastlego.set_deterministic`): the same bits run to run and process to process on GPUs.
 
@@ -411,9 +444,11 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from .dispatch import deterministic as fixed_kernels
 
+    from .weight_cache import frozen_weights
+
     procs = _Processes.join(device, distributed)
     try:
-        with fixed_kernels() if deterministic else contextlib.nullcontext():
+        with fixed_kernels() if deterministic else contextlib.nullcontext(), frozen_weights():
             return _sample(procs, network, seeds, class_idx=class_idx, class_ids=class_ids, height=height, width=width,
                            resolution=resolution, batch_size=batch_size, num_steps=num_steps, sigma_min=sigma_min,
                            sigma_max=sigma_max, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
@@ -507,6 +542,8 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
     dev = procs.device
     if cuda_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device (the graphs are CUDA's); drop it on the CPU")
+    graph_fallback = cuda_graph is None        # on by default on CUDA, eager (with a message) if capture fails
+    cuda_graph = dev.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     known_channels = None if isinstance(network, str) else int(getattr(network, "img_channels", 0) or 0) or None
     if outdir is not None and not overwrite:  # before the network is even read
         _check_outputs(procs, outdir, prefix, seeds, grid, images, npz, known_channels)
@@ -570,7 +607,8 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
         with torch.no_grad(), _autocast(precision, dev, cuda_graph):
             tune(net, torch.zeros(n0, C, H, W, device=dev), torch.ones(n0, device=dev),
                  torch.zeros(n0, label_dim, device=dev) if label_dim else None, cfg_scale=cfg_scale)
-    graph = CudaGraphDenoiser(net, cfg_scale if cfg_scale != 1.0 else None) if cuda_graph else None
+    graph = CudaGraphDenoiser(net, cfg_scale if cfg_scale != 1.0 else None, fallback=graph_fallback) \
+        if cuda_graph else None
     bar = ProgressBar(sum(len(seeds[s:s + batch_size]) for s in mine) * num_steps, "sample",
                       enabled=progress and procs.main, unit="step")
     outputs, all_labels = [], []
@@ -617,10 +655,12 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
     bar.close()
 
     my_seeds = [s for start in mine for s in seeds[start:start + batch_size]]
+    graphed = graph is not None and graph.failed is None and bool(graph.graphs)
     empty = torch.empty(0, C, H, W)
     result = SampleResult(images=torch.cat(outputs) if outputs else empty, seeds=my_seeds,
                           labels=torch.cat(all_labels) if all_labels else None, seconds=seconds,
-                          images_per_second=len(my_seeds) / max(seconds, 1e-9), rank=procs.rank, world=procs.world)
+                          images_per_second=len(my_seeds) / max(seconds, 1e-9), rank=procs.rank, world=procs.world,
+                          cuda_graph=graphed)
     if procs.world > 1:
         # Rank 0 puts the batches back in seed order; the sampling time is the slowest rank's.
         parts = procs.gather((mine, outputs, all_labels, seconds))
@@ -633,7 +673,8 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
             seconds = max(p[3] for p in parts)
             result = SampleResult(images=torch.cat([x for x, _ in ordered]), seeds=seeds,
                                   labels=torch.cat([y for _, y in ordered]) if label_dim else None, seconds=seconds,
-                                  images_per_second=len(seeds) / max(seconds, 1e-9), rank=0, world=procs.world)
+                                  images_per_second=len(seeds) / max(seconds, 1e-9), rank=0, world=procs.world,
+                                  cuda_graph=graphed)
     if outdir is not None and procs.main:
         result.files = write_samples(result, outdir, prefix=prefix, grid=grid, grid_columns=grid_columns,
                                      grid_pad=grid_pad, grid_scale=grid_scale, images=images, npz=npz,

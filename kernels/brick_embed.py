@@ -60,7 +60,7 @@ import triton.language as tl
 
 from fastlego.dispatch import triton_interpreting
 
-from .policy import compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
+from .policy import cast_weight, compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
         # Autocast: the reference rounds x (with prev and the coordinates, via x's dtype) and the
         # weight to the autocast dtype before its conv; doing it here gives the same values and lets
         # the kernel gather 16-bit pixels instead of fp32 ones (half the bytes of its reads).
-        x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = x.to(dtype), cast_weight(weight, dtype)
     w2 = weight.reshape(D, K)                    # (channel, row, col) flattening = K order above
     pos2 = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     prev_t = prev if prev is not None else x     # never read when HAS_PREV is False

@@ -30,8 +30,8 @@ import triton.language as tl
 from fastlego import tuning
 
 from .gemm import gemm_variants, grouped_tile, launch_gemm, load_k_step, shape_key, tile_rows_cols, tuning_configs
-from .policy import (compute_dtype, dot_precision, launch_problems, linear_problems, out_problems, per_image_problems,
-                     raise_if, rows, rows_per_image_problems, triton_reasons)
+from .policy import (cast_weight, compute_dtype, dot_precision, launch_problems, linear_problems, out_problems,
+                     per_image_problems, raise_if, rows, rows_per_image_problems, triton_reasons)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
@@ -129,7 +129,7 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
     if M == 0:
         return out
     a2d, res2d = rows(a), rows(residual)
-    w = weight.to(dtype)
+    w = cast_weight(weight, dtype)
     out2d = out.view(M, N)
     args = (a2d, w, bias if bias is not None else w, gate, res2d, out2d,
             M, N, K, M // gate.shape[0],
@@ -144,8 +144,8 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
 def linear_gated_residual_cublas(a, weight, bias, gate, residual, *, out=None):
     """Path (b): cuBLAS matmul + bias, then one fused elementwise pass (torch.addcmul) for
     residual + gate[img] * y."""
-    _checked("linear_gated_residual_cublas", a, weight, bias, gate, residual, out)
-    y = F.linear(a, weight, bias)
+    dtype, _ = _checked("linear_gated_residual_cublas", a, weight, bias, gate, residual, out)
+    y = F.linear(a.to(dtype), cast_weight(weight, dtype), cast_weight(bias, dtype))
     B = gate.shape[0]
     res3 = residual.reshape(B, -1, residual.shape[-1])
     out3 = torch.addcmul(res3, gate[:, None, :], y.reshape(B, -1, y.shape[-1]))

@@ -65,8 +65,8 @@ from fastlego import tuning
 from .gelu import gelu_tanh
 from .gemm import gemm_variants, grouped_tile, launch_gemm, load_k_step, shape_key, tile_rows_cols, tuning_configs
 from .layernorm_modulate import layernorm_modulate, row_mean_m2
-from .policy import (LN_EPS, compute_dtype, dot_precision, launch_problems, linear_problems, modulate_problems,
-                     out_problems, raise_if, rows, triton_reasons)
+from .policy import (LN_EPS, cast_weight, compute_dtype, dot_precision, launch_problems, linear_problems,
+                     modulate_problems, out_problems, raise_if, rows, triton_reasons)
 from .rows import stats_blocks
 
 _ACTIVATIONS = {None: 0, "gelu_tanh": 1}
@@ -195,7 +195,7 @@ def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=Non
     if M == 0:
         return out
     x2d = rows(h)
-    w = weight.to(dtype)          # a no-op unless autocast casts it (as F.linear does)
+    w = cast_weight(weight, dtype)   # a no-op unless autocast casts it (as F.linear does)
     out2d = out.view(M, N)
     mean, rstd = _row_stats(x2d)
     args = (x2d, mean, rstd, shift, scale, w, bias if bias is not None else w, out2d,
@@ -213,8 +213,7 @@ def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[
     dtype, cuBLAS(Lt) does matmul + bias (+ tanh-GELU epilogue)."""
     dtype = _checked("modulated_linear_cublas", h, shift, scale, weight, bias, activation, out)
     a = layernorm_modulate(h, shift, scale, dtype)
-    w = weight.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
+    w, b = cast_weight(weight, dtype), cast_weight(bias, dtype)
     # the operands are already in the compute dtype: keep autocast from re-casting them
     with torch.autocast(a.device.type, enabled=False):
         if activation == "gelu_tanh" and b is not None and a.is_cuda:

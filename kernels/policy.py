@@ -6,7 +6,9 @@ the checks a launcher and the dispatcher's `not_supported_reasons` run.
   dtype when autocast is on for the device of its leading tensor t (as F.linear, F.conv2d and
   scaled_dot_product_attention cast under autocast), else t's dtype. Mixed operand dtypes are
   taken under autocast (every operand is cast, as the reference's are), or by a kernel that casts
-  each operand as it loads it (`mixed_dtypes_ok`).
+  each operand as it loads it (`mixed_dtypes_ok`). A launcher casts a weight to the compute dtype
+  with `cast_weight` (`fastlego.weight_cache`: made once per weight version inside
+  `fastlego.frozen_weights()`, as sampling runs; `w.to(dtype)` elsewhere).
 - fp32 dots (`dot_precision`): exact IEEE fp32, unless PyTorch allows TF32 for fp32 matmuls
   (`torch.backends.cuda.matmul.allow_tf32`, which `torch.set_float32_matmul_precision("high")`
   turns on); then 3xTF32 (three TF32 MMAs per product on split operands, about fp32's accuracy on
@@ -31,6 +33,7 @@ import torch
 
 from fastlego import reference
 from fastlego.dispatch import autocast_dtype, forcing, triton_interpreting
+from fastlego.weight_cache import cast_weight   # noqa: F401  (the one weight-cast rule; see there)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LN_EPS = reference.LN_EPS   # the one LayerNorm eps (1e-6): the reference's
