@@ -224,6 +224,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self._cache: Dict[int, torch.Tensor] = {}
         self._cache_room = int(cache_bytes)
         self._memory: Optional[torch.Tensor] = None
+        self._label_table: Optional[torch.Tensor] = None   # in-memory datasets: every label, (N, label_dim)
         if self.path in BUNDLED:
             res = 16 if resolution is None else resolution
             images, ids = load_digits(res)
@@ -355,10 +356,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def batch(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, C, r, r) and float (B, label_dim) for these indices."""
-        if self._memory is not None:
+        if self._memory is not None:   # one gather each from the image and label tables
             idx = torch.as_tensor(list(indices), dtype=torch.long)
-            labels = torch.stack([self.label(int(i)) for i in idx]) if len(idx) else torch.zeros(0, self.label_dim)
-            return self._memory[idx], labels
+            if self._label_table is None:
+                self._label_table = torch.stack([self.label(i) for i in range(len(self))]) if len(self) \
+                    else torch.zeros(0, self.label_dim)
+            return self._memory[idx], self._label_table[idx]
         items = [self[int(i)] for i in indices]
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 

@@ -520,10 +520,11 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
 
         stop = False
         if cfg.max_seconds is not None:
-            elapsed = torch.tensor([time.perf_counter() - t_start], dtype=torch.float64, device=device)  # NCCL: on the GPU
+            elapsed_s = time.perf_counter() - t_start   # the host's clock: no device sync in one process
             if dctx.world > 1:  # every rank must stop at the same step: rank 0's clock decides
+                elapsed = torch.tensor([elapsed_s], dtype=torch.float64, device=device)   # NCCL: on the GPU
                 dist.broadcast(elapsed, 0)
-            elapsed_s = elapsed.item()
+                elapsed_s = elapsed.item()
             stop = elapsed_s >= cfg.max_seconds
         last = step >= total_steps or stop
         if step % cfg.log_every == 0 or last:

@@ -125,8 +125,13 @@ def test_dataset_bundled_digits():
     assert len(ds) == 1797 and ds.channels == 1 and ds.label_dim == 10 and ds.resolution == 16
     img, lab = ds[5]
     assert img.shape == (1, 16, 16) and lab.sum() == 1 and lab.argmax() == load_digits(8)[1][5]
-    images, labels = ds.batch([0, 5, 7])
-    assert images.shape == (3, 1, 16, 16) and labels.shape == (3, 10)
+    images, labels = ds.batch([0, 5, 7, 5])
+    assert images.shape == (4, 1, 16, 16) and labels.shape == (4, 10)
+    for j, i in enumerate([0, 5, 7, 5]):   # the label table's rows are the per-image labels
+        assert torch.equal(images[j], ds[i][0]) and torch.equal(labels[j], ds[i][1])
+    short = ImageDataset("digits", max_images=10)
+    assert short.batch([9])[1].argmax() == load_digits(8)[1][9]
+    assert ImageDataset("digits", use_labels=False).batch([3])[1].shape == (1, 0)
     assert ImageDataset("digits", use_labels=False).label_dim == 0
     assert len(ImageDataset("digits", max_images=10)) == 10
 

@@ -1,0 +1,129 @@
+"""Where a small-batch inference call spends its time, on one CUDA GPU: host (Python, dispatch,
+launch) against GPU (kernels).
+
+    python3 bench/profile_small_batch.py [--cases lego_S_PG_64:1,lego_L_PG_64:1,...] [--out DIR]
+
+For each workload (the bench's inference model: random non-zero fp32 weights under bf16 autocast,
+auto backend, tuned first as `fastlego sample` does), in each weight-cast setting (casting every
+weight at every call, and `fastlego.frozen_weights()`, the cast made once):
+- the eager call's time and the same call replayed as a CUDA graph (`fastlego.benchmark.measure`);
+- the GPU busy time of one eager call (sum of its kernels' times, torch.profiler) and the number
+  of kernels it launches, so host overhead = eager time - GPU busy time;
+- the Python functions that take the host's time in one eager call (cProfile, by own time),
+  written with the full kernel list to DIR/small_batch_*.txt;
+- the release-style model eager (`use_backend('reference')`) for the same call, as the
+  yardstick eager fastlego must not lose to.
+Profiling, not a benchmark: the timed comparisons live in `fastlego bench --mode latency`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import collections
+import io
+import json
+import os
+import pstats
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastlego import dispatch, frozen_weights, tune  # noqa: E402
+from fastlego.benchmark import build_model, make_inputs, measure, parse_cases, precision  # noqa: E402
+
+DEFAULT_CASES = "lego_S_PG_64:1,lego_S_PG_64:16,lego_L_PG_64:1,lego_L_PG_64:16"
+
+
+def gpu_profile(call, dev):
+    """(GPU busy ms, kernel count, [(kernel name, ms, calls)]) of one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize(dev)
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name][0] += ev.device_time / 1e3
+            kernels[ev.name][1] += 1
+    rows = sorted(((k, v[0], v[1]) for k, v in kernels.items()), key=lambda r: -r[1])
+    return sum(r[1] for r in rows), sum(r[2] for r in rows), rows
+
+
+def host_profile(call, top: int = 25) -> str:
+    """cProfile of one call: the functions with the most own time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    call()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def time_ms(fn, dev, rounds: int, cuda_graph: bool = False) -> float:
+    """Median ms of one call (one call per timed round; `cuda_graph`: the call replayed as a graph)."""
+    return measure(fn, device=dev, rounds=rounds, warmup=3, inner=1, cuda_graph=cuda_graph).median_ms
+
+
+def profile_case(case, dev, rounds: int, out_dir: str) -> dict:
+    model = build_model(case, dev)
+    inputs = make_inputs(case, dev)
+    res = {"case": case.describe()}
+    with torch.no_grad(), precision(dev, torch.bfloat16), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                                           cache_enabled=False):
+        with dispatch.use_backend("reference"):
+            res["reference_eager_ms"] = time_ms(lambda: model(*inputs), dev, rounds)
+        for cached in (False, True):
+            tag = "frozen" if cached else "cast_each_call"
+            with frozen_weights() if cached else contextlib.nullcontext():
+                tune(model, *inputs)
+                eager = lambda: model(*inputs)   # noqa: E731
+                r = {"eager_ms": time_ms(eager, dev, rounds)}
+                busy, launches, kernels = gpu_profile(eager, dev)
+                r.update(gpu_busy_ms=busy, kernels=launches, host_overhead_ms=r["eager_ms"] - busy)
+                text = host_profile(eager)
+                r["graph_ms"] = time_ms(eager, dev, rounds, cuda_graph=True)
+            res[tag] = r
+            name = f"small_batch_{case.preset}_B{case.batch}_{tag}.txt"
+            with open(os.path.join(out_dir, name), "w") as f:
+                f.write(f"{case.describe()} {tag}: {json.dumps(r)}\n\nkernels (name, ms, calls):\n")
+                f.writelines(f"{ms:9.4f} {n:5d}  {k}\n" for k, ms, n in kernels)
+                f.write("\nhost, one eager call (cProfile, own time):\n" + text)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"preset:batch,... (default {DEFAULT_CASES})")
+    ap.add_argument("--rounds", type=int, default=30, help="timed calls per figure (default 30)")
+    ap.add_argument("--out", default=".", help="folder for the full profiles and small_batch.json (default .)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_small_batch: needs a CUDA GPU (it profiles kernels and CUDA graphs)", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    print(f"{'workload':24} {'cast':>14} {'ref eager':>9} {'eager':>8} {'GPU busy':>8} {'host':>8} {'kernels':>7} "
+          f"{'graph':>8}   (ms per call)")
+    for case in parse_cases(args.cases):
+        res = profile_case(case, dev, args.rounds, args.out)
+        results.append(res)
+        for tag in ("cast_each_call", "frozen"):
+            r = res[tag]
+            print(f"{case.preset + ' B=' + str(case.batch):24} {tag:>14} {res['reference_eager_ms']:9.2f} "
+                  f"{r['eager_ms']:8.2f} {r['gpu_busy_ms']:8.2f} {r['host_overhead_ms']:8.2f} {r['kernels']:7d} "
+                  f"{r['graph_ms']:8.3f}")
+    with open(os.path.join(args.out, "small_batch.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "results": results}, f,
+                  indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
