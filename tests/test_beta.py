@@ -10,13 +10,12 @@ or always fails)."""
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributions import Beta, kl_divergence
 
+from two_processes import run_two_processes
 import fastlego.beta as beta_mod
 from fastlego.beta import (BETA_DEFAULTS, BetaLoss, BetaPrecond, beta_sampler, forward_sample, from_beta_range, kl_beta,
                            klub, log_gamma, logit_alpha, logit_moments, reverse_step_logit, sample_logit_beta,
@@ -488,16 +487,8 @@ def test_cli_train_process_beta(tmp_path, capsys):
     assert ckpt["network"]["process"] == "beta"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _ddp_run(outdir):
+    """One rank of the two-process run (tests/two_processes.py sets up its environment)."""
     train(beta_config(outdir, steps=2, device="cpu", threads=1))
 
 
@@ -505,7 +496,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     """Every image's forward draw comes from its own seed, so two processes with half the batch
     each draw what one process draws: the same losses and weights."""
     single = train(beta_config(tmp_path / "one", steps=2))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_two_processes(_ddp_run, str(tmp_path / "two"))
     one = load_training_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
     two = load_training_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
     assert two["world_size"] == 2 and two["step"] == 2

@@ -6,14 +6,13 @@ command line."""
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fastlego
+from two_processes import run_two_processes
 from fastlego.distill import (DISTILL_FORMAT, DistillConfig, SiDLoss, denoise, distill, draw_half_step,
                               fake_score_step, generator_from_checkpoint, generator_step, load_distill_checkpoint,
                               mark_one_step, one_step_sigma)
@@ -453,22 +452,14 @@ def max_difference_but_key_bias(a: dict, b: dict) -> float:
     return worst
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir, teacher):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _ddp_run(outdir, teacher):
+    """One rank of the two-process run (tests/two_processes.py sets up its environment)."""
     distill(tiny_config(outdir, teacher, steps=2, device="cpu", threads=1))
 
 
 def test_ddp_two_processes_equal_one_process_with_the_combined_batch(tmp_path, teacher_path):
     single = distill(tiny_config(tmp_path / "one", teacher_path, steps=2))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), teacher_path), nprocs=2, join=True)
+    run_two_processes(_ddp_run, str(tmp_path / "two"), teacher_path)
     one = load_distill_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
     two = load_distill_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
     assert two["world_size"] == 2 and two["step"] == 2 and len(two["rng"]["per_rank"]) == 2

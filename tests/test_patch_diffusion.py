@@ -6,13 +6,12 @@ equal to plain training bit for bit, DDP equal to one process, and the command l
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_processes import run_two_processes
 import fastlego
 from fastlego import dispatch, reference
 from fastlego.data import DataOrder
@@ -362,16 +361,8 @@ def test_resume_continues_patch_training_exactly(tmp_path):
         train(config(tmp_path / "b", steps=8, resume="auto", patch_diffusion=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _ddp_run(outdir):
+    """One rank of the two-process run (tests/two_processes.py sets up its environment)."""
     train(config(outdir, steps=4, real_p=0.2, device="cpu"))
 
 
@@ -379,7 +370,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     """Two gloo processes draw the same crop sizes and keep their slices of the global draws
     (offsets included): the losses and weights are one process's."""
     single = train(config(tmp_path / "one", steps=4, real_p=0.2))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_two_processes(_ddp_run, str(tmp_path / "two"))
     assert step_sizes(tmp_path / "one") == step_sizes(tmp_path / "two") and 4 in step_sizes(tmp_path / "one")
     losses_two = [r["loss"] for r in metrics(tmp_path / "two")]
     assert losses_two == pytest.approx(single.losses, rel=1e-5, abs=1e-6)

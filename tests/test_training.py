@@ -3,12 +3,11 @@ loss going down on the bundled digits, and DDP (2 CPU processes, gloo) = one pro
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from two_processes import run_two_processes
 import fastlego
 from fastlego.testing import randomize_
 from fastlego.ema import ema_beta, update_ema
@@ -248,22 +247,14 @@ def test_resume_takes_the_same_next_steps(tmp_path):
         train(tiny_config(tmp_path / "b", steps=8, batch_size=16, resume="auto"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _ddp_run(outdir):
+    """One rank of the two-process run (tests/two_processes.py sets up its environment)."""
     train(tiny_config(outdir, steps=3, checkpoint_every=3, device="cpu", threads=1))
 
 
 def test_ddp_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
     single = train(tiny_config(tmp_path / "one", steps=3, checkpoint_every=3))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_two_processes(_ddp_run, str(tmp_path / "two"))
     one = load_training_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
     two = load_training_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
     assert two["world_size"] == 2 and two["step"] == 3 and len(two["rng"]["per_rank"]) == 2
@@ -361,9 +352,7 @@ def test_bf16_training_of_a_preset_on_gpu(tmp_path):
     assert out.images.shape == (8, 1, 64, 64) and torch.isfinite(out.images).all()
 
 
-def _nccl_worker(rank, world, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _nccl_run(outdir):
     torch.backends.cudnn.allow_tf32 = False
     train(tiny_config(outdir, steps=3, checkpoint_every=3, device=None, precision="fp32", resolution=16,
                       bricks="4:lego_S_2:1,16:lego_S_8:1"))
@@ -376,7 +365,7 @@ def test_ddp_nccl_two_gpus_equal_one_gpu(tmp_path):
     torch.backends.cudnn.allow_tf32 = False
     single = train(tiny_config(tmp_path / "one", steps=3, checkpoint_every=3, device="cuda:0", precision="fp32",
                                resolution=16, bricks="4:lego_S_2:1,16:lego_S_8:1"))
-    mp.spawn(_nccl_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_two_processes(_nccl_run, str(tmp_path / "two"))
     one = load_training_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
     two = load_training_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
     losses_two = [__import__("json").loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
