@@ -24,20 +24,21 @@ Scales (`row_scales`), one rule for weights and activations, per row of a (..., 
 - e4m3 subnormals (|x / scale| < 2^-6, steps of 2^-9) are kept, not flushed: a value's error is
   at most half a step of e4m3 at x / scale, times the scale.
 
-Where it runs: the GEMMs are `torch._scaled_mm` (cuBLASLt FP8 with row-wise scales, bf16 output),
-which needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or later: Ada, Hopper,
-Blackwell). Anywhere else the quantized model refuses to run (`fastlego.BackendNotSupported`
-listing the reasons, as the dispatcher's forced backends do) unless it was quantized with
-`emulate=True`: then `fp8_linear_reference` computes the same numerics with plain PyTorch ops on
-any device (quantized operands dequantized, fp32 matmul, rounded to bf16). The emulated path is
-for measuring accuracy (on a CPU too), not for speed: it is slower than the fp32 model. Never a
-silent fallback either way.
-
-What this version does not do yet: the activations are quantized by separate PyTorch passes
-(`layernorm_modulate_quantize`, `gelu_quantize`, `quantize_rows` on the attention output), the
-twins of the fused Triton passes the FP8 mode is meant to use (quantizing inside the LN-modulate,
-GELU and attention-output passes); a Triton FP8 GEMM is not written. Those plug in at
-`fp8_linear` and at the three functions above, with these as their oracles.
+Where it runs: on a CUDA GPU with FP8 tensor cores (compute capability 8.9 or later: Ada,
+Hopper, Blackwell), with triton installed. The activations are quantized inside the row passes
+that read them (`fastlego.kernels.fp8_quantize`: the LN-modulate pass before qkv and fc1 writes
+e4m3 and the row scales instead of bf16, the GELU pass before fc2 likewise; the attention output
+has a quantizing pass of its own, as a token's row spans every head while the attention kernels
+own one head of a region each). The GEMMs run on the path `fastlego.tune` measured fastest per
+shape: `torch._scaled_mm` (cuBLASLt FP8 with row-wise scales, bf16 output; also the rule for
+untuned shapes) or the Triton FP8 GEMM (`fastlego.kernels.fp8_linear`). The functions of this
+module (`layernorm_modulate_quantize`, `gelu_quantize`, `quantize_rows`, `fp8_linear_reference`)
+are those kernels' twins. Anywhere else the quantized model refuses to run
+(`fastlego.BackendNotSupported` listing the reasons, as the dispatcher's forced backends do)
+unless it was quantized with `emulate=True`: then the twins compute the same numerics with plain
+PyTorch ops on any device (quantized operands dequantized, fp32 matmul, rounded to bf16). The
+emulated path is for measuring accuracy (on a CPU too), not for speed: it is slower than the
+fp32 model. Never a silent fallback either way.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
     least 2^-126 (see the module docstring); NaN for a row holding NaN or inf."""
     amax = x.float().abs().amax(dim=-1)
     scale = (amax / E4M3_MAX).clamp_min(MIN_SCALE)          # clamp_min keeps NaN
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))   # inf -> NaN too
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
@@ -222,23 +224,48 @@ def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch
     return y.reshape(*x_q.shape[:-1], N)
 
 
+def gemm_key(x_q, w_q, bias, out_dtype) -> str:
+    """The tuning key of an FP8 GEMM call (`fastlego.tuning`): rows M (next power of two), N, K,
+    bias or not, output dtype."""
+    M = x_q.numel() // max(x_q.shape[-1], 1)
+    return (f"fp8_linear|M<={1 << max(M - 1, 0).bit_length()}|N={w_q.shape[0]}|K={w_q.shape[1]}"
+            f"|bias={bias is not None}|{out_dtype}").replace("torch.", "")
+
+
 def fp8_linear(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = torch.bfloat16,
                emulate: bool = False) -> torch.Tensor:
-    """The FP8 Linear: `fp8_linear_scaled_mm` (refused with the reasons where it cannot run), or
-    `fp8_linear_reference` when `emulate` is asked for explicitly."""
+    """The FP8 Linear on the tensor cores, by the path `fastlego.tune` measured fastest for this
+    shape: the Triton FP8 GEMM (`fastlego.kernels.fp8_linear`) or `fp8_linear_scaled_mm`
+    (cuBLASLt; also the rule for untuned shapes and deterministic mode); refused with the reasons
+    where FP8 cannot run. `emulate=True`: `fp8_linear_reference`, asked for explicitly."""
     if emulate:
         return fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    if not x_q.is_cuda:
+        return fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)   # refuses with the reasons
+    from . import tuning
+    from .kernels import fp8_linear as triton_gemm   # registers its candidates with fastlego.tune
+
+    args = (x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    path, config = tuning.lookup("fp8_linear", gemm_key(x_q, w_q, bias, out_dtype), args)
+    if path == "fused":
+        return triton_gemm.fp8_linear(*args, config=config)
+    return fp8_linear_scaled_mm(*args)
 
 
 # --------------------------------------------------------------------------------------------
-# The activation quantizations of a DiT block (twins of the fused passes to come)
+# The activation quantizations of a DiT block: twins of the fused Triton passes
+# (`fastlego.kernels.fp8_quantize`, which FP8DiTBlock runs unless emulated)
 # --------------------------------------------------------------------------------------------
 
 def layernorm_modulate_quantize(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
     """LN(h) * (1 + scale[img]) + shift[img] in fp32, quantized per row: the input of qkv and fc1.
     h tokens (N, T, D), per-image shift / scale (B, D) -> (q (M, D) e4m3, scales (M,) fp32)."""
     return quantize_rows(layernorm_modulate(h, shift, scale, torch.float32), check_finite=False)
+
+
+def _propagating_quantize_rows(x: torch.Tensor):
+    """`quantize_rows(x, check_finite=False)`: the attention output's quantization (NaN propagates)."""
+    return quantize_rows(x, check_finite=False)
 
 
 def gelu_quantize(y: torch.Tensor):
@@ -304,20 +331,24 @@ class FP8DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         qkv_linear = self.attn.qkv
-        if not qkv_linear.emulate:   # refuse before any work where the FP8 GEMMs cannot run
+        if qkv_linear.emulate:        # the PyTorch twins
+            ln_quantize, gelu_q, rows_q = layernorm_modulate_quantize, gelu_quantize, _propagating_quantize_rows
+        else:                         # refuse before any work where FP8 cannot run; else the Triton passes
             reasons = not_supported_reasons(self)
             if reasons:
                 raise refusal(reasons)
+            from .kernels import fp8_quantize as K
+            ln_quantize, gelu_q, rows_q = K.layernorm_modulate_quantize, K.gelu_quantize, K.quantize_rows
         lin = self.adaLN_modulation[1]
         mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         act = autocast_dtype(h) or h.dtype        # attention and the residual stream: the model's precision
-        qkv = qkv_linear(*layernorm_modulate_quantize(h, shift1, scale1)).reshape(*h.shape[:-1], -1)
+        qkv = qkv_linear(*ln_quantize(h, shift1, scale1)).reshape(*h.shape[:-1], -1)
         a = ops.attention(qkv.to(act), self.attn.num_heads)
-        y = self.attn.proj(*quantize_rows(a, check_finite=False))
+        y = self.attn.proj(*rows_q(a))
         h = gated_residual(h, gate1.to(h.dtype), y.to(h.dtype))
-        m = self.mlp.fc1(*layernorm_modulate_quantize(h, shift2, scale2))
-        y = self.mlp.fc2(*gelu_quantize(m)).reshape(h.shape)
+        m = self.mlp.fc1(*ln_quantize(h, shift2, scale2))
+        y = self.mlp.fc2(*gelu_q(m)).reshape(h.shape)
         return gated_residual(h, gate2.to(h.dtype), y.to(h.dtype))
 
 
@@ -349,7 +380,15 @@ def not_supported_reasons(model: nn.Module) -> List[str]:
             for r in scaled_mm_not_supported_reasons(linear.weight_fp8.device, linear.in_features, linear.out_features):
                 if r not in reasons:
                     reasons.append(r)
+    if any(not linear.emulate for linear in fp8_linears(model).values()) and not _triton_available():
+        reasons.append("triton is not installed: FP8 inference quantizes its activations in Triton passes "
+                       "(pip install triton)")
     return reasons
+
+
+def _triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inplace: bool = False) -> nn.Module:

@@ -1,7 +1,8 @@
 """fastlego's Triton kernels, installed as `fastlego.kernels`.
 
 One op family per module. Each module exposes, per op, a launcher named after the op with the
-signature of its twin in `fastlego.reference` (plus a keyword-only `out=`), and
+signature of its twin in `fastlego.reference` (`fastlego.fp8` for the FP8 ops) (plus a
+keyword-only `out=`), and
 `<op>_not_supported_reasons`, which the dispatcher (`fastlego.ops` registers them) asks before
 every call. Importing a kernel module needs triton; `policy` does not.
 
@@ -15,6 +16,11 @@ every call. Importing a kernel module needs triton; `policy` does not.
   window_attention.py       window_attention, global_attention (Triton backend),
                             window_attention_backward
   final_layer.py            final_layer: LN + modulate + Linear + unpatchify + fold
+  fp8_quantize.py           FP8 inference's activation quantizers, each fused into the row pass
+                            that reads the rows: layernorm_modulate_quantize, gelu_quantize,
+                            quantize_rows (twins in `fastlego.fp8`)
+  fp8_linear.py             fp8_linear: the FP8 GEMM with row / channel scales (the alternative
+                            to torch._scaled_mm; `fastlego.tune` picks per shape)
   gemm.py                   the GEMM tile machinery of the two matmul ops (configs, autotuning,
                             tuning keys and candidates)
   rows.py                   the tiling of the row-wise kernels

@@ -101,7 +101,8 @@ def forward_only_reasons(tensors: Sequence[Optional[torch.Tensor]]) -> List[str]
     return []
 
 
-def _dtype_reasons(ts: List[torch.Tensor], compute: Optional[torch.dtype], mixed_dtypes_ok: bool) -> List[str]:
+def _dtype_reasons(ts: List[torch.Tensor], compute: Optional[torch.dtype], mixed_dtypes_ok: bool,
+                   uses_dot: bool = True) -> List[str]:
     reasons = []
     bad = sorted({str(t.dtype) for t in ts if t.dtype not in DTYPES})
     if bad:
@@ -111,7 +112,7 @@ def _dtype_reasons(ts: List[torch.Tensor], compute: Optional[torch.dtype], mixed
                        f"(pass every tensor in one dtype, or run under torch.autocast)")
     if compute is not None and compute not in DTYPES:
         reasons.append(f"autocast dtype {compute} not supported (expected float16 or bfloat16)")
-    if triton_interpreting() and torch.bfloat16 in {compute} | {t.dtype for t in ts[:1]}:
+    if uses_dot and triton_interpreting() and torch.bfloat16 in {compute} | {t.dtype for t in ts[:1]}:
         reasons.append("bfloat16 under Triton's interpreter (the input's or autocast's): its tl.dot returns "
                        "wrong results for bf16 operands")
     return reasons
@@ -123,13 +124,13 @@ def _mixed_ok(ts: List[torch.Tensor], mixed_dtypes_ok: Optional[bool]) -> bool:
 
 
 def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], *, mixed_dtypes_ok: Optional[bool] = None,
-                   forward_only: bool = True) -> List[str]:
+                   forward_only: bool = True, uses_dot: bool = True) -> List[str]:
     """Reasons a Triton kernel cannot take these tensors (the first is the leading one, whose
     device's autocast sets the compute dtype): device, dtype, mixed dtypes (default: taken under
     autocast only; `mixed_dtypes_ok` True for a kernel that casts every operand), the compute
     dtype, and for kernels without a backward (`forward_only`) autograd recording a tensor that
     requires grad. CPU tensors run on Triton's interpreter, for tests, only when the triton backend
-    is forced."""
+    is forced. `uses_dot=False`: a kernel without tl.dot, which takes bf16 under the interpreter."""
     ts = _tensors(tensors)
     reasons = device_problems(ts)
     for dev in {t.device for t in ts}:
@@ -141,14 +142,14 @@ def triton_reasons(tensors: Sequence[Optional[torch.Tensor]], *, mixed_dtypes_ok
                            "testing and is used only when the triton backend is forced")
         elif dev.type not in ("cuda", "cpu"):
             reasons.append(f"device {dev} is not supported (CUDA only)")
-    reasons += _dtype_reasons(ts, autocast_dtype(ts[0]) if ts else None, _mixed_ok(ts, mixed_dtypes_ok))
+    reasons += _dtype_reasons(ts, autocast_dtype(ts[0]) if ts else None, _mixed_ok(ts, mixed_dtypes_ok), uses_dot)
     if forward_only:
         reasons += forward_only_reasons(ts)
     return reasons
 
 
 def launch_problems(tensors: Sequence[Optional[torch.Tensor]], *, mixed_dtypes_ok: Optional[bool] = None,
-                    forward_only: bool = True) -> List[str]:
+                    forward_only: bool = True, uses_dot: bool = True) -> List[str]:
     """What a launcher called directly refuses before any compute: `triton_reasons` with CPU
     tensors taken whenever Triton's interpreter is on (a direct call is as forced)."""
     ts = _tensors(tensors)
@@ -156,7 +157,7 @@ def launch_problems(tensors: Sequence[Optional[torch.Tensor]], *, mixed_dtypes_o
     if not problems and ts and ts[0].device.type != "cuda" and not (ts[0].device.type == "cpu" and triton_interpreting()):
         problems.append(f"tensors are on {ts[0].device}: Triton kernels need a CUDA device "
                         f"(or TRITON_INTERPRET=1 for CPU testing)")
-    problems += _dtype_reasons(ts, autocast_dtype(ts[0]) if ts else None, _mixed_ok(ts, mixed_dtypes_ok))
+    problems += _dtype_reasons(ts, autocast_dtype(ts[0]) if ts else None, _mixed_ok(ts, mixed_dtypes_ok), uses_dot)
     if forward_only:
         problems += forward_only_reasons(ts)
     return problems

@@ -339,6 +339,31 @@ def test_emulated_intermediate_outputs_and_brick_stops():
             assert torch.isfinite(out).all() and rel(out, ref) < 0.06
 
 
+@pytest.mark.interpreter
+def test_the_gpu_path_runs_the_triton_quantizers(monkeypatch):
+    # The non-emulated block on the CPU through Triton's interpreter: its quantizing passes are
+    # the Triton kernels (counted), its GEMMs the reference (the CPU has no FP8 tensor cores).
+    # Same numerics as the emulated model up to an e4m3 rounding flip where LayerNorm's
+    # statistics differ in the last bit.
+    from fastlego.kernels import fp8_quantize as K
+
+    calls = []
+    for name in ("layernorm_modulate_quantize", "gelu_quantize", "quantize_rows"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(fp8, "not_supported_reasons", lambda model: [])
+    monkeypatch.setattr(fp8, "fp8_linear_scaled_mm", fp8_linear_reference)
+    model = _backbone()
+    hw, emu = fastlego.quantize(model, "fp8"), fastlego.quantize(model, "fp8", emulate=True)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref, out_hw, out_emu = model(x, t, y), hw(x, t, y), emu(x, t, y)
+    assert sorted(set(calls)) == ["gelu_quantize", "layernorm_modulate_quantize", "quantize_rows"]
+    assert len(calls) == 3 * 4   # per DiT block (3): LN before qkv and fc1, the attention output, GELU
+    assert torch.isfinite(out_hw).all()
+    assert rel(out_hw, out_emu) < 0.1 * rel(out_emu, ref), (rel(out_hw, out_emu), rel(out_emu, ref))
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: torch._scaled_mm against the reference, the quantized model on FP8 tensor cores
 # --------------------------------------------------------------------------------------------
@@ -397,6 +422,36 @@ def test_quantized_model_on_tensor_cores(autocast):
     # than either is to fp32
     e_hw, e_emu, e_between = rel(out_hw, ref), rel(out_emu, ref), rel(out_hw, out_emu)
     assert e_hw < 0.12 and e_between < 0.25 * e_emu, (e_hw, e_emu, e_between)
+
+
+@pytest.mark.cuda
+@needs_fp8_gpu
+def test_tune_chooses_the_fp8_gemm_per_shape_and_both_paths_agree(monkeypatch, tmp_path):
+    from fastlego import tuning
+
+    monkeypatch.setenv("FASTLEGO_TUNE_CACHE", str(tmp_path / "tuning.json"))
+    edm = randomize_(EDMPrecond(16, 3, label_dim=10, backbone=LegoBackbone(
+        in_channels=3, label_dim=10, img_resolution=[8, 16], model_type=[(128, 4, 4), (128, 4, 4)], depths=[1, 2])),
+        seed=0).eval().cuda()
+    hw = fastlego.quantize(edm, "fp8")
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    sigma, y = torch.logspace(-1, 1, 64, device="cuda"), torch.arange(64, device="cuda") % 10
+    tuning.clear()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        untuned = hw(x, sigma, y)                       # the rule: torch._scaled_mm
+        result = fastlego.tune(hw, x, sigma, y)
+        fp8_keys = [k for k in result.choices if k.startswith("fp8_linear|")]
+        assert fp8_keys and all(set(result.choices[k].ms) >= {"cublas"} and len(result.choices[k].ms) > 1
+                                for k in fp8_keys), result.choices
+        tuned = hw(x, sigma, y)
+        outs = {}
+        for path in ("fused", "cublas"):                 # every GEMM forced onto one path
+            monkeypatch.setattr(tuning, "lookup", lambda op, key, args, p=path: (p, None))
+            outs[path] = hw(x, sigma, y)
+    tuning.clear()
+    for out in (tuned, outs["fused"], outs["cublas"]):
+        assert torch.isfinite(out).all()
+        assert rel(out, untuned) < 0.02, rel(out, untuned)   # accumulation order only
 
 
 @pytest.mark.cuda
