@@ -82,10 +82,10 @@ def pytest_generate_tests(metafunc):
         cases = cfg.cases if infer else []
         metafunc.parametrize("bench_case", cases, ids=[c.name for c in cases])
     if "bench_e2e" in metafunc.fixturenames:
-        # infer: each workload, its variants; train: the training workloads (their own batches
-        # unless --presets), the variants that train (no fastlego_bf16)
+        # infer: each workload, its variants; train / latency: their own workloads (batches)
+        # unless --presets, the variants of that mode
         params = [(c, mode, v) for mode in cfg.modes for c in cfg.cases_for(mode) for v in cfg.variants_for(mode)]
-        metafunc.parametrize("bench_e2e", params, ids=[f"{c.name}-B{c.batch}-{m}-{v}" if m == "train" else f"{c.name}-{m}-{v}"
+        metafunc.parametrize("bench_e2e", params, ids=[f"{c.name}-B{c.batch}-{m}-{v}" if m != "infer" else f"{c.name}-{m}-{v}"
                                                        for c, m, v in params])
     if "bench_kernel" in metafunc.fixturenames:
         params = [] if not (cfg.kernels and infer) else [

@@ -3,17 +3,23 @@
     python3 bench/readme_tables.py RESULT.json [RESULT.json ...]            # print the tables
     python3 bench/readme_tables.py --write RESULT.json [RESULT.json ...]    # replace them in README.md
 
-Two tables, each between marker comments in README.md:
+Three tables, each between marker comments in README.md:
 
 - `<!-- bench:infer -->` ... `<!-- /bench:infer -->`: inference images/s. One row per workload and
   weight holding (fp32 weights under autocast, or bf16 weights): the reference ops eager,
-  torch.compile of them and fastlego's auto backend, each cell the variant that held its weights
+  torch.compile of them each way the run timed (torch's default mode, "max-autotune-no-cudagraphs",
+  "reduce-overhead") and fastlego's auto backend, each cell the variant that held its weights
   that way (a bf16-weight baseline is only there when the run timed it: `--variants
-  ...,reference_bf16,compile_bf16`). "x torch.compile" and "/ floor" are computed from the
-  report's milliseconds, fastlego against the baselines of the same row.
+  ...,reference_bf16,compile_bf16`). "x fastest compile" (naming that variant) and "/ floor" are
+  computed from the report's milliseconds, fastlego against the baselines of the same row; a
+  compile variant that did not compile within the run's budget is marked and is not the fastest.
 - `<!-- bench:train -->` ... `<!-- /bench:train -->`: training steps. One row per workload and
   fastlego variant (eager, one CUDA graph, checkpointed blocks), beside the reference eager step
-  and torch.compile of it: ms per step and peak GiB, speed-ups and memory ratio.
+  and torch.compile of it each way (default mode, "max-autotune-no-cudagraphs", the compiled
+  step captured as a CUDA graph): ms per step and peak GiB, speed-ups and memory ratio.
+- `<!-- bench:latency -->` ... `<!-- /bench:latency -->`: ms per network call at small batches
+  (`--modes latency`): the reference eager, torch.compile "reduce-overhead", fastlego eager and
+  fastlego replayed as a CUDA graph, and the two speed-ups against their targets.
 
 Each table names the run it comes from: card, torch / CUDA / triton versions, date, the run's
 profile and the report's path. A row's numbers all come from one report (several reports: a
@@ -32,13 +38,18 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fastlego.benchmark.config import BF16_WEIGHT_VARIANTS  # noqa: E402
+from fastlego.benchmark.config import BF16_WEIGHT_VARIANTS, latency_target  # noqa: E402
 from fastlego.benchmark.report import fmt, md_escape, pct  # noqa: E402
+from fastlego.benchmark.summary import fastest_compile  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = {"infer": ("<!-- bench:infer -->", "<!-- /bench:infer -->"),
-           "train": ("<!-- bench:train -->", "<!-- /bench:train -->")}
-ROLES = ("reference", "compile", "fastlego")   # what a variant is, read from the report (see `role`)
+           "train": ("<!-- bench:train -->", "<!-- /bench:train -->"),
+           "latency": ("<!-- bench:latency -->", "<!-- /bench:latency -->")}
+# what a variant is, read from the report (see `role`): the torch.compile ways each have a column
+ROLES = ("reference", "compile", "compile_max_autotune", "compile_graph", "fastlego")
+COMPILE_COLUMNS = {"compile": "torch.compile(reference)", "compile_max_autotune": "max-autotune-no-cudagraphs",
+                   "compile_graph": "torch.compile + CUDA graph"}
 
 
 class TableError(Exception):
@@ -111,9 +122,14 @@ def holding_label(weights: str, autocast: Optional[str]) -> str:
 
 
 def role(result: dict) -> str:
-    """reference (the reference ops eager), compile (torch.compile of them) or fastlego (auto)."""
+    """reference (the reference ops eager); torch.compile of them: compile (torch's default mode),
+    compile_max_autotune ("max-autotune-no-cudagraphs") or compile_graph (CUDA graphs:
+    "reduce-overhead", or in training the compiled step captured as one graph); or fastlego
+    (auto). Reports before the compile_mode / cuda_graph fields: compile variants are "compile"."""
     if result.get("compiled", result["variant"].startswith("compile")):
-        return "compile"
+        if result.get("cuda_graph"):
+            return "compile_graph"
+        return "compile_max_autotune" if str(result.get("compile_mode", "")).startswith("max-autotune") else "compile"
     if result.get("dispatch_mode", "reference" if result["variant"].startswith("reference") else "auto") == "reference":
         return "reference"
     return "fastlego"
@@ -146,18 +162,43 @@ def ratio(num: Optional[dict], den: Optional[dict], key: str = "ms") -> Optional
 
 
 def _cell(result: Optional[dict], key: str, render: Callable[[dict], str]) -> str:
-    """A variant's cell: "not run", "failed (ErrorType)" when it has no `key`, else render(result)."""
+    """A variant's cell: "not run", "needs CUDA" when refused on the device, "failed (ErrorType)"
+    when it has no `key`, else render(result), marked when it did not compile within the budget."""
     if result is None:
         return "not run"
+    if "refused" in result:
+        return "needs CUDA" if "CUDA" in result["refused"] else "refused"
     if key not in result:
         return f"failed ({md_escape(result.get('error', '?').split(':', 1)[0])})"
-    return render(result)
+    budget = result.get("compile_budget_s")
+    mark = (f" (over the {budget:.0f} s compile budget)" if budget else " (over the compile budget)") \
+        if result.get("over_compile_budget") else ""
+    return render(result) + mark
 
 
 def rate_cell(result: Optional[dict]) -> str:
     """Images/s: whole numbers with thousands separators, one decimal below 100."""
     return _cell(result, "img_per_s", lambda r: f"{r['img_per_s']:,.0f}" if r["img_per_s"] >= 100
                  else f"{r['img_per_s']:,.1f}")
+
+
+def ms_cell(result: Optional[dict]) -> str:
+    """ms per call, three significant decimals below 10 ms."""
+    return _cell(result, "ms", lambda r: f"{r['ms']:.3f} ms" if r["ms"] < 10 else f"{r['ms']:.2f} ms")
+
+
+def fastest_of(by_role: Dict[str, dict], mode: str, hold: Tuple[str, Optional[str]]) -> dict:
+    """The fastest compile variant among a row's (`fastest_compile`: timed, within the budget);
+    the row's weight holding is theirs (reports before the holding fields do not say)."""
+    found = [dict(by_role[r], weights_dtype=hold[0], mode=mode) for r in COMPILE_COLUMNS if r in by_role]
+    return fastest_compile(found, mode, hold[0])
+
+
+def fastest_cell(fast: Optional[dict], fastest: dict) -> str:
+    """fastlego's speed-up over the fastest compile variant, naming it ("-" when there is none)."""
+    if not fast or "ms" not in fast or fastest["variant"] is None:
+        return "-"
+    return f"{fastest['ms'] / fast['ms']:.2f} (`{fastest['variant']}`)"
 
 
 def step_cell(result: Optional[dict]) -> str:
@@ -208,21 +249,24 @@ def infer_section(runs: Sequence[Run]) -> Optional[str]:
         floor = case.get("floor")
         for hold in sorted(by_holding, key=lambda h: (h[0] != "float32", str(h))):   # fp32 weights first
             cells = by_holding[hold]
-            fast, comp = cells.get("fastlego"), cells.get("compile")
+            fast = cells.get("fastlego")
+            fastest = fastest_of(cells, "infer", hold)
             names = ", ".join(f"`{cells[r]['variant']}`" for r in ROLES if r in cells)
             rows.append((run, [f"{case['name']} ({case['case']['batch']})", f"{holding_label(*hold)}: {names}",
-                               rate_cell(cells.get("reference")), rate_cell(comp), rate_cell(fast),
-                               fmt(ratio(comp, fast), ".2f"), pct(ratio(floor, fast))]))
+                               rate_cell(cells.get("reference"))] + [rate_cell(cells.get(r)) for r in COMPILE_COLUMNS]
+                         + [rate_cell(fast), fastest_cell(fast, fastest), pct(ratio(floor, fast))]))
     if not rows:
         return None
     used = _distinct([run for run, _ in rows])
     text = ["Inference (`fastlego bench`, mode `infer`: one `torch.no_grad()` forward), images/s: the median of "
             f"timed rounds (CUDA events on a GPU){_tf32(used)}. Each row holds the weights one way; its variants "
-            "are named. \"x torch.compile\" = torch.compile's ms / fastlego's ms in the same row; \"/ floor\" = "
-            "the floor's ms (every matmul of the forward at cuBLAS speed in bf16 plus attention, measured in the "
-            "same run) / fastlego's ms. " + _runs_text(used), ""]
-    text += _table(["preset (batch)", "weights: variants", "reference eager", "torch.compile(reference)", "fastlego",
-                    "x torch.compile", "/ floor"], rows, used)
+            "are named. torch.compile of the reference model three ways: torch's default mode, "
+            "mode=\"max-autotune-no-cudagraphs\", and mode=\"reduce-overhead\" (CUDA graphs). \"x fastest compile\" = "
+            "the ms of the fastest of them in the same row that compiled within the run's budget (named) / "
+            "fastlego's ms; \"/ floor\" = the floor's ms (every matmul of the forward at cuBLAS speed in bf16 plus "
+            "attention, measured in the same run) / fastlego's ms. " + _runs_text(used), ""]
+    text += _table(["preset (batch)", "weights: variants", "reference eager"] + list(COMPILE_COLUMNS.values())
+                   + ["fastlego", "x fastest compile", "/ floor"], rows, used)
     return "\n".join(text)
 
 
@@ -234,28 +278,67 @@ def train_section(runs: Sequence[Run]) -> Optional[str]:
         for fast in (r for r in results if role(r) == "fastlego"):
             hold = holding(fast, run.config)
             same = {role(r): r for r in results if holding(r, run.config) == hold and role(r) != "fastlego"}
-            ref, comp = same.get("reference"), same.get("compile")
+            ref = same.get("reference")
+            fastest = fastest_of(same, "train", hold)
             variant = f"`{fast['variant']}`"
             if "checkpointed_blocks" in fast:
                 variant += f" ({fast['checkpointed_blocks']} blocks checkpointed)"
             rows.append((run, [f"{case['name']} ({case['case']['batch']})", f"{variant}, {holding_label(*hold)}",
-                               step_cell(ref), step_cell(comp), step_cell(fast), fmt(ratio(comp, fast), ".2f"),
-                               fmt(ratio(ref, fast), ".2f"), fmt(ratio(fast, ref, "peak_gib"), ".3f")]))
+                               step_cell(ref)] + [step_cell(same.get(r)) for r in COMPILE_COLUMNS]
+                         + [step_cell(fast), fastest_cell(fast, fastest), fmt(ratio(ref, fast), ".2f"),
+                            fmt(ratio(fast, ref, "peak_gib"), ".3f")]))
     if not rows:
         return None
     used = _distinct([run for run, _ in rows])
     text = ["Training step (`fastlego bench --modes train`: forward of EDMPrecond with every brick trained + EDM loss "
-            f"+ backward + AdamW), ms per step: the median of timed rounds (CUDA events on a GPU){_tf32(used)}; GiB: "
-            "the steady-state peak the variant allocates (weights, gradients, optimizer state, activations). The "
-            "baselines in a row hold their "
-            "weights as its fastlego variant does. \"x\" = the baseline's ms / fastlego's ms; \"peak / eager\" = "
+            f"+ backward + fused AdamW), ms per step: the median of timed rounds (CUDA events on a GPU){_tf32(used)}; "
+            "GiB: the steady-state peak the variant allocates (weights, gradients, optimizer state, activations). "
+            "torch.compile of the reference EDMPrecond three ways: torch's default mode, "
+            "mode=\"max-autotune-no-cudagraphs\", and the default-mode compiled step captured as one CUDA graph "
+            "(forward, loss, backward and a capturable AdamW). The baselines in a row hold their weights as its "
+            "fastlego variant does. \"x fastest compile\" = the ms of the fastest compile variant that compiled "
+            "within the run's budget (named) / fastlego's ms; \"x reference eager\" likewise; \"peak / eager\" = "
             "fastlego's peak GiB / the reference eager step's. " + _runs_text(used), ""]
-    text += _table(["preset (batch)", "fastlego variant, weights", "reference eager", "torch.compile(reference)",
-                    "fastlego", "x torch.compile", "x reference eager", "peak / eager"], rows, used)
+    text += _table(["preset (batch)", "fastlego variant, weights", "reference eager"] + list(COMPILE_COLUMNS.values())
+                   + ["fastlego", "x fastest compile", "x reference eager", "peak / eager"], rows, used)
     return "\n".join(text)
 
 
-SECTIONS = {"infer": infer_section, "train": train_section}
+def _against(num: Optional[dict], den: Optional[dict], target: float) -> str:
+    """num's ms / den's ms with the target and whether it is met ("-" without both timings)."""
+    value = ratio(num, den)
+    if value is None:
+        return "-"
+    return f"{value:.2f} ({'met' if value >= target else 'missed'}: >= {target:g})"
+
+
+def latency_section(runs: Sequence[Run]) -> Optional[str]:
+    """The latency table (None when no report has latency results)."""
+    rows, holds = [], set()
+    for run, case in latest_cases(runs, "latency"):
+        by_variant = {r["variant"]: r for r in results_of(case, "latency")}
+        holds.update(holding_label(*holding(r, run.config)) for r in by_variant.values())
+        ref, comp = by_variant.get("reference"), by_variant.get("compile_graph")
+        eager, graph = by_variant.get("fastlego"), by_variant.get("fastlego_graph")
+        rows.append((run, [f"{case['name']} ({case['case']['batch']})", ms_cell(ref), ms_cell(comp), ms_cell(eager),
+                           ms_cell(graph), _against(comp, graph, latency_target(case["case"]["batch"])),
+                           _against(ref, eager, 1.0)]))
+    if not rows:
+        return None
+    used = _distinct([run for run, _ in rows])
+    hold = f", {holds.pop()}" if len(holds) == 1 else ""
+    text = ["Latency (`fastlego bench --modes latency`): ms per network call (one backbone forward"
+            f"{hold}) at small batches, as when sampling one to a few images at a time{_tf32(used)}: the "
+            "median of timed rounds (CUDA events on a GPU). torch.compile(reference, mode=\"reduce-overhead\") "
+            "replays CUDA graphs; \"fastlego CUDA graph\" is fastlego's forward captured once with torch.cuda.graph "
+            "and replayed on static inputs. Targets: the graph >= 1.5x reduce-overhead from batch 16, >= 1.25x "
+            "below; fastlego eager never slower than the reference eager. " + _runs_text(used), ""]
+    text += _table(["preset (batch)", "reference eager", "torch.compile reduce-overhead", "fastlego eager",
+                    "fastlego CUDA graph", "graph x reduce-overhead", "eager x reference eager"], rows, used)
+    return "\n".join(text)
+
+
+SECTIONS = {"infer": infer_section, "train": train_section, "latency": latency_section}
 
 
 def replace_section(text: str, name: str, body: str, where: str = "README.md") -> str:

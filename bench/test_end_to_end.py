@@ -1,6 +1,8 @@
-"""End to end: fastlego (auto backend) vs the reference ops eager vs torch.compile of them, for
-inference against the floor measured in the same run (BASELINE.md), and with `--modes train` for
-training steps (forward + EDM loss + backward + AdamW). Run: `pytest bench/` on a GPU."""
+"""End to end: fastlego (auto backend) vs the reference ops eager vs torch.compile of them (each
+compile variant: default mode, max-autotune-no-cudagraphs, CUDA graphs), for inference against
+the floor measured in the same run, with `--modes train` for training steps (forward + EDM loss +
+backward + fused AdamW) and with `--modes latency` for one network call at small batches.
+Run: `pytest bench/` on a GPU."""
 
 from __future__ import annotations
 
@@ -8,17 +10,21 @@ import math
 
 import pytest
 
+from fastlego.benchmark import COMPILE_VARIANTS
+
 
 def test_end_to_end(benchmark, runner, bench_session, bench_e2e):
     """images/s of one variant (pedantic rounds, CUDA-synced); errors of torch.compile are
     recorded in the report and skip the test, errors of fastlego fail it. In train mode, a
     reference step that fails too (the release's out-of-memory and crash cases) only skips."""
     case, mode, variant = bench_e2e
-    benchmark.group = f"{case.name} B={case.batch} {mode}" if mode == "train" else f"{case.name} {mode}"
+    benchmark.group = f"{case.name} B={case.batch} {mode}" if mode in ("train", "latency") else f"{case.name} {mode}"
     res = bench_session.end_to_end(case, variant, mode, runner=runner)
+    if "refused" in res:
+        pytest.skip(f"{variant} cannot run here (recorded in the report): {res['refused']}")
     if "error" in res:
-        if variant == "compile":
-            pytest.skip(f"torch.compile failed (recorded in the report): {res['error'][:300]}")
+        if variant in COMPILE_VARIANTS:
+            pytest.skip(f"{variant} failed (recorded in the report): {res['error'][:300]}")
         if mode == "train" and variant == "reference":
             pytest.skip(f"the reference training step failed (recorded in the report): {res['error'][:300]}")
         pytest.fail(f"{variant} failed on {case.describe()} ({mode}): {res['error']}")

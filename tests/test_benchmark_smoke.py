@@ -2,11 +2,15 @@
 
 The real benchmark runs on a GPU (`fastlego bench`, `pytest bench/`); this checks that the whole
 pipeline works end to end: device limits, FLOP counts, the floor, the end-to-end variants (a
-failing torch.compile recorded as an error string) with how each held its weights, the
-per-kernel timings at the call sites the dispatcher's observer hook recorded, the JSON report,
-the markdown table and the README tables generated from the report (bench/readme_tables.py);
-the train mode (forward + EDM loss + backward + AdamW step), with a failing variant recorded as
-an error while the run goes on; and that it runs without triton.
+failing torch.compile recorded as an error string, a CUDA-graph variant refused on the CPU with
+the reason) with how each held its weights, the per-kernel timings at the call sites the
+dispatcher's observer hook recorded, the JSON report, the markdown table and the README tables
+generated from the report (bench/readme_tables.py); the train mode (forward + EDM loss +
+backward + AdamW step), with a failing variant recorded as an error while the run goes on; the
+latency mode and its table; each compile variant's torch.compile mode, the compile budget and
+the fastest compile variant the targets are held against (torch.compile replaced by a stand-in:
+no compilation here); and that it runs without triton. The `cuda` tests run the CUDA-graph and
+compile variants for real on a GPU.
 """
 
 from __future__ import annotations
@@ -41,13 +45,27 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+INFER_VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "compile_max_autotune", "compile_graph",
+                  "reference_bf16", "compile_bf16")
+
+
+def _failing_compile(model, *args, **kwargs):
+    raise RuntimeError(f"injected compile failure (mode={kwargs.get('mode')})")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, _one_thread):
-    """One tiny CLI run (with a torch.compile that fails on purpose) and its outputs."""
+    """One tiny CLI run with every inference variant: torch.compile fails on purpose (a
+    stand-in that raises, saying which mode it was given), compile_graph is refused (CPU)."""
     out = tmp_path_factory.mktemp("bench")
     md = out / "RESULTS.md"
-    rc = bm.main(TINY + ["--variants", "reference,fastlego,fastlego_bf16,compile,reference_bf16,compile_bf16", "--compile",
-                         "--compile-mode", "no-such-mode", "--json", str(out / "r.json"), "--markdown", str(md)])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "compile", _failing_compile)
+    try:
+        rc = bm.main(TINY + ["--variants", ",".join(INFER_VARIANTS), "--compile",
+                             "--json", str(out / "r.json"), "--markdown", str(md)])
+    finally:
+        mp.undo()
     return rc, json.loads((out / "r.json").read_text()), md
 
 
@@ -83,7 +101,7 @@ def test_end_to_end_variants(tiny_run):
     _, report, _ = tiny_run
     [case] = report["cases"]
     e2e = case["end_to_end"]
-    assert set(e2e) == {"reference", "fastlego", "fastlego_bf16", "compile", "reference_bf16", "compile_bf16"}
+    assert set(e2e) == set(INFER_VARIANTS)
     for name in ("reference", "fastlego", "fastlego_bf16", "reference_bf16"):
         r = e2e[name]
         assert "error" not in r, r.get("error")
@@ -94,16 +112,30 @@ def test_end_to_end_variants(tiny_run):
         assert sum(sum(c.values()) for c in r["backends"]["chosen"].values()) > 0
     # the auto backend's choices are recorded; on the CPU every op runs the reference
     assert set(e2e["fastlego"]["backends"]["chosen"]) >= {"brick_embed", "modulated_linear", "final_layer"}
-    for name in ("compile", "compile_bf16"):
-        assert "no-such-mode" in e2e[name]["error"] and "ms" not in e2e[name]
-    # what ran, in the report: weight holding, autocast, dispatcher mode, compiled or not
-    held = {name: (r["weights_dtype"], r["autocast_dtype"], r["dispatch_mode"], r["compiled"]) for name, r in e2e.items()}
-    assert held == {"reference": ("float32", "bfloat16", "reference", False),
-                    "fastlego": ("float32", "bfloat16", "auto", False),
-                    "compile": ("float32", "bfloat16", "reference", True),
-                    "fastlego_bf16": ("bfloat16", None, "auto", False),
-                    "reference_bf16": ("bfloat16", None, "reference", False),
-                    "compile_bf16": ("bfloat16", None, "reference", True)}
+    # each compile variant asked torch.compile for its own mode; the failure is its row's error
+    for name, mode in (("compile", None), ("compile_bf16", None), ("compile_max_autotune", "max-autotune-no-cudagraphs")):
+        assert e2e[name]["error"] == f"RuntimeError: injected compile failure (mode={mode})" and "ms" not in e2e[name]
+        assert e2e[name]["compile_mode"] == (mode or "default") and e2e[name]["compile_budget_s"] == bm.COMPILE_BUDGET_S
+    # CUDA graphs on the CPU: refused before anything is built, with the reason
+    graph = e2e["compile_graph"]
+    assert "ms" not in graph and "first_call_s" not in graph and "needs a CUDA GPU" in graph["refused"]
+    assert graph["error"] == "refused: " + graph["refused"] and graph["compile_mode"] == "reduce-overhead"
+    # what ran, in the report: weight holding, autocast, dispatcher mode, compiled or not, CUDA graph or not
+    held = {name: (r["weights_dtype"], r["autocast_dtype"], r["dispatch_mode"], r["compiled"], r["cuda_graph"])
+            for name, r in e2e.items()}
+    assert held == {"reference": ("float32", "bfloat16", "reference", False, False),
+                    "fastlego": ("float32", "bfloat16", "auto", False, False),
+                    "compile": ("float32", "bfloat16", "reference", True, False),
+                    "compile_max_autotune": ("float32", "bfloat16", "reference", True, False),
+                    "compile_graph": ("float32", "bfloat16", "reference", True, True),
+                    "fastlego_bf16": ("bfloat16", None, "auto", False, False),
+                    "reference_bf16": ("bfloat16", None, "reference", False, False),
+                    "compile_bf16": ("bfloat16", None, "reference", True, False)}
+    assert e2e["compile_max_autotune"]["description"] == bm.VARIANT_HELP["compile_max_autotune"]
+    # no compile variant was timed: no fastest, no speed-up target verdict
+    fastest = case["targets"]["fastest_compile"]
+    assert fastest["variant"] is None and set(fastest["excluded"]) == {"compile", "compile_max_autotune", "compile_graph"}
+    assert "vs_fastest_compile" not in case["targets"]
     assert e2e["reference_bf16"]["weights_gib"] == pytest.approx(e2e["reference"]["weights_gib"] / 2, rel=0.01)
     assert case["targets"]["floor_fraction"]["target"] == bm.FLOOR_TARGET
 
@@ -145,6 +177,10 @@ def test_markdown_appended(tiny_run, tmp_path):
     assert f"## {report['environment']['date']}: cpu" in text
     assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | fastlego |" in text
     assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | compile | error: RuntimeError" in text
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | compile_graph | error: refused: compile_graph needs a CUDA GPU" in text
+    [line] = [x for x in text.splitlines() if x.startswith("torch.compile in lego_S_U_32")]
+    assert "`compile_max_autotune` (max-autotune-no-cudagraphs): RuntimeError: injected" in line
+    assert line.endswith("No compile variant was timed within the budget.")
     assert "| autocast:modulated_linear.qkv | 5 | reference |" in text
     assert "| bf16:modulated_linear.qkv | 5 | reference |" in text
     assert "| bf16: all ops |" in text
@@ -170,8 +206,9 @@ def _bench_script(name: str):
 
 def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
     """bench/readme_tables.py on the reports of a real (CPU) run: the fp32-weight and bf16-weight
-    rows each hold the variants that held their weights that way, a failed compile shows as
-    such, the run's versions and date are named, and --write fills marked sections."""
+    rows each hold the variants that held their weights that way, each compile variant in its
+    own column, a failed compile shows as such and a refused one as needing CUDA, the run's
+    versions and date are named, and --write fills marked sections."""
     rt = _bench_script("readme_tables")
     _, report, _ = tiny_run
     _, train, _ = train_run
@@ -184,14 +221,18 @@ def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
     e2e, name = case["end_to_end"], f"{case['name']} ({case['case']['batch']})"
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in infer_text.splitlines()
             if line.startswith(f"| {name} |")]
-    assert [r[1] for r in rows] == ["fp32 weights + bf16 autocast: `reference`, `compile`, `fastlego`",
-                                    "bf16 weights, no autocast: `reference_bf16`, `compile_bf16`, `fastlego_bf16`"]
+    assert [r[1] for r in rows] == [
+        "fp32 weights + bf16 autocast: `reference`, `compile`, `compile_max_autotune`, `compile_graph`, `fastlego`",
+        "bf16 weights, no autocast: `reference_bf16`, `compile_bf16`, `fastlego_bf16`"]
     fp32, bf16 = rows
-    assert fp32[2:5] == [rt.rate_cell(e2e["reference"]), "failed (RuntimeError)", rt.rate_cell(e2e["fastlego"])]
-    assert bf16[2:5] == [rt.rate_cell(e2e["reference_bf16"]), "failed (RuntimeError)", rt.rate_cell(e2e["fastlego_bf16"])]
-    assert fp32[5] == bf16[5] == "-"   # no speed-up over a compile that failed
-    assert fp32[6] == f"{100 * case['floor']['ms'] / e2e['fastlego']['ms']:.0f}%"
-    assert bf16[6] == f"{100 * case['floor']['ms'] / e2e['fastlego_bf16']['ms']:.0f}%"
+    # reference, compile (default), max-autotune, compile + CUDA graph, fastlego, x fastest compile, / floor
+    assert fp32[2:7] == [rt.rate_cell(e2e["reference"]), "failed (RuntimeError)", "failed (RuntimeError)", "needs CUDA",
+                         rt.rate_cell(e2e["fastlego"])]
+    assert bf16[2:7] == [rt.rate_cell(e2e["reference_bf16"]), "failed (RuntimeError)", "not run", "not run",
+                         rt.rate_cell(e2e["fastlego_bf16"])]
+    assert fp32[7] == bf16[7] == "-"   # no speed-up over compiles that failed
+    assert fp32[8] == f"{100 * case['floor']['ms'] / e2e['fastlego']['ms']:.0f}%"
+    assert bf16[8] == f"{100 * case['floor']['ms'] / e2e['fastlego_bf16']['ms']:.0f}%"
     env = report["environment"]
     for what in (f"torch {env['torch']}", f"triton {env['triton']}", env["date"], "tiny run", str(paths[0])):
         assert what in infer_text, what
@@ -200,9 +241,10 @@ def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
     [row] = [[c.strip() for c in line.strip("|").split("|")] for line in train_text.splitlines()
              if line.startswith(f"| {name} |")]
     assert row[1] == "`fastlego`, fp32 weights + bf16 autocast"
-    assert row[5] == f"{t['compile@train']['ms'] / t['fastlego@train']['ms']:.2f}"
-    assert row[6] == f"{t['reference@train']['ms'] / t['fastlego@train']['ms']:.2f}"
-    assert row[7] == "-"   # no peak memory on the CPU
+    assert row[4:6] == ["not run", "not run"]   # compile_max_autotune, compile_graph
+    assert row[7] == f"{t['compile@train']['ms'] / t['fastlego@train']['ms']:.2f} (`compile`)"
+    assert row[8] == f"{t['reference@train']['ms'] / t['fastlego@train']['ms']:.2f}"
+    assert row[9] == "-"   # no peak memory on the CPU
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench:infer -->\nold\n<!-- /bench:infer -->\nb\n<!-- bench:train -->\nold\n<!-- /bench:train -->\nc\n")
     assert rt.main(["--write", "--readme", str(readme)] + [str(p) for p in paths]) == 0
@@ -337,6 +379,17 @@ def test_interrupted_run_keeps_its_numbers(tmp_path, monkeypatch, capsys):
     assert report["interrupted"] == "test"
     assert report["cases"][0]["end_to_end"]["reference"]["img_per_s"] > 0
     assert "interrupted)" in (tmp_path / "R.md").read_text()
+    # stopped while compiling (a long max-autotune cut by `timeout`): the variant's row says so
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "compile", interrupt)
+    rc = bm.main(TINY + ["--variants", "reference,compile_max_autotune", "--compile", "--no-floor", "--no-check",
+                         "--no-kernels", "--json", str(tmp_path / "c.json"), "--no-markdown"])
+    assert rc == 130
+    e2e = json.loads((tmp_path / "c.json").read_text())["cases"][0]["end_to_end"]
+    assert e2e["reference"]["img_per_s"] > 0
+    cut = e2e["compile_max_autotune"]
+    assert "ms" not in cut and cut["error"].startswith("Interrupted: the run was stopped before this variant finished")
+    assert cut["compile_mode"] == "max-autotune-no-cudagraphs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +439,11 @@ def test_train_rows(train_run):
     # AdamW steps happened: the loss moved (the same batch every step)
     assert e2e["reference@train"]["loss_last"] != ref
     assert e2e["compile@train"]["graph_breaks"] == 0
+    assert e2e["compile@train"]["compile_mode"] == "default" and e2e["compile@train"]["over_compile_budget"] is False
+    # AdamW fused on CUDA only (here: PyTorch's default), not capturable without a CUDA graph
+    for r in e2e.values():
+        assert (r["optimizer_fused"], r["optimizer_capturable"]) == (False, False)
+        assert r["optimizer"] == f"AdamW(lr={bm.TRAIN_LR}, fused=False, capturable=False)"
     # the auto backend's choices in the training step are recorded (on the CPU: reference ops, and
     # token-major SDPA for global attention)
     chosen = e2e["fastlego@train"]["backends"]["chosen"]
@@ -394,6 +452,12 @@ def test_train_rows(train_run):
     assert set(chosen.get("global_attention", {"sdpa": 1})) == {"sdpa"}
     assert case["kernels"] == [] and "floor" not in case and "op_cases" not in case  # infer-only pieces skipped
     assert case["targets"]["train_vs_reference"]["value"] > 0
+    # the only compile variant timed is the fastest; the training target is held against it
+    tg = case["targets"]
+    assert tg["fastest_compile@train"]["variant"] == "compile"
+    vs = tg["train_vs_fastest_compile"]
+    assert vs["against"] == "compile" and vs["target"] == bm.TRAIN_COMPILE_TARGET
+    assert vs["value"] == tg["train_vs_compile"]["value"] and vs["met"] == (vs["value"] >= bm.TRAIN_COMPILE_TARGET)
 
 
 def test_train_markdown(train_run):
@@ -409,27 +473,33 @@ def test_train_markdown(train_run):
     e2e = report["cases"][0]["end_to_end"]
     for variant in ("reference", "fastlego", "compile"):
         r = e2e[f"{variant}@train"]
-        cells = rows[variant]  # preset, variant, img/s, ms, TFLOP/s (rel.), % peak, x compile, peak GiB, loss
+        cells = rows[variant]  # preset, variant, img/s, ms, TFLOP/s (rel.), % peak, x fastest compile, peak GiB, loss
         assert cells[2] == f"{r['img_per_s']:.1f}" and cells[3] == f"{r['ms']:.2f}"
         assert cells[6] == f"{e2e['compile@train']['ms'] / r['ms']:.2f}"
         assert cells[8].startswith(f"{r['loss']:.3g} / {r['loss_last']:.3g}")
 
 
-def test_every_train_variant_is_accepted_and_the_graph_one_needs_cuda(tmp_path):
-    """Asked for on the CPU, fastlego_graph is a train variant like the others (not an unknown
-    variant): its row records why it cannot run here; variant names are checked per mode."""
-    rc = bm.main(TINY + ["--modes", "train", "--variants", "fastlego,fastlego_graph,fastlego_graph_ckpt",
+def test_every_train_variant_is_accepted_and_the_graph_ones_need_cuda(tmp_path):
+    """Asked for on the CPU, the CUDA-graph train variants (fastlego_graph, fastlego_graph_ckpt,
+    compile_graph) are variants like the others (not unknown ones): each row records why it
+    cannot run here, refused before anything is built, and the run goes on; variant names are
+    checked per mode."""
+    rc = bm.main(TINY + ["--device", "cpu", "--modes", "train", "--variants",
+                         "fastlego,fastlego_graph,fastlego_graph_ckpt,compile_graph",
                          "--checkpoint-blocks", "2", "--no-kernels", "--no-floor",
                          "--no-check", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
     assert rc == 0
     [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
     e2e = case["end_to_end"]
     assert e2e["fastlego@train"]["img_per_s"] > 0
-    for name in ("fastlego_graph", "fastlego_graph_ckpt"):
+    for name in ("fastlego_graph", "fastlego_graph_ckpt", "compile_graph"):
         graph = e2e[f"{name}@train"]
-        assert "ms" not in graph and ("needs a CUDA GPU" in graph["error"] or torch.cuda.is_available())
-    assert e2e["fastlego_graph_ckpt@train"]["checkpointed_blocks"] == 2
-    assert "fastlego_graph_ckpt (2 blocks)" in (tmp_path / "R.md").read_text()
+        assert "ms" not in graph and "loss" not in graph and graph["cuda_graph"] is True
+        assert graph["refused"].startswith(f"{name} needs a CUDA GPU") and graph["error"] == "refused: " + graph["refused"]
+    assert e2e["compile_graph@train"]["compiled"] and e2e["compile_graph@train"]["compile_mode"] == "default"
+    assert e2e["compile_graph@train"]["description"] == bm.TRAIN_VARIANT_HELP["compile_graph"]
+    assert "| lego_S_U_32[depths=1,1,1,1,1] (1) | compile_graph | error: refused: compile_graph needs a CUDA GPU" \
+        in (tmp_path / "R.md").read_text()
     assert "fastlego_graph_ckpt" not in bm.DEFAULT_VARIANTS   # opt-in
     session = bm.BenchSession(bm.BenchConfig.for_mode(tiny=True, device="cpu"))
     with pytest.raises(ValueError, match="unknown infer variant 'fastlego_graph'"):
@@ -480,7 +550,9 @@ def test_train_default_workloads():
     assert (xl.in_channels, xl.resolution, xl.label_dim) == (4, 32, 1000)
     assert [(c.preset, c.batch) for c in cfg.cases_for("infer")] == [(n, b) for n, b, *_ in bm.DEFAULT_CASES]
     assert cfg.variants_for("train") == ("reference", "fastlego")  # compile skipped on the CPU, no bf16 weights
-    assert parse("--modes", "train", "--compile").variants_for("train") == ("reference", "fastlego", "compile")
+    # --compile on the CPU: the compile variants that can run here (CUDA graphs only when named)
+    assert parse("--modes", "train", "--compile").variants_for("train") == ("reference", "fastlego", "compile",
+                                                                            "compile_max_autotune")
     assert [(c.preset, c.batch) for c in parse("--modes", "train", "--presets", "lego_XL_U_32:8").cases_for("train")] \
         == [("lego_XL_U_32", 8)]
     assert parse("--modes", "train", "--tiny").cases_for("train") == parse("--tiny").cases
@@ -488,3 +560,233 @@ def test_train_default_workloads():
         == [("lego_S_PG_64", 4), ("lego_L_PG_64", 4), ("lego_XL_U_32", 4)]
     deep = parse("--modes", "train", "--presets", "lego_S_PG_64:2", "--depths", "1,1,1")
     assert deep.cases_for("train")[0].depths == (1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile variants, the compile budget and the fastest compile variant
+# ---------------------------------------------------------------------------------------------
+
+def _record(variant, mode="infer", ms=None, **extra):
+    """A synthetic end-to-end record, as the session writes one (fp32 weights)."""
+    r = {"variant": variant, "mode": mode, "batch": 16, "weights_dtype": "float32",
+         "compiled": variant in bm.COMPILE_VARIANTS, **extra}
+    if ms is not None:
+        r["ms"] = ms
+    return r
+
+
+def test_compile_budget_note():
+    assert bm.compile_budget_note(None, 10.0) is None       # never called
+    assert bm.compile_budget_note(10.0, 10.0) is None       # at the budget: within it
+    assert bm.compile_budget_note(1234.5, 900.0) == "did not compile within the budget: first call 1234 s > 900 s"
+    assert bm.COMPILE_MODES == {"compile": None, "compile_bf16": None, "compile_graph": "reduce-overhead",
+                                "compile_max_autotune": "max-autotune-no-cudagraphs"}
+    # in training, compile_graph compiles in the default mode: the step around it is the CUDA graph
+    assert bm.compile_mode_of("compile_graph", "train") is None
+    assert bm.compile_mode_of("compile_graph", "latency") == "reduce-overhead"
+    with pytest.raises(ValueError, match="not a torch.compile variant"):
+        bm.compile_mode_of("fastlego")
+
+
+def test_fastest_compile_and_targets_on_synthetic_records():
+    """The fastest compile variant of a workload: timed, within the budget, same mode and weight
+    holding; the targets are held against it, the speed-ups over each compile variant listed."""
+    over = "did not compile within the budget: first call 1000 s > 900 s"
+    e2e = {"reference": _record("reference", ms=100.0), "fastlego": _record("fastlego", ms=20.0),
+           "compile": _record("compile", ms=50.0),
+           "compile_max_autotune": _record("compile_max_autotune", ms=30.0, over_compile_budget=True,
+                                           compile_budget_note=over),
+           "compile_graph": _record("compile_graph", ms=40.0, cuda_graph=True),
+           "compile_bf16": _record("compile_bf16", ms=10.0, weights_dtype="bfloat16"),   # another holding
+           "compile@train": _record("compile", "train", ms=5.0)}                            # another mode
+    fastest = bm.fastest_compile(e2e, "infer")
+    assert (fastest["variant"], fastest["ms"]) == ("compile_graph", 40.0)
+    assert fastest["candidates"] == {"compile": 50.0, "compile_graph": 40.0}
+    assert fastest["excluded"] == {"compile_max_autotune": over}
+    assert bm.fastest_compile(e2e, "infer", "bfloat16")["variant"] == "compile_bf16"
+    case = bm.default_case("lego_S_PG_64")
+    tg = bm.targets(case, {"end_to_end": e2e}, {"gpu": "NVIDIA H200"})
+    assert tg["vs_fastest_compile"] == {"against": "compile_graph", "target": 1.9, "value": 2.0, "met": True,
+                                        "target_gpu": "H200", "same_gpu_as_target": True}
+    assert tg["vs_compile"] == {"value": 2.5}    # against torch's default mode, no target of its own
+    assert tg["vs_compile_variants"] == {"compile": 2.5, "compile_max_autotune": 1.5, "compile_graph": 2.0}
+    # compiled within the budget, max-autotune is the fastest, and the target is missed
+    e2e["compile_max_autotune"]["over_compile_budget"] = False
+    vs = bm.targets(case, {"end_to_end": e2e}, {"gpu": "NVIDIA H100 80GB HBM3"})["vs_fastest_compile"]
+    assert (vs["against"], vs["value"], vs["met"], vs["same_gpu_as_target"]) == ("compile_max_autotune", 1.5, False, False)
+    # a failed compile is excluded with its error; none timed: no target verdict
+    failed = {"fastlego": _record("fastlego", ms=20.0), "compile": _record("compile", error="RuntimeError: boom")}
+    tg = bm.targets(case, {"end_to_end": failed}, {})
+    assert tg["fastest_compile"] == {"variant": None, "ms": None, "candidates": {},
+                                     "excluded": {"compile": "RuntimeError: boom"}}
+    assert "vs_fastest_compile" not in tg and "vs_compile" not in tg
+
+
+def test_training_and_latency_targets_on_synthetic_records():
+    train = {"fastlego_graph@train": _record("fastlego_graph", "train", ms=20.0, cuda_graph=True),
+             "reference@train": _record("reference", "train", ms=50.0),
+             "compile@train": _record("compile", "train", ms=33.0),
+             "compile_graph@train": _record("compile_graph", "train", ms=25.0, cuda_graph=True),
+             "compile_max_autotune@train": _record("compile_max_autotune", "train", error="RuntimeError: x")}
+    tg = bm.targets(bm.default_case("lego_S_PG_64", 32), {"end_to_end": train}, {})
+    assert tg["fastest_compile@train"]["variant"] == "compile_graph"
+    assert tg["fastest_compile@train"]["excluded"] == {"compile_max_autotune": "RuntimeError: x"}
+    assert tg["graph_train_vs_fastest_compile"] == {"against": "compile_graph", "target": bm.TRAIN_COMPILE_TARGET,
+                                                    "value": 1.25, "met": False}
+    assert tg["graph_train_vs_compile"] == {"value": 33.0 / 20.0} and tg["graph_train_vs_compile_graph"] == {"value": 1.25}
+    assert tg["graph_train_vs_reference"] == {"value": 2.5} and "train_vs_fastest_compile" not in tg
+    lat = {"reference@latency": _record("reference", "latency", ms=4.0),
+           "fastlego@latency": _record("fastlego", "latency", ms=5.0),
+           "compile_graph@latency": _record("compile_graph", "latency", ms=3.0, cuda_graph=True),
+           "fastlego_graph@latency": _record("fastlego_graph", "latency", ms=2.0, cuda_graph=True)}
+    for batch, target in ((1, 1.25), (4, 1.25), (16, 1.5)):
+        tg = bm.targets(bm.default_case("lego_L_PG_64", batch), {"end_to_end": lat}, {})
+        assert tg["latency_graph_vs_compile_graph"] == {"target": target, "value": 1.5, "met": True}
+        assert tg["latency_eager_vs_reference"] == {"target": 1.0, "value": 0.8, "met": False}   # eager slower: missed
+        assert "fastest_compile" not in tg   # latency results do not make an inference comparison
+    lat["compile_graph@latency"]["ms"] = 3.2    # 1.6x: met at 16, and 1.25x rule below 16
+    assert bm.targets(bm.default_case("lego_L_PG_64", 16), {"end_to_end": lat}, {})["latency_graph_vs_compile_graph"]["met"]
+    lat["compile_graph@latency"]["ms"] = 2.9    # 1.45x: missed at 16, met at 4
+    assert not bm.targets(bm.default_case("lego_L_PG_64", 16), {"end_to_end": lat}, {})["latency_graph_vs_compile_graph"]["met"]
+    assert bm.targets(bm.default_case("lego_L_PG_64", 4), {"end_to_end": lat}, {})["latency_graph_vs_compile_graph"]["met"]
+
+
+def test_compile_variants_ask_for_their_mode_and_the_budget_marks_them(monkeypatch, _one_thread):
+    """Each compile variant passes its own mode to torch.compile (replaced here by a stand-in
+    that records the mode and returns the model: nothing compiles); a first call over the budget
+    is recorded, marked and kept out of the fastest compile, which the report names."""
+    seen = []
+
+    def stand_in(model, *args, mode=None, **kwargs):
+        seen.append(mode)
+        return model
+    monkeypatch.setattr(torch, "compile", stand_in)
+    args = bm.build_parser().parse_args(TINY + ["--compile", "--variants", "fastlego,compile,compile_max_autotune",
+                                                "--modes", "infer,train", "--no-check", "--no-floor", "--no-kernels"])
+    session = bm.BenchSession(bm.config_from_args(args))
+    case = session.config.cases[0]
+    session.config.compile_budget_s = 1e-9    # every first call overruns it
+    over = session.end_to_end(case, "compile", "infer")
+    session.config.compile_budget_s = 1e9
+    within = session.end_to_end(case, "compile_max_autotune", "infer")
+    session.end_to_end(case, "fastlego", "infer")
+    train = session.end_to_end(case, "compile_max_autotune", "train")
+    assert seen == [None, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
+    assert over["first_call_s"] > 1e-9 and over["ms"] > 0 and over["over_compile_budget"] is True
+    assert over["compile_budget_note"] == f"did not compile within the budget: first call {over['first_call_s']:.4g} s > 1e-09 s"
+    assert within["over_compile_budget"] is False and "compile_budget_note" not in within
+    assert train["compile_mode"] == "max-autotune-no-cudagraphs" and train["over_compile_budget"] is False
+    assert train["loss_finite"] and train["ms"] > 0
+    report = session.report()
+    session.close()
+    tg = report["cases"][0]["targets"]
+    assert tg["fastest_compile"]["variant"] == "compile_max_autotune"
+    assert tg["fastest_compile"]["excluded"] == {"compile": over["compile_budget_note"]}
+    assert tg["vs_fastest_compile"]["against"] == "compile_max_autotune"
+    assert tg["fastest_compile@train"]["variant"] == "compile_max_autotune"
+    text = bm.results_markdown(report)
+    [line] = [x for x in text.splitlines() if x.startswith("torch.compile in lego_S_U_32") and ", train" not in x]
+    assert f"`compile` (default): {over['ms']:.2f} ms" in line and f"({over['compile_budget_note']})" in line
+    assert f"Fastest within the budget: `compile_max_autotune` ({within['ms']:.2f} ms); `fastlego` x" in line
+    assert "| x fastest compile |" in text
+
+
+def test_latency_mode(tmp_path, _one_thread):
+    """`--modes latency` on the CPU: the eager variants timed per network call (rounds filled to
+    --latency-round-ms), the CUDA-graph ones refused with the reason; its own table in the
+    markdown, its targets in the report."""
+    rc = bm.main(TINY + ["--modes", "latency", "--compile", "--latency-round-ms", "0",
+                         "--variants", "reference,compile_graph,fastlego,fastlego_graph",
+                         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["latency_cases"] == [report["cases"][0]["case"]] and "train_cases" not in report["config"]
+    [case] = report["cases"]
+    e2e = case["end_to_end"]
+    assert set(e2e) == {"reference@latency", "compile_graph@latency", "fastlego@latency", "fastlego_graph@latency"}
+    for name in ("reference", "fastlego"):
+        r = e2e[f"{name}@latency"]
+        assert r["mode"] == "latency" and r["ms"] > 0 and r["timing"]["rounds"] == 2 and r["timing"]["inner"] >= 1
+        assert 0 < r["rel_err_vs_fp32"] < 0.05 and "frac_floor" not in r
+    assert sum(sum(c.values()) for c in e2e["fastlego@latency"]["backends"]["chosen"].values()) > 0
+    for name in ("compile_graph", "fastlego_graph"):
+        assert e2e[f"{name}@latency"]["refused"].startswith(f"{name} needs a CUDA GPU")
+    assert e2e["compile_graph@latency"]["compile_mode"] == "reduce-overhead"
+    assert case["kernels"] == [] and "floor" not in case   # infer-only pieces skipped
+    tg = case["targets"]
+    eager = tg["latency_eager_vs_reference"]
+    assert eager["value"] == e2e["reference@latency"]["ms"] / e2e["fastlego@latency"]["ms"] and eager["target"] == 1.0
+    assert "latency_graph_vs_compile_graph" not in tg
+    text = (tmp_path / "R.md").read_text()
+    assert "| preset (batch), latency | reference eager ms | compile_graph ms (reduce-overhead) |" in text
+    [row] = [x for x in text.splitlines() if x.startswith("| lego_S_U_32[depths=1,1,1,1,1] (1) |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == [f"{e2e['reference@latency']['ms']:.3f}", "refused (needs CUDA)",
+                          f"{e2e['fastlego@latency']['ms']:.3f}", "refused (needs CUDA)"]
+    assert cells[5] == "-" and cells[6].startswith(f"{eager['value']:.2f} (")
+    assert "| preset (batch) | variant | img/s |" not in text   # no inference rows: no inference table
+
+
+def test_latency_workloads_and_compile_options():
+    parse = lambda *argv: bm.config_from_args(bm.build_parser().parse_args(["--device", "cpu", *argv]))  # noqa: E731
+    cfg = parse("--modes", "latency")
+    got = [(c.preset, c.batch, c.in_channels, c.resolution, c.label_dim) for c in cfg.cases_for("latency")]
+    assert got == [("lego_S_PG_64", b, 3, 64, 0) for b in (1, 4, 16)] + [("lego_L_PG_64", b, 3, 64, 1000) for b in (1, 4, 16)]
+    assert cfg.variants_for("latency") == ("reference", "fastlego")   # on the CPU: no compile, no CUDA graphs unless named
+    assert parse("--modes", "latency", "--variants", "reference,compile_graph,fastlego_graph").variants_for("latency") \
+        == ("reference", "compile_graph", "fastlego_graph")   # named on the CPU: kept, to be refused with the reason
+    named = parse("--modes", "latency", "--presets", "lego_S_PG_64,lego_L_PG_64:2").cases_for("latency")
+    assert [(c.preset, c.batch) for c in named] == [("lego_S_PG_64", 1), ("lego_S_PG_64", 4), ("lego_S_PG_64", 16),
+                                                    ("lego_L_PG_64", 2)]
+    assert [(c.preset, c.batch) for c in parse("--modes", "latency", "--batch", "8").cases_for("latency")] \
+        == [("lego_S_PG_64", 8), ("lego_L_PG_64", 8)]
+    assert parse("--modes", "latency", "--tiny").cases_for("latency") == parse("--tiny").cases
+    assert parse("--modes", "latency", "--quick").latency_round_ms < parse("--modes", "latency").latency_round_ms
+    assert parse().compile_budget_s == bm.COMPILE_BUDGET_S and parse("--compile-budget", "60").compile_budget_s == 60.0
+    assert "compile_max_autotune" in bm.DEFAULT_VARIANTS and "compile_graph" in bm.DEFAULT_VARIANTS
+    assert set(bm.GRAPH_VARIANTS) == {"fastlego_graph", "fastlego_graph_ckpt", "compile_graph"}
+
+
+def test_compile_options_fail_clearly(capsys):
+    assert bm.main(["--device", "cpu", "--compile-mode", "max-autotune"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile-mode was replaced by named variants" in err and "compile_max_autotune (mode max-autotune-no-cudagraphs)" in err
+    assert bm.main(["--device", "cpu", "--compile-budget", "0"]) == 2
+    assert "--compile-budget must be a positive number of seconds" in capsys.readouterr().err
+    assert bm.main(["--device", "cpu", "--modes", "latency", "--variants", "fastlego_bf16"]) == 2
+    assert "has a latency mode" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_graph_and_compile_variants_on_a_gpu(tmp_path):
+    """On a GPU, for real: every training variant steps a fused AdamW (capturable in the CUDA-graph
+    ones); compile_graph's compiled step is captured and replayed, its first loss that of the
+    reference step; the latency fastlego_graph replays a captured forward as accurate as the eager
+    one, and torch.compile's reduce-overhead forward is timed."""
+    rc = bm.main(["--device", "cuda", "--tiny", "--presets", "lego_S_U_32:2", "--depths", "1,1,1,1,1",
+                  "--modes", "train,latency", "--variants", "reference,fastlego,fastlego_graph,compile_graph",
+                  "--no-kernels", "--no-floor", "--json", str(tmp_path / "r.json"), "--no-markdown"])
+    assert rc == 0
+    [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
+    e2e = case["end_to_end"]
+    for name in ("reference", "fastlego", "fastlego_graph", "compile_graph"):
+        r = e2e[f"{name}@train"]
+        assert "error" not in r, (name, r.get("error"))
+        assert r["optimizer_fused"] is True and r["optimizer_capturable"] is (name in bm.GRAPH_VARIANTS), name
+        assert r["loss_finite"] and r["ms"] > 0, name
+    for name in ("fastlego_graph", "compile_graph"):
+        assert e2e[f"{name}@train"]["captured"] is True and "capture_failed" not in e2e[f"{name}@train"]
+    comp = e2e["compile_graph@train"]
+    assert comp["first_call_s"] > 0 and comp["over_compile_budget"] is False and comp["compile_mode"] == "default"
+    assert math.isclose(comp["loss"], e2e["reference@train"]["loss"], rel_tol=1e-2)
+    for name in ("reference", "fastlego", "fastlego_graph", "compile_graph"):
+        r = e2e[f"{name}@latency"]
+        assert "error" not in r, (name, r.get("error"))
+        assert r["ms"] > 0 and math.isfinite(r["rel_err_vs_fp32"]), name
+    graph, eager = e2e["fastlego_graph@latency"], e2e["fastlego@latency"]
+    assert graph["captured"] is True and graph["rel_err_vs_fp32"] <= 2 * eager["rel_err_vs_fp32"] + 1e-3
+    assert e2e["compile_graph@latency"]["compile_mode"] == "reduce-overhead"
+    tg = case["targets"]
+    assert tg["latency_graph_vs_compile_graph"]["target"] == 1.25 and tg["latency_graph_vs_compile_graph"]["value"] > 0
+    assert tg["fastest_compile@train"]["variant"] == "compile_graph"
+    assert tg["graph_train_vs_fastest_compile"]["against"] == "compile_graph"

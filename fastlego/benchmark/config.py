@@ -1,5 +1,17 @@
 """What a benchmark run times: the workloads (`Case`), the variants of each mode and their
-settings (`BenchConfig`), and the targets the results are held against."""
+settings (`BenchConfig`), and the targets the results are held against.
+
+The variants of each mode, exactly (VARIANT_HELP, TRAIN_VARIANT_HELP, LATENCY_VARIANT_HELP say
+the same per variant): `reference` (the reference ops eager) and `fastlego` (the auto backend),
+fp32 weights under autocast; `fastlego_graph` (CUDA only): fastlego replayed as a CUDA graph, in
+training the whole step (`TrainStep(cuda_graph=True)`), in latency the backbone forward
+(torch.cuda.graph after warm-up, static inputs). torch.compile of the reference model, one
+variant per way to run it: `compile` (torch's default mode), `compile_max_autotune`
+(mode="max-autotune-no-cudagraphs") and `compile_graph` (CUDA only: mode="reduce-overhead" for a
+forward; in training, the default-mode compiled EDMPrecond inside the training step captured
+once as a CUDA graph with the capturable fused AdamW). Every training variant steps a fused AdamW
+on CUDA. Targets are held against the fastest compile variant that compiled within the budget.
+"""
 
 from __future__ import annotations
 
@@ -18,35 +30,83 @@ DEFAULT_CASES = (
     ("lego_L_PG_64", 128, 3, 64, 1000),
     ("lego_XL_U_32", 128, 4, 32, 1000),
 )
-# Inference targets: fastlego at >= 80% of the floor; on an H200 also these speed-ups over
-# torch.compile of the reference model.
+# Inference targets: fastlego at >= 80% of the floor; on an H200 also these speed-ups over the
+# fastest torch.compile variant of the reference model (see `COMPILE_VARIANTS`).
 FLOOR_TARGET = 0.8
 COMPILE_TARGETS = {"lego_S_PG_64": 1.9, "lego_L_PG_64": 1.5, "lego_XL_U_32": 1.4}
+# Training target: every fastlego training step >= this speed-up over the fastest torch.compile
+# variant of the reference step at the same workload.
+TRAIN_COMPILE_TARGET = 1.5
+# Latency (small batches, one network call): the presets, each at these batches, with the
+# channels, resolution and labels of DEFAULT_CASES; fastlego's forward replayed as a CUDA graph
+# against torch.compile(mode="reduce-overhead") at >= 1.5x from batch 16, >= 1.25x below, and
+# fastlego eager never slower than the reference eager.
+LATENCY_PRESETS = ("lego_S_PG_64", "lego_L_PG_64")
+LATENCY_BATCHES = (1, 4, 16)
+LATENCY_EAGER_TARGET = 1.0
 
-# Inference variants. The first four are the default; the bf16-weight baselines are opt-in
-# (--variants), so that fastlego_bf16 can stand beside baselines holding their weights the same way.
-VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "reference_bf16", "compile_bf16")
+
+def latency_target(batch: int) -> float:
+    """The speed-up fastlego_graph must reach over compile_graph at `batch` (latency mode)."""
+    return 1.5 if batch >= 16 else 1.25
+
+
+# torch.compile of the reference model, one named variant per way a user could run it; the mode
+# each passes to torch.compile (None: torch's default). compile_graph is "reduce-overhead" for a
+# forward (inference, latency) and, in training, the default mode inside the training step
+# captured once as a CUDA graph (see TRAIN_VARIANT_HELP). Ordered as a run compiles them: the
+# slowest to compile last.
+COMPILE_VARIANTS = ("compile", "compile_bf16", "compile_graph", "compile_max_autotune")
+COMPILE_MODES = {"compile": None, "compile_bf16": None, "compile_graph": "reduce-overhead",
+                 "compile_max_autotune": "max-autotune-no-cudagraphs"}
+# The default --compile-budget: a compile variant whose first call (the compilation) takes longer
+# is marked "did not compile within the budget" and is not a candidate for the fastest compile.
+COMPILE_BUDGET_S = 900.0
+
+# Inference variants. The bf16-weight baselines are opt-in (--variants), so that fastlego_bf16 can
+# stand beside baselines holding their weights the same way.
+VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "compile_max_autotune", "compile_graph",
+            "reference_bf16", "compile_bf16")
 VARIANT_HELP = {
     "reference": "use_backend('reference') eager, fp32 weights + autocast",
     "fastlego": "use_backend('auto'), fp32 weights + autocast",
     "fastlego_bf16": "use_backend('auto'), weights and inputs in bf16, no autocast",
-    "compile": "torch.compile(model) under use_backend('reference'), fp32 weights + autocast",
+    "compile": "torch.compile(model) (torch's default mode) under use_backend('reference'), fp32 weights + autocast",
+    "compile_max_autotune": "torch.compile(model, mode='max-autotune-no-cudagraphs') under use_backend('reference'), "
+                            "fp32 weights + autocast",
+    "compile_graph": "torch.compile(model, mode='reduce-overhead') under use_backend('reference'): the compiled "
+                     "forward replayed as CUDA graphs (CUDA only), fp32 weights + autocast",
     "reference_bf16": "use_backend('reference') eager, weights and inputs in bf16, no autocast (opt-in)",
-    "compile_bf16": "torch.compile(model) under use_backend('reference'), weights and inputs in bf16, "
-                    "no autocast (opt-in)",
+    "compile_bf16": "torch.compile(model) (torch's default mode) under use_backend('reference'), weights and "
+                    "inputs in bf16, no autocast (opt-in)",
 }
 TRAIN_VARIANT_HELP = {
     "reference": "use_backend('reference') eager training step, fp32 weights + autocast",
     "fastlego": "use_backend('auto') training step, fp32 weights + autocast",
     "fastlego_graph": "the fastlego step captured once as a CUDA graph and replayed (fastlego train's default "
-                      "on one GPU), fp32 weights + autocast",
-    "compile": "torch.compile(EDMPrecond) under use_backend('reference'), then eager loss, backward, AdamW; "
-               "fp32 weights + autocast",
+                      "on one GPU; CUDA only), fp32 weights + autocast",
+    "compile": "torch.compile(EDMPrecond) (torch's default mode) under use_backend('reference'), then eager "
+               "loss, backward, fused AdamW; fp32 weights + autocast",
+    "compile_max_autotune": "torch.compile(EDMPrecond, mode='max-autotune-no-cudagraphs') under "
+                            "use_backend('reference'), then eager loss, backward, fused AdamW; fp32 weights + autocast",
+    "compile_graph": "torch.compile(EDMPrecond) (torch's default mode) under use_backend('reference') inside the "
+                     "training step captured once as a CUDA graph (forward, loss, backward and the capturable "
+                     "fused AdamW) and replayed (CUDA only; a failed capture is an error row); fp32 weights + autocast",
     "fastlego_graph_ckpt": "fastlego_graph with the first N DiT blocks checkpointed (--checkpoint-blocks N, default "
                            "all): less memory for recompute; timed only when named in --variants",
 }
-# Modes: `infer`, a torch.no_grad() forward; `train`, one training step (see steps.py).
-MODES = ("infer", "train")
+LATENCY_VARIANT_HELP = {
+    "reference": "use_backend('reference') eager forward, fp32 weights + autocast",
+    "compile_graph": "torch.compile(model, mode='reduce-overhead') under use_backend('reference'): the compiled "
+                     "forward replayed as CUDA graphs (CUDA only), fp32 weights + autocast",
+    "fastlego": "use_backend('auto') eager forward, fp32 weights + autocast",
+    "fastlego_graph": "the use_backend('auto') forward captured once with torch.cuda.graph after 3 warm-up calls "
+                      "and replayed on static inputs (CUDA only), fp32 weights + autocast (its cast cache off)",
+}
+# Modes: `infer`, a torch.no_grad() forward at throughput batches; `train`, one training step
+# (see steps.py); `latency`, the same forward as infer at small batches (LATENCY_BATCHES), ms per call.
+MODES = ("infer", "train", "latency")
+HELP_OF_MODE = {"infer": VARIANT_HELP, "train": TRAIN_VARIANT_HELP, "latency": LATENCY_VARIANT_HELP}
 # Training: the batches to time, (preset, batch); channels, resolution and labels as in
 # DEFAULT_CASES. The two the release cannot run on one GPU (S_PG_64 at 256: its attention
 # backward crashes; L_PG_64 at 128: out of memory) come last, so a failure there cannot spoil the rest.
@@ -55,14 +115,16 @@ DEFAULT_TRAIN_CASES = (
     ("lego_S_PG_64", 256), ("lego_L_PG_64", 128),
 )
 # The variants a mode times: training keeps fp32 weights (AdamW on bf16 weights is not a recipe).
-MODE_VARIANTS = {"infer": VARIANTS, "train": ("reference", "fastlego", "fastlego_graph", "compile",
-                                              "fastlego_graph_ckpt")}
+MODE_VARIANTS = {"infer": VARIANTS,
+                 "train": ("reference", "fastlego", "fastlego_graph", "compile", "compile_max_autotune",
+                           "compile_graph", "fastlego_graph_ckpt"),
+                 "latency": ("reference", "compile_graph", "fastlego", "fastlego_graph")}
 ALL_VARIANTS = tuple(dict.fromkeys(v for vs in MODE_VARIANTS.values() for v in vs))
 # Variants timed only when asked for (--variants): a memory/speed trade-off, or extra baselines.
 OPT_IN_VARIANTS = ("fastlego_graph_ckpt", "reference_bf16", "compile_bf16")
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in OPT_IN_VARIANTS)
-GRAPH_VARIANTS = ("fastlego_graph", "fastlego_graph_ckpt")
-COMPILE_VARIANTS = ("compile", "compile_bf16")
+# Variants replayed as CUDA graphs: CUDA only, refused elsewhere (a row that says why).
+GRAPH_VARIANTS = ("fastlego_graph", "fastlego_graph_ckpt", "compile_graph")
 # Variants that hold weights and inputs in bf16 without autocast; every other variant keeps fp32
 # weights and runs under autocast (BenchConfig.autocast_dtype).
 BF16_WEIGHT_VARIANTS = ("fastlego_bf16", "reference_bf16", "compile_bf16")
@@ -82,6 +144,14 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 def result_key(variant: str, mode: str = "infer") -> str:
     """Key of an end-to-end result in a report: the variant, suffixed by the mode unless infer."""
     return variant if mode == "infer" else f"{variant}@{mode}"
+
+
+def compile_mode_of(variant: str, mode: str = "infer") -> Optional[str]:
+    """The mode a compile variant passes to torch.compile (None: torch's default); compile_graph in
+    training compiles in the default mode (the training step around it is the CUDA graph)."""
+    if variant not in COMPILE_MODES:
+        raise ValueError(f"{variant!r} is not a torch.compile variant: expected one of {', '.join(COMPILE_VARIANTS)}")
+    return None if (variant == "compile_graph" and mode == "train") else COMPILE_MODES[variant]
 
 
 def variant_backend(variant: str) -> str:
@@ -151,6 +221,20 @@ def default_train_cases() -> List[Case]:
     return [default_case(name, batch) for name, batch in DEFAULT_TRAIN_CASES]
 
 
+def default_latency_cases(spec: Optional[str] = None, batch: Optional[int] = None) -> List[Case]:
+    """The latency workloads: `LATENCY_PRESETS` (or the presets of `spec`, "NAME[:BATCH],...") each
+    at `LATENCY_BATCHES`, or at the one batch that `NAME:BATCH` or `batch` names."""
+    items = [s.strip() for s in spec.split(",") if s.strip()] if spec else list(LATENCY_PRESETS)
+    cases: List[Case] = []
+    for item in items:
+        name, _, b = item.partition(":")
+        if b and not b.isdigit():
+            raise ValueError(f"bad preset spec {item!r}: expected NAME or NAME:BATCH, e.g. lego_S_PG_64:4")
+        for n in ([int(b)] if b else [batch] if batch else LATENCY_BATCHES):
+            cases.append(default_case(name, n))
+    return list(dict.fromkeys(cases))
+
+
 def with_depths(case: Case, depths: Sequence[int]) -> Case:
     """`case` with every brick's depth replaced (one entry per brick)."""
     n = len(get_preset(case.preset).regions)
@@ -168,10 +252,13 @@ class BenchConfig:
     cases: List[Case] = field(default_factory=lambda: parse_cases(None))
     # the workloads of the train mode; None: the same as `cases` (--presets, --tiny)
     train_cases: Optional[List[Case]] = field(default_factory=default_train_cases)
+    # the workloads of the latency mode; None: the same as `cases` (--tiny)
+    latency_cases: Optional[List[Case]] = field(default_factory=default_latency_cases)
     modes: Tuple[str, ...] = ("infer",)
     variants: Tuple[str, ...] = DEFAULT_VARIANTS
     checkpoint_blocks: Optional[int] = None   # fastlego_graph_ckpt: the first N DiT blocks (None: all)
-    compile_mode: Optional[str] = None
+    # a compile variant whose first call takes longer is marked as not compiled within the budget
+    compile_budget_s: float = COMPILE_BUDGET_S
     autocast_dtype: Optional[torch.dtype] = torch.bfloat16
     tf32: bool = True
     kernels: bool = True
@@ -184,6 +271,8 @@ class BenchConfig:
     warmup: int = 2
     repeats: int = 5
     iters: int = 10
+    # latency: each timed round calls the network enough times to fill this (at least once)
+    latency_round_ms: float = 50.0
     # kernels and floor matmuls: rounds of at least `op_min_round_ms` (calls repeated to fill it)
     op_warmup: int = 3
     op_repeats: int = 15
@@ -202,13 +291,15 @@ class BenchConfig:
         if quick:
             cfg.profile = "quick"
             cfg.warmup, cfg.repeats, cfg.iters = 1, 3, 3
+            cfg.latency_round_ms = 20.0
             cfg.op_warmup, cfg.op_repeats, cfg.op_min_round_ms = 1, 5, 1.0
             cfg.peak_repeats = 10
         if tiny:
             cfg.profile = "tiny"
             cfg.cases = [Case("lego_S_PG_64", 1, 3, 64, 0)]
-            cfg.train_cases = None
+            cfg.train_cases = cfg.latency_cases = None
             cfg.warmup, cfg.repeats, cfg.iters = 1, 2, 1
+            cfg.latency_round_ms = 0.0
             cfg.op_warmup, cfg.op_repeats, cfg.op_min_round_ms = 1, 2, 0.0
             cfg.peak_size, cfg.peak_repeats, cfg.copy_mib = 256, 3, 4
         for k, v in overrides.items():
@@ -217,11 +308,13 @@ class BenchConfig:
         return cfg
 
     def cases_for(self, mode: str) -> List[Case]:
-        """The workloads `mode` runs: `train_cases` for train when set, else `cases`."""
-        return list(self.train_cases) if mode == "train" and self.train_cases is not None else list(self.cases)
+        """The workloads `mode` runs: `train_cases` / `latency_cases` for train / latency when set,
+        else `cases`."""
+        own = {"train": self.train_cases, "latency": self.latency_cases}.get(mode)
+        return list(own) if own is not None else list(self.cases)
 
     def variants_for(self, mode: str) -> Tuple[str, ...]:
-        """The asked-for variants that `mode` has (train: no bf16 weights)."""
+        """The asked-for variants that `mode` has (train: no bf16 weights; latency: see MODE_VARIANTS)."""
         return tuple(v for v in self.variants if v in MODE_VARIANTS.get(mode, VARIANTS))
 
     def validate(self) -> None:
@@ -241,6 +334,8 @@ class BenchConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; "
                                "run on a GPU, or pass --device cpu (with --tiny for a quick smoke run)")
+        if not self.compile_budget_s > 0:
+            raise ValueError(f"--compile-budget must be a positive number of seconds, got {self.compile_budget_s}")
         for name in ("warmup", "op_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -259,7 +354,9 @@ class BenchConfig:
         d = dataclasses.asdict(self)
         d["cases"] = [c.to_dict() for c in self.cases]
         d.pop("train_cases")
-        if "train" in self.modes:  # (an inference run's config reads as before)
-            d["train_cases"] = [c.to_dict() for c in self.cases_for("train")]
+        d.pop("latency_cases")
+        for mode in ("train", "latency"):  # (an inference run's config reads as before)
+            if mode in self.modes:
+                d[f"{mode}_cases"] = [c.to_dict() for c in self.cases_for(mode)]
         d["autocast_dtype"] = dtype_name(self.autocast_dtype)
         return d

@@ -1,5 +1,12 @@
 """`BenchSession`: runs the pieces of a benchmark (device limits, FLOPs, the floor, end-to-end
-variants, per-kernel timings) and collects them into one report.
+variants of each mode, per-kernel timings) and collects them into one report.
+
+Every variant is one record in the report; a failure (a compile error, out of memory, a CUDA
+graph that cannot be captured) is recorded as an error string and the run goes on; a variant
+that cannot run on the device (the CUDA-graph ones off CUDA) is recorded as refused, with why.
+A torch.compile variant records its first call's time (`first_call_s`: the compilation) and,
+when that exceeds the run's `compile_budget_s`, is marked `over_compile_budget` ("did not
+compile within the budget"): still timed, but not a candidate for the fastest compile variant.
 
 Both drivers use it: `run()` for the command line, the fixtures of bench/conftest.py for pytest.
 Each piece is computed on first use and cached, so pytest tests can run in any order or alone.
@@ -20,8 +27,8 @@ import torch
 
 from .. import dispatch
 from ..edm import EDMPrecond
-from .config import (COMPILE_VARIANTS, GRAPH_VARIANTS, MODE_VARIANTS, TRAIN_INIT_SCALE, TRAIN_LR,
-                     TRAIN_VARIANT_HELP, VARIANT_HELP, BenchConfig, Case, result_key, variant_backend)
+from .config import (COMPILE_VARIANTS, GRAPH_VARIANTS, HELP_OF_MODE, MODE_VARIANTS, TRAIN_INIT_SCALE, TRAIN_LR,
+                     BenchConfig, Case, compile_mode_of, result_key, variant_backend)
 from .environment import GIB, environment
 from .floor import (analytic_flops, count_forward_flops, measure_copy_bandwidth, measure_floor,
                     measure_matmul_peak)
@@ -30,9 +37,12 @@ from .models import bf16_copy, build_model, build_train_net, make_inputs, make_t
 from .numerics import autocast, dtype_name, precision, rel_err
 from .report import SCHEMA_VERSION
 from .sites import OpCase, decision_summary, record_op_cases
-from .steps import FLOP_MULTIPLIER, STEP_BUILDERS
-from .summary import kernel_summary, targets
+from .steps import FLOP_MULTIPLIER, STEP_BUILDERS, graph_infer_step, infer_step
+from .summary import compile_budget_note, kernel_summary, targets
 from .timing import Runner, failure_text, first_line, free_memory, measure, sync, time_once
+
+
+INTERRUPTED = "Interrupted: the run was stopped before this variant finished (compiling or timing)"
 
 
 class _CaseState:
@@ -51,13 +61,15 @@ class _CaseState:
 
 
 def _first_call(step, variant: str, res: dict):
-    """Run `step` once; outside torch.compile, record in `res` the backends the dispatcher chose."""
+    """Run `step` once; outside torch.compile, record in `res` the backends the dispatcher chose
+    (of one eager forward where the step is a CUDA graph: `step.eager`)."""
     if variant in COMPILE_VARIANTS:
         return step()
+    eager = getattr(step, "eager", None)
     with dispatch.record() as decisions:
-        out = step()
+        out = (eager or step)()
     res["backends"] = decision_summary(decisions)
-    return out
+    return out if eager is None else step()
 
 
 def _compile(model, mode: Optional[str]):
@@ -181,26 +193,62 @@ class BenchSession:
         return res["floor"]
 
     def _variant_record(self, variant: str, mode: str, case: Case) -> dict:
-        """The fields every end-to-end result starts with: what ran, how its weights were held."""
+        """The fields every end-to-end result starts with: what ran, how its weights were held,
+        torch.compile's mode ("default" for torch's default), replayed as a CUDA graph or not."""
         weights, ac = self.config.weights_of(variant, mode)
-        help_text = VARIANT_HELP[variant] if mode == "infer" else TRAIN_VARIANT_HELP[variant]
-        return {"variant": variant, "mode": mode, "description": help_text, "batch": case.batch,
-                "weights_dtype": dtype_name(weights), "autocast_dtype": dtype_name(ac),
-                "dispatch_mode": variant_backend(variant), "compiled": variant in COMPILE_VARIANTS,
-                "tf32": self.config.tf32}
+        res = {"variant": variant, "mode": mode, "description": HELP_OF_MODE[mode][variant], "batch": case.batch,
+               "weights_dtype": dtype_name(weights), "autocast_dtype": dtype_name(ac),
+               "dispatch_mode": variant_backend(variant), "compiled": variant in COMPILE_VARIANTS,
+               "cuda_graph": variant in GRAPH_VARIANTS, "tf32": self.config.tf32}
+        if variant in COMPILE_VARIANTS:
+            res["compile_mode"] = compile_mode_of(variant, mode) or "default"
+            res["compile_budget_s"] = self.config.compile_budget_s
+        return res
+
+    def refusal(self, variant: str) -> Optional[str]:
+        """Why `variant` cannot run on this run's device, or None when it can."""
+        if variant in GRAPH_VARIANTS and self.device.type != "cuda":
+            return (f"{variant} needs a CUDA GPU (it replays CUDA graphs); this run is on {self.device}: "
+                    "not run (the eager variants are)")
+        return None
+
+    def _after_compile(self, variant: str, res: dict) -> None:
+        """A compile variant's graph breaks and, when its first call overran the budget, the mark."""
+        if variant not in COMPILE_VARIANTS:
+            return
+        res["graph_breaks"] = _graph_breaks()
+        note = compile_budget_note(res.get("first_call_s"), self.config.compile_budget_s)
+        res["over_compile_budget"] = note is not None
+        if note:
+            res["compile_budget_note"] = note
 
     def end_to_end(self, case: Case, variant: str, mode: str = "infer", runner: Optional[Runner] = None) -> dict:
-        """Time one variant of a workload; an error (compile failure, out of memory) is recorded
-        as a string in place of the numbers."""
-        cfg, dev = self.config, self.device
+        """Time one variant of a workload in `mode`; an error (compile failure, out of memory) is
+        recorded as a string in place of the numbers, a variant this device cannot run as refused."""
         if mode not in STEP_BUILDERS:
             raise ValueError(f"mode {mode!r} is not implemented: expected one of {sorted(STEP_BUILDERS)}")
         if variant not in MODE_VARIANTS[mode]:
             raise ValueError(f"unknown {mode} variant {variant!r}: expected one of {', '.join(MODE_VARIANTS[mode])}")
+        reason = self.refusal(variant)
+        if reason is not None:
+            res = self._variant_record(variant, mode, case)
+            res.update(refused=reason, error=f"refused: {reason}")
+            self.result(case)["end_to_end"][result_key(variant, mode)] = res
+            return res
+        # until the variant's own record replaces it: what an interrupted run (Ctrl-C, SIGTERM,
+        # `timeout`) reports for the variant it was compiling or timing
+        self.result(case)["end_to_end"][result_key(variant, mode)] = {
+            **self._variant_record(variant, mode, case), "error": INTERRUPTED}
         if mode == "train":
             return self._train_end_to_end(case, variant, runner)
+        return self._forward_end_to_end(case, variant, mode, runner)
+
+    def _forward_end_to_end(self, case: Case, variant: str, mode: str, runner: Optional[Runner] = None) -> dict:
+        """Time forwards of one variant (infer: throughput; latency: ms per network call, each
+        round filled to `latency_round_ms`)."""
+        cfg, dev = self.config, self.device
         st = self.state(case)
-        if cfg.floor:
+        if cfg.floor and mode == "infer":
             self.floor(case)
         ref32 = self.reference_output(case) if cfg.check else None
         res = self._variant_record(variant, mode, case)
@@ -215,8 +263,12 @@ class BenchSession:
             if variant in COMPILE_VARIANTS:
                 # load every reference backend first: dynamo then traces the dispatcher into one graph
                 STEP_BUILDERS[mode](model, inputs, backend, dev, ac)()
-                compiled = model = _compile(model, cfg.compile_mode)
-            step = STEP_BUILDERS[mode](model, inputs, backend, dev, ac)
+                compiled = model = _compile(model, compile_mode_of(variant, mode))
+                step = infer_step(model, inputs, backend, dev, ac, mark_step=variant in GRAPH_VARIANTS)
+            elif variant in GRAPH_VARIANTS:
+                step = graph_infer_step(model, inputs, backend, dev, ac)
+            else:
+                step = STEP_BUILDERS[mode](model, inputs, backend, dev, ac)
             weight_bytes = sum(t.numel() * t.element_size() for t in list(weights.parameters()) + list(weights.buffers()))
             if dev.type == "cuda":
                 free_memory(dev)
@@ -224,12 +276,17 @@ class BenchSession:
                 start_bytes = torch.cuda.memory_allocated(dev)
             with precision(dev, cfg.tf32):
                 out, res["first_call_s"] = time_once(lambda: _first_call(step, variant, res), dev)
-                if variant in COMPILE_VARIANTS:
-                    res["graph_breaks"] = _graph_breaks()
+                self._after_compile(variant, res)
+                if variant in GRAPH_VARIANTS and variant not in COMPILE_VARIANTS:
+                    res["captured"] = step.captured
                 if ref32 is not None:
                     res["rel_err_vs_fp32"] = rel_err(out.float(), ref32)
                 del out
-                t = measure(step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
+                if mode == "latency":  # rounds of at least latency_round_ms (calibrated by measure)
+                    t = measure(step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup,
+                                min_round_ms=cfg.latency_round_ms, runner=runner)
+                else:
+                    t = measure(step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
             res["timing"] = t.to_dict()
             res["ms"] = t.median_ms
             res["img_per_s"] = case.batch / (t.median_ms * 1e-3)
@@ -292,14 +349,18 @@ class BenchSession:
                 images, sigma, _, labels = inputs
                 with torch.no_grad(), dispatch.use_backend("reference"), autocast(dev, cfg.autocast_dtype):
                     net(images[:1], sigma[:1], None if labels is None else labels[:1])
-                model = _compile(net, cfg.compile_mode)
+                model = _compile(net, compile_mode_of(variant, "train"))
             step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype,
                                           cuda_graph=variant in GRAPH_VARIANTS)
+            group = step.train_step.optimizer.param_groups[0]
+            res["optimizer_fused"] = bool(group.get("fused"))   # fused on CUDA in every variant
+            res["optimizer_capturable"] = bool(group.get("capturable"))
+            res["optimizer"] = (f"AdamW(lr={TRAIN_LR}, fused={res['optimizer_fused']}, "
+                                f"capturable={res['optimizer_capturable']})")
             with precision(dev, cfg.tf32):
                 loss, res["first_call_s"] = time_once(lambda: _first_call(step, variant, res), dev)
                 res["loss"] = float(loss)  # the first step's: a sanity value (finite, about 1)
-                if variant in COMPILE_VARIANTS:
-                    res["graph_breaks"] = _graph_breaks()
+                self._after_compile(variant, res)
 
                 def timed_step():
                     last[0] = step()
@@ -307,6 +368,16 @@ class BenchSession:
                     sync(dev)
                     res["first_step_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - start_bytes) / GIB
                     torch.cuda.reset_peak_memory_stats(dev)
+                if variant in GRAPH_VARIANTS:
+                    # the warm-up steps and the capture, before the timed rounds (counted in the
+                    # steady-state peak: the graph keeps what its capture allocated)
+                    ts = step.train_step
+                    while ts.cuda_graph and not ts.captured:
+                        timed_step()
+                    if variant in COMPILE_VARIANTS and not ts.captured:
+                        raise RuntimeError(f"the compiled training step could not be captured as a CUDA graph "
+                                           f"({ts.fallback_reason}); compile_graph is not timed eagerly (the "
+                                           f"`compile` variant is that step without a graph)")
                 t = measure(timed_step, device=dev, rounds=cfg.repeats, warmup=cfg.warmup, inner=cfg.iters, runner=runner)
             res["loss_last"] = float(last[0])
             if variant in GRAPH_VARIANTS:
@@ -383,10 +454,11 @@ class BenchSession:
     # ---- the whole run ------------------------------------------------------------------------
     def run(self, log: Callable[[str], None] = print, checkpoint: Optional[Callable[[dict], Any]] = None) -> dict:
         """Everything the config asks for: the device limits; per inference workload the floor,
-        the eager variants and the kernels; per training workload the eager training variants;
-        then torch.compile of every workload (last: it is the slowest and the least certain
-        part). `checkpoint(report)` is called after each piece, so an interrupted run still
-        leaves its numbers."""
+        the eager variants and the kernels; per training workload the training variants without
+        torch.compile; per latency workload the same; then torch.compile of every workload, one
+        compile variant at a time in the order of COMPILE_VARIANTS (last: it is the slowest and
+        the least certain part; max-autotune the very last). `checkpoint(report)` is called after
+        each piece, so an interrupted run still leaves its numbers."""
         cfg = self.config
         lim = self.limits()
         log(f"[bench] {self.env.get('gpu') or self.env['device']}: matmul peak {lim['matmul_peak']['tflops']:.1f} TFLOP/s "
@@ -402,10 +474,20 @@ class BenchSession:
                     self._log_e2e(log, self.end_to_end(case, variant, "train"), case)
                 if checkpoint:
                     checkpoint(self.report())
-        for mode in cfg.modes:
-            for variant in (v for v in cfg.variants_for(mode) if v in COMPILE_VARIANTS):
-                log("[bench] torch.compile of the reference model" + (" with bf16 weights" if variant != "compile" else "")
-                    + ", per workload" + ("" if mode == "infer" else f" ({mode})") + ":")
+        if "latency" in cfg.modes:
+            eager = [v for v in cfg.variants_for("latency") if v not in COMPILE_VARIANTS]
+            log("[bench] latency (one network call at small batches), per workload:")
+            for case in cfg.cases_for("latency"):
+                for variant in eager:
+                    self._log_e2e(log, self.end_to_end(case, variant, "latency"), case)
+                if checkpoint:
+                    checkpoint(self.report())
+        for variant in COMPILE_VARIANTS:
+            for mode in cfg.modes:
+                if variant not in cfg.variants_for(mode):
+                    continue
+                log(f"[bench] {variant} ({HELP_OF_MODE[mode][variant]}), per workload"
+                    + ("" if mode == "infer" else f" ({mode})") + f"; compile budget {cfg.compile_budget_s:.0f} s:")
                 for case in cfg.cases_for(mode):
                     self._log_e2e(log, self.end_to_end(case, variant, mode), case)
                     if checkpoint:
@@ -437,14 +519,17 @@ class BenchSession:
     @staticmethod
     def _log_e2e(log, r: dict, case: Optional[Case] = None) -> None:
         where = f"{case.name} " if case is not None else ""
-        extra = (f"  (first call {r['first_call_s']:.1f} s, {r.get('graph_breaks', 0)} graph breaks)"
+        extra = (f"  (first call {r['first_call_s']:.1f} s, {r.get('graph_breaks', 0)} graph breaks"
+                 + (f"; {r['compile_budget_note']}" if r.get("compile_budget_note") else "") + ")"
                  if r["variant"] in COMPILE_VARIANTS and "first_call_s" in r else "")
-        if r["mode"] == "train":
+        if r["mode"] in ("train", "latency"):
             where = f"{case.name} B={case.batch} " if case is not None else ""
-            if "ms" in r:
-                extra += f"  loss {r['loss']:.3g}" + (f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "")
-        log(f"[bench]   {where}{result_key(r['variant'], r['mode']):14s} " + (
-            f"{r['img_per_s']:9.1f} img/s  {r['ms']:8.2f} ms" + extra
+            if "ms" in r and "loss" in r:
+                extra += f"  loss {r['loss']:.3g}"
+            if "peak_gib" in r:
+                extra += f", peak {r['peak_gib']:.1f} GiB"
+        log(f"[bench]   {where}{result_key(r['variant'], r['mode']):22s} " + (
+            f"{r['img_per_s']:9.1f} img/s  {r['ms']:8.3f} ms" + extra
             if "ms" in r else f"error: {first_line(Exception(r['error']), 200)}"))
 
     def close(self) -> None:
