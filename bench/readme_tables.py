@@ -112,7 +112,8 @@ def holding(result: dict, config: dict) -> Tuple[str, Optional[str]]:
     return "float32", config.get("autocast_dtype")
 
 
-_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "e4m3 DiT-Linear"}
+FP8_WEIGHTS = "float8_e4m3fn"   # fastlego_fp8: its baselines are the fp32-weight row's (fp32 + autocast elsewhere)
 
 
 def holding_label(weights: str, autocast: Optional[str]) -> str:
@@ -250,10 +251,12 @@ def infer_section(runs: Sequence[Run]) -> Optional[str]:
         for hold in sorted(by_holding, key=lambda h: (h[0] != "float32", str(h))):   # fp32 weights first
             cells = by_holding[hold]
             fast = cells.get("fastlego")
-            fastest = fastest_of(cells, "infer", hold)
-            names = ", ".join(f"`{cells[r]['variant']}`" for r in ROLES if r in cells)
+            base_hold = ("float32", hold[1]) if hold[0] == FP8_WEIGHTS else hold
+            base = {r: c for r, c in by_holding.get(base_hold, {}).items() if r != "fastlego"}
+            fastest = fastest_of(base, "infer", base_hold)
+            names = ", ".join(f"`{c['variant']}`" for c in [base[r] for r in ROLES if r in base] + [fast] if c)
             rows.append((run, [f"{case['name']} ({case['case']['batch']})", f"{holding_label(*hold)}: {names}",
-                               rate_cell(cells.get("reference"))] + [rate_cell(cells.get(r)) for r in COMPILE_COLUMNS]
+                               rate_cell(base.get("reference"))] + [rate_cell(base.get(r)) for r in COMPILE_COLUMNS]
                          + [rate_cell(fast), fastest_cell(fast, fastest), pct(ratio(floor, fast))]))
     if not rows:
         return None

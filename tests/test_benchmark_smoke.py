@@ -45,8 +45,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-INFER_VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "compile_max_autotune", "compile_graph",
-                  "reference_bf16", "compile_bf16")
+INFER_VARIANTS = ("reference", "fastlego", "fastlego_bf16", "fastlego_fp8", "compile", "compile_max_autotune",
+                  "compile_graph", "reference_bf16", "compile_bf16")
 
 
 def _failing_compile(model, *args, **kwargs):
@@ -120,6 +120,9 @@ def test_end_to_end_variants(tiny_run):
     graph = e2e["compile_graph"]
     assert "ms" not in graph and "first_call_s" not in graph and "needs a CUDA GPU" in graph["refused"]
     assert graph["error"] == "refused: " + graph["refused"] and graph["compile_mode"] == "reduce-overhead"
+    # FP8 on the CPU: refused before anything is built, naming why
+    fp8_row = e2e["fastlego_fp8"]
+    assert "ms" not in fp8_row and "FP8 tensor cores" in fp8_row["refused"] and "tuning" not in e2e["fastlego"]
     # what ran, in the report: weight holding, autocast, dispatcher mode, compiled or not, CUDA graph or not
     held = {name: (r["weights_dtype"], r["autocast_dtype"], r["dispatch_mode"], r["compiled"], r["cuda_graph"])
             for name, r in e2e.items()}
@@ -129,6 +132,7 @@ def test_end_to_end_variants(tiny_run):
                     "compile_max_autotune": ("float32", "bfloat16", "reference", True, False),
                     "compile_graph": ("float32", "bfloat16", "reference", True, True),
                     "fastlego_bf16": ("bfloat16", None, "auto", False, False),
+                    "fastlego_fp8": ("float8_e4m3fn", "bfloat16", "auto", False, False),
                     "reference_bf16": ("bfloat16", None, "reference", False, False),
                     "compile_bf16": ("bfloat16", None, "reference", True, False)}
     assert e2e["compile_max_autotune"]["description"] == bm.VARIANT_HELP["compile_max_autotune"]
@@ -223,8 +227,12 @@ def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
             if line.startswith(f"| {name} |")]
     assert [r[1] for r in rows] == [
         "fp32 weights + bf16 autocast: `reference`, `compile`, `compile_max_autotune`, `compile_graph`, `fastlego`",
-        "bf16 weights, no autocast: `reference_bf16`, `compile_bf16`, `fastlego_bf16`"]
-    fp32, bf16 = rows
+        "bf16 weights, no autocast: `reference_bf16`, `compile_bf16`, `fastlego_bf16`",
+        # FP8: its baselines are the fp32-weight row's (fp32 weights under autocast outside the DiT Linears)
+        "e4m3 DiT-Linear weights + bf16 autocast: `reference`, `compile`, `compile_max_autotune`, `compile_graph`, "
+        "`fastlego_fp8`"]
+    fp32, bf16, fp8_row = rows
+    assert fp8_row[2:6] == fp32[2:6] and fp8_row[6] == rt.rate_cell(e2e["fastlego_fp8"]) != fp32[6]
     # reference, compile (default), max-autotune, compile + CUDA graph, fastlego, x fastest compile, / floor
     assert fp32[2:7] == [rt.rate_cell(e2e["reference"]), "failed (RuntimeError)", "failed (RuntimeError)", "needs CUDA",
                          rt.rate_cell(e2e["fastlego"])]
@@ -250,7 +258,7 @@ def test_readme_tables_from_a_cpu_run(tiny_run, train_run, tmp_path):
     assert rt.main(["--write", "--readme", str(readme)] + [str(p) for p in paths]) == 0
     text = readme.read_text()
     assert "\nold\n" not in text and text.startswith("a\n<!-- bench:infer -->\nInference") and text.endswith("-->\nc\n")
-    assert text.count(f"| {name} |") == 3
+    assert text.count(f"| {name} |") == 4   # infer: fp32, bf16 and FP8 weights; train: one
 
 
 def test_bench_scripts_time_with_the_package_timer():
@@ -790,3 +798,24 @@ def test_graph_and_compile_variants_on_a_gpu(tmp_path):
     assert tg["latency_graph_vs_compile_graph"]["target"] == 1.25 and tg["latency_graph_vs_compile_graph"]["value"] > 0
     assert tg["fastest_compile@train"]["variant"] == "compile_graph"
     assert tg["graph_train_vs_fastest_compile"]["against"] == "compile_graph"
+    # fastlego's variants choose their matmul paths (fastlego.tune) before the first timed call
+    for key in ("fastlego@train", "fastlego_graph@train", "fastlego@latency", "fastlego_graph@latency"):
+        assert e2e[key]["tuning"].startswith("tuned "), (key, e2e[key].get("tuning"))
+    assert "tuning" not in e2e["reference@train"] and "tuning" not in e2e["compile_graph@latency"]
+
+
+@pytest.mark.cuda
+def test_fp8_variant_on_a_gpu(tmp_path):
+    """fastlego_fp8 runs where FP8 tensor cores exist (tuned, near fp32), else is refused."""
+    rc = bm.main(["--device", "cuda", "--tiny", "--presets", "lego_S_U_32:8", "--depths", "1,1,1,1,1",
+                  "--variants", "fastlego,fastlego_fp8", "--no-kernels", "--no-floor", "--json",
+                  str(tmp_path / "r.json"), "--no-markdown"])
+    assert rc == 0
+    [case] = json.loads((tmp_path / "r.json").read_text())["cases"]
+    r, base = case["end_to_end"]["fastlego_fp8"], case["end_to_end"]["fastlego"]
+    if torch.cuda.get_device_capability() < (8, 9):
+        assert "compute capability" in r["refused"]
+        return
+    assert "error" not in r, r.get("error")
+    assert r["weights_dtype"] == "float8_e4m3fn" and r["tuning"].startswith("tuned ") and r["ms"] > 0
+    assert r["rel_err_vs_fp32"] < 10 * base["rel_err_vs_fp32"] + 0.02, (r["rel_err_vs_fp32"], base["rel_err_vs_fp32"])

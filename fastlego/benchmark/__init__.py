@@ -29,7 +29,11 @@ three ways: `compile` (torch's default mode), `compile_max_autotune`
 (mode="max-autotune-no-cudagraphs") and `compile_graph` (mode="reduce-overhead", CUDA graphs,
 CUDA only), all with fp32 weights under bf16 autocast, TF32 on; `fastlego_bf16` (the auto
 backend, weights held in bf16) and the opt-in baselines holding their weights the same way,
-`reference_bf16` and `compile_bf16`. Training: one step = forward of `EDMPrecond` + EDM loss +
+`reference_bf16` and `compile_bf16`; `fastlego_fp8` (`fastlego.quantize(model, "fp8")`, FP8 tensor
+cores; refused with the reasons where there are none). fastlego's variants run as `fastlego sample`
+and `train` do: `fastlego.tune` picks each matmul's path for the workload's shapes before the first
+timed call, and a forward casts each fp32 weight to bf16 once (`fastlego.frozen_weights`), where
+torch.compile's graphs cast them at every call. Training: one step = forward of `EDMPrecond` + EDM loss +
 backward + fused AdamW (on CUDA), fp32 weights under bf16 autocast, for `reference`, `fastlego`,
 `fastlego_graph` (the step as one CUDA graph), `compile`, `compile_max_autotune`, `compile_graph`
 (the default-mode compiled EDMPrecond inside the step captured as one CUDA graph, capturable

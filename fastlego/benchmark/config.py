@@ -65,12 +65,15 @@ COMPILE_BUDGET_S = 900.0
 
 # Inference variants. The bf16-weight baselines are opt-in (--variants), so that fastlego_bf16 can
 # stand beside baselines holding their weights the same way.
-VARIANTS = ("reference", "fastlego", "fastlego_bf16", "compile", "compile_max_autotune", "compile_graph",
-            "reference_bf16", "compile_bf16")
+VARIANTS = ("reference", "fastlego", "fastlego_bf16", "fastlego_fp8", "compile", "compile_max_autotune",
+            "compile_graph", "reference_bf16", "compile_bf16")
 VARIANT_HELP = {
     "reference": "use_backend('reference') eager, fp32 weights + autocast",
-    "fastlego": "use_backend('auto'), fp32 weights + autocast",
+    "fastlego": "use_backend('auto'), fp32 weights + autocast, each weight cast once (fastlego.frozen_weights, as "
+                "fastlego sample runs)",
     "fastlego_bf16": "use_backend('auto'), weights and inputs in bf16, no autocast",
+    "fastlego_fp8": "fastlego.quantize(model, 'fp8'): the DiT blocks' Linears in e4m3 on FP8 tensor cores, the rest "
+                    "fp32 weights + bf16 autocast cast once (compute capability 8.9+; refused elsewhere)",
     "compile": "torch.compile(model) (torch's default mode) under use_backend('reference'), fp32 weights + autocast",
     "compile_max_autotune": "torch.compile(model, mode='max-autotune-no-cudagraphs') under use_backend('reference'), "
                             "fp32 weights + autocast",
@@ -99,9 +102,11 @@ LATENCY_VARIANT_HELP = {
     "reference": "use_backend('reference') eager forward, fp32 weights + autocast",
     "compile_graph": "torch.compile(model, mode='reduce-overhead') under use_backend('reference'): the compiled "
                      "forward replayed as CUDA graphs (CUDA only), fp32 weights + autocast",
-    "fastlego": "use_backend('auto') eager forward, fp32 weights + autocast",
+    "fastlego": "use_backend('auto') eager forward, fp32 weights + autocast, each weight cast once "
+                "(fastlego.frozen_weights, as fastlego sample runs)",
     "fastlego_graph": "the use_backend('auto') forward captured once with torch.cuda.graph after 3 warm-up calls "
-                      "and replayed on static inputs (CUDA only), fp32 weights + autocast (its cast cache off)",
+                      "and replayed on static inputs (CUDA only), fp32 weights + autocast, each weight cast once "
+                      "outside the graph (fastlego.frozen_weights, as fastlego sample runs)",
 }
 # Modes: `infer`, a torch.no_grad() forward at throughput batches; `train`, one training step
 # (see steps.py); `latency`, the same forward as infer at small batches (LATENCY_BATCHES), ms per call.
@@ -128,6 +133,8 @@ GRAPH_VARIANTS = ("fastlego_graph", "fastlego_graph_ckpt", "compile_graph")
 # Variants that hold weights and inputs in bf16 without autocast; every other variant keeps fp32
 # weights and runs under autocast (BenchConfig.autocast_dtype).
 BF16_WEIGHT_VARIANTS = ("fastlego_bf16", "reference_bf16", "compile_bf16")
+# FP8 inference (fastlego.fp8): its DiT blocks' Linears hold e4m3 weights, the rest fp32 under autocast.
+FP8_VARIANT = "fastlego_fp8"
 # A training step: EDM's loss (P_mean -1.2, P_std 1.2, sigma_data 0.5), AdamW at this rate, and
 # weights from `randomize_` at this scale: small enough that the joint loss is finite at every
 # depth, large enough that no gradient is zero.
@@ -348,6 +355,8 @@ class BenchConfig:
         `BF16_WEIGHT_VARIANTS` (inference only), else fp32 weights under `autocast_dtype`."""
         if mode == "infer" and variant in BF16_WEIGHT_VARIANTS:
             return torch.bfloat16, None
+        if variant == FP8_VARIANT:
+            return getattr(torch, "float8_e4m3fn", torch.float32), self.autocast_dtype
         return torch.float32, self.autocast_dtype
 
     def to_dict(self) -> dict:

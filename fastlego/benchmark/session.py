@@ -16,9 +16,11 @@ recorded decisions say so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
+import importlib.util
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,8 +29,10 @@ import torch
 
 from .. import dispatch
 from ..edm import EDMPrecond
-from .config import (COMPILE_VARIANTS, GRAPH_VARIANTS, HELP_OF_MODE, MODE_VARIANTS, TRAIN_INIT_SCALE, TRAIN_LR,
-                     BenchConfig, Case, compile_mode_of, result_key, variant_backend)
+from ..loss import EDMLoss
+from ..weight_cache import frozen_weights
+from .config import (COMPILE_VARIANTS, FP8_VARIANT, GRAPH_VARIANTS, HELP_OF_MODE, MODE_VARIANTS, TRAIN_INIT_SCALE,
+                     TRAIN_LR, BenchConfig, Case, compile_mode_of, result_key, variant_backend)
 from .environment import GIB, environment
 from .floor import (analytic_flops, count_forward_flops, measure_copy_bandwidth, measure_floor,
                     measure_matmul_peak)
@@ -210,7 +214,23 @@ class BenchSession:
         if variant in GRAPH_VARIANTS and self.device.type != "cuda":
             return (f"{variant} needs a CUDA GPU (it replays CUDA graphs); this run is on {self.device}: "
                     "not run (the eager variants are)")
+        if variant == FP8_VARIANT:
+            from .. import fp8
+            reasons = fp8.scaled_mm_not_supported_reasons(self.device, 16, 16)
+            if not reasons and importlib.util.find_spec("triton") is None:
+                reasons = ["triton is not installed (FP8 inference quantizes in Triton passes)"]
+            if reasons:
+                return f"{variant}: " + "; ".join(reasons)
         return None
+
+    def _tune(self, variant: str, res: dict, call: Callable, *inputs) -> None:
+        """fastlego's matmul path choices for this workload's shapes (`fastlego.tune`), made before
+        the variant's first timed call as `fastlego train` and `sample` make them; fastlego's
+        variants on CUDA only (the reference and torch.compile take no such choice)."""
+        if variant_backend(variant) != "auto" or self.device.type != "cuda":
+            return
+        from ..tuning import tune
+        res["tuning"] = tune(call, *inputs).summary()
 
     def _after_compile(self, variant: str, res: dict) -> None:
         """A compile variant's graph breaks and, when its first call overran the budget, the mark."""
@@ -256,10 +276,21 @@ class BenchSession:
         backend = res["dispatch_mode"]
         model, inputs = st.model, st.inputs
         compiled = step = None
+        # fastlego's forwards cast each fp32 weight to the autocast dtype once (as sampling does),
+        # for the whole variant: its warm-up, CUDA-graph capture and timed calls
+        held = contextlib.ExitStack()
         try:
+            if backend == "auto":
+                held.enter_context(frozen_weights())
             if weights_dtype == torch.bfloat16:
                 model, inputs = bf16_copy(st.model, st.inputs)
+            elif variant == FP8_VARIANT:
+                from ..fp8 import quantize
+                model = quantize(st.model, "fp8")
             weights = model
+            if backend == "auto":
+                with torch.no_grad(), dispatch.use_backend(backend), autocast(dev, ac):
+                    self._tune(variant, res, model, *inputs)
             if variant in COMPILE_VARIANTS:
                 # load every reference backend first: dynamo then traces the dispatcher into one graph
                 STEP_BUILDERS[mode](model, inputs, backend, dev, ac)()
@@ -301,6 +332,7 @@ class BenchSession:
             res["error"] = failure_text(exc)
         finally:
             model = inputs = weights = step = None
+            held.close()
             if compiled is not None:
                 compiled = None
                 torch._dynamo.reset()
@@ -350,6 +382,10 @@ class BenchSession:
                 with torch.no_grad(), dispatch.use_backend("reference"), autocast(dev, cfg.autocast_dtype):
                     net(images[:1], sigma[:1], None if labels is None else labels[:1])
                 model = _compile(net, compile_mode_of(variant, "train"))
+            if backend == "auto":   # the matmul paths for these shapes, before the first step (and capture)
+                with dispatch.use_backend(backend), autocast(dev, cfg.autocast_dtype,
+                                                             cache=variant not in GRAPH_VARIANTS):
+                    self._tune(variant, res, EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5), model, *inputs)
             step = STEP_BUILDERS["train"](model, inputs, backend, dev, cfg.autocast_dtype,
                                           cuda_graph=variant in GRAPH_VARIANTS)
             group = step.train_step.optimizer.param_groups[0]
