@@ -21,6 +21,8 @@ every call. Importing a kernel module needs triton; `policy` does not.
                             quantize_rows (twins in `fastlego.fp8`)
   fp8_linear.py             fp8_linear: the FP8 GEMM with row / channel scales (the alternative
                             to torch._scaled_mm; `fastlego.tune` picks per shape)
+  cublaslt.py               cuBLASLt's GEMM epilogues through ctypes (GELU_AUX_BIAS, DGELU_BGRAD,
+                            BGRADB) for the MLP, a route under measurement (not dispatched yet)
   gemm.py                   the GEMM tile machinery of the two matmul ops (configs, autotuning,
                             tuning keys and candidates)
   rows.py                   the tiling of the row-wise kernels
