@@ -265,7 +265,8 @@ def test_bench_scripts_time_with_the_package_timer():
     """The scripts of bench/ import what they use from fastlego.benchmark, and every one that
     times something does it with its one timer (`measure`), not a loop of its own."""
     pytest.importorskip("triton")
-    for name in ("attention_layouts", "checkpoint_memory", "gemm_shapes", "probe_gelu_gemm", "profile_train"):
+    for name in ("attention_layouts", "checkpoint_memory", "gemm_shapes", "probe_gelu_gemm", "profile_train",
+                 "fp8_gemm", "profile_small_batch", "probe_cublaslt_epilogues"):
         module = _bench_script(name)
         assert module.measure is bm.measure, name
         source = open(module.__file__).read()
