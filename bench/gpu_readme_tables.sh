@@ -4,12 +4,12 @@
 #   bash bench/gpu_readme_tables.sh [PART ...]     PART: infer, train, latency, tables (default: all four)
 #     infer   -> bench/results/infer${TAG}.json     the default workloads (or $INFER_PRESETS), fp32 weights
 #                under bf16 autocast and bf16 weights: reference eager, fastlego, and torch.compile of the
-#                reference three ways (default mode, max-autotune-no-cudagraphs, reduce-overhead)
+#                reference three ways (default mode, max-autotune-no-cudagraphs, compiled + CUDA graph)
 #     train   -> bench/results/train${TAG}.json     training steps ($TRAIN_PRESETS): reference eager, fastlego,
 #                fastlego_graph, and compile / compile_max_autotune / compile_graph (the compiled step as
 #                one CUDA graph), all with fused AdamW
 #     latency -> bench/results/latency${TAG}.json   ms per network call, lego_S_PG_64 and lego_L_PG_64 at
-#                batches 1, 4, 16 (or $LATENCY_PRESETS): reference eager, compile_graph (reduce-overhead),
+#                batches 1, 4, 16 (or $LATENCY_PRESETS): reference eager, compile_graph (compiled + CUDA graph),
 #                fastlego eager, fastlego_graph (its forward as one CUDA graph)
 #     tables  -> prints the README tables from every bench/results/{infer,train,latency}*.json
 # Logs and copies of the JSON go under ${OUT:-out}/. Then, where the JSON came back:

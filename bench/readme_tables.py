@@ -8,7 +8,7 @@ Three tables, each between marker comments in README.md:
 - `<!-- bench:infer -->` ... `<!-- /bench:infer -->`: inference images/s. One row per workload and
   weight holding (fp32 weights under autocast, or bf16 weights): the reference ops eager,
   torch.compile of them each way the run timed (torch's default mode, "max-autotune-no-cudagraphs",
-  "reduce-overhead") and fastlego's auto backend, each cell the variant that held its weights
+  the compiled forward captured as a CUDA graph) and fastlego's auto backend, each cell the variant that held its weights
   that way (a bf16-weight baseline is only there when the run timed it: `--variants
   ...,reference_bf16,compile_bf16`). "x fastest compile" (naming that variant) and "/ floor" are
   computed from the report's milliseconds, fastlego against the baselines of the same row; a
@@ -18,7 +18,8 @@ Three tables, each between marker comments in README.md:
   and torch.compile of it each way (default mode, "max-autotune-no-cudagraphs", the compiled
   step captured as a CUDA graph): ms per step and peak GiB, speed-ups and memory ratio.
 - `<!-- bench:latency -->` ... `<!-- /bench:latency -->`: ms per network call at small batches
-  (`--modes latency`): the reference eager, torch.compile "reduce-overhead", fastlego eager and
+  (`--modes latency`): the reference eager, torch.compile's forward captured as a CUDA graph,
+  fastlego eager and
   fastlego replayed as a CUDA graph, and the two speed-ups against their targets.
 
 Each table names the run it comes from: card, torch / CUDA / triton versions, date, the run's
@@ -124,8 +125,9 @@ def holding_label(weights: str, autocast: Optional[str]) -> str:
 
 def role(result: dict) -> str:
     """reference (the reference ops eager); torch.compile of them: compile (torch's default mode),
-    compile_max_autotune ("max-autotune-no-cudagraphs") or compile_graph (CUDA graphs:
-    "reduce-overhead", or in training the compiled step captured as one graph); or fastlego
+    compile_max_autotune ("max-autotune-no-cudagraphs") or compile_graph (the compiled forward, or
+    in training the compiled step, captured as one CUDA graph; reports of before session 9:
+    mode "reduce-overhead" for a forward); or fastlego
     (auto). Reports before the compile_mode / cuda_graph fields: compile variants are "compile"."""
     if result.get("compiled", result["variant"].startswith("compile")):
         if result.get("cuda_graph"):
@@ -264,7 +266,8 @@ def infer_section(runs: Sequence[Run]) -> Optional[str]:
     text = ["Inference (`fastlego bench`, mode `infer`: one `torch.no_grad()` forward), images/s: the median of "
             f"timed rounds (CUDA events on a GPU){_tf32(used)}. Each row holds the weights one way; its variants "
             "are named. torch.compile of the reference model three ways: torch's default mode, "
-            "mode=\"max-autotune-no-cudagraphs\", and mode=\"reduce-overhead\" (CUDA graphs). \"x fastest compile\" = "
+            "mode=\"max-autotune-no-cudagraphs\", and the default-mode compiled forward captured once as a CUDA graph "
+            "(torch.cuda.graph). \"x fastest compile\" = "
             "the ms of the fastest of them in the same row that compiled within the run's budget (named) / "
             "fastlego's ms; \"/ floor\" = the floor's ms (every matmul of the forward at cuBLAS speed in bf16 plus "
             "attention, measured in the same run) / fastlego's ms. " + _runs_text(used), ""]
@@ -332,12 +335,12 @@ def latency_section(runs: Sequence[Run]) -> Optional[str]:
     hold = f", {holds.pop()}" if len(holds) == 1 else ""
     text = ["Latency (`fastlego bench --modes latency`): ms per network call (one backbone forward"
             f"{hold}) at small batches, as when sampling one to a few images at a time{_tf32(used)}: the "
-            "median of timed rounds (CUDA events on a GPU). torch.compile(reference, mode=\"reduce-overhead\") "
-            "replays CUDA graphs; \"fastlego CUDA graph\" is fastlego's forward captured once with torch.cuda.graph "
-            "and replayed on static inputs. Targets: the graph >= 1.5x reduce-overhead from batch 16, >= 1.25x "
+            "median of timed rounds (CUDA events on a GPU). \"torch.compile + CUDA graph\" is torch.compile(reference)'s "
+            "forward and \"fastlego CUDA graph\" fastlego's, each captured once with torch.cuda.graph and replayed on "
+            "static inputs. Targets: fastlego's graph >= 1.5x torch.compile's from batch 16, >= 1.25x "
             "below; fastlego eager never slower than the reference eager. " + _runs_text(used), ""]
-    text += _table(["preset (batch)", "reference eager", "torch.compile reduce-overhead", "fastlego eager",
-                    "fastlego CUDA graph", "graph x reduce-overhead", "eager x reference eager"], rows, used)
+    text += _table(["preset (batch)", "reference eager", "torch.compile + CUDA graph", "fastlego eager",
+                    "fastlego CUDA graph", "graph x compiled graph", "eager x reference eager"], rows, used)
     return "\n".join(text)
 
 

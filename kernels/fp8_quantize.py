@@ -111,7 +111,8 @@ def round_to_e4m3(v):
     magf = mag.to(tl.float32, bitcast=True)
     subnormal = (magf + 24576.0) - 24576.0
     r = tl.where(mag < 0x3C800000, subnormal, normal.to(tl.float32, bitcast=True))   # 0x3C800000 = 2^-6
-    r = tl.where(bits < 0, -r, r)
+    # v's sign bit onto the magnitude (a bit operation: compiled, -r can be 0 - r, which loses -0)
+    r = (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
     return tl.where(v != v, v, r)
 
 

@@ -119,7 +119,7 @@ def test_end_to_end_variants(tiny_run):
     # CUDA graphs on the CPU: refused before anything is built, with the reason
     graph = e2e["compile_graph"]
     assert "ms" not in graph and "first_call_s" not in graph and "needs a CUDA GPU" in graph["refused"]
-    assert graph["error"] == "refused: " + graph["refused"] and graph["compile_mode"] == "reduce-overhead"
+    assert graph["error"] == "refused: " + graph["refused"] and graph["compile_mode"] == "default"
     # FP8 on the CPU: refused before anything is built, naming why
     fp8_row = e2e["fastlego_fp8"]
     assert "ms" not in fp8_row and "FP8 tensor cores" in fp8_row["refused"] and "tuning" not in e2e["fastlego"]
@@ -588,11 +588,11 @@ def test_compile_budget_note():
     assert bm.compile_budget_note(None, 10.0) is None       # never called
     assert bm.compile_budget_note(10.0, 10.0) is None       # at the budget: within it
     assert bm.compile_budget_note(1234.5, 900.0) == "did not compile within the budget: first call 1234 s > 900 s"
-    assert bm.COMPILE_MODES == {"compile": None, "compile_bf16": None, "compile_graph": "reduce-overhead",
+    assert bm.COMPILE_MODES == {"compile": None, "compile_bf16": None, "compile_graph": None,
                                 "compile_max_autotune": "max-autotune-no-cudagraphs"}
-    # in training, compile_graph compiles in the default mode: the step around it is the CUDA graph
+    # compile_graph compiles in the default mode: the CUDA graph is captured around it (forward or step)
     assert bm.compile_mode_of("compile_graph", "train") is None
-    assert bm.compile_mode_of("compile_graph", "latency") == "reduce-overhead"
+    assert bm.compile_mode_of("compile_graph", "latency") is None
     with pytest.raises(ValueError, match="not a torch.compile variant"):
         bm.compile_mode_of("fastlego")
 
@@ -720,14 +720,14 @@ def test_latency_mode(tmp_path, _one_thread):
     assert sum(sum(c.values()) for c in e2e["fastlego@latency"]["backends"]["chosen"].values()) > 0
     for name in ("compile_graph", "fastlego_graph"):
         assert e2e[f"{name}@latency"]["refused"].startswith(f"{name} needs a CUDA GPU")
-    assert e2e["compile_graph@latency"]["compile_mode"] == "reduce-overhead"
+    assert e2e["compile_graph@latency"]["compile_mode"] == "default" and e2e["compile_graph@latency"]["cuda_graph"]
     assert case["kernels"] == [] and "floor" not in case   # infer-only pieces skipped
     tg = case["targets"]
     eager = tg["latency_eager_vs_reference"]
     assert eager["value"] == e2e["reference@latency"]["ms"] / e2e["fastlego@latency"]["ms"] and eager["target"] == 1.0
     assert "latency_graph_vs_compile_graph" not in tg
     text = (tmp_path / "R.md").read_text()
-    assert "| preset (batch), latency | reference eager ms | compile_graph ms (reduce-overhead) |" in text
+    assert "| preset (batch), latency | reference eager ms | compile_graph ms (compiled + CUDA graph) |" in text
     [row] = [x for x in text.splitlines() if x.startswith("| lego_S_U_32[depths=1,1,1,1,1] (1) |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:5] == [f"{e2e['reference@latency']['ms']:.3f}", "refused (needs CUDA)",
@@ -771,7 +771,7 @@ def test_graph_and_compile_variants_on_a_gpu(tmp_path):
     """On a GPU, for real: every training variant steps a fused AdamW (capturable in the CUDA-graph
     ones); compile_graph's compiled step is captured and replayed, its first loss that of the
     reference step; the latency fastlego_graph replays a captured forward as accurate as the eager
-    one, and torch.compile's reduce-overhead forward is timed."""
+    one, and torch.compile's forward captured as a CUDA graph is timed and as accurate."""
     rc = bm.main(["--device", "cuda", "--tiny", "--presets", "lego_S_U_32:2", "--depths", "1,1,1,1,1",
                   "--modes", "train,latency", "--variants", "reference,fastlego,fastlego_graph,compile_graph",
                   "--no-kernels", "--no-floor", "--json", str(tmp_path / "r.json"), "--no-markdown"])
@@ -794,7 +794,9 @@ def test_graph_and_compile_variants_on_a_gpu(tmp_path):
         assert r["ms"] > 0 and math.isfinite(r["rel_err_vs_fp32"]), name
     graph, eager = e2e["fastlego_graph@latency"], e2e["fastlego@latency"]
     assert graph["captured"] is True and graph["rel_err_vs_fp32"] <= 2 * eager["rel_err_vs_fp32"] + 1e-3
-    assert e2e["compile_graph@latency"]["compile_mode"] == "reduce-overhead"
+    comp = e2e["compile_graph@latency"]
+    assert comp["compile_mode"] == "default" and comp["captured"] is True
+    assert comp["rel_err_vs_fp32"] <= 2 * e2e["reference@latency"]["rel_err_vs_fp32"] + 1e-3
     tg = case["targets"]
     assert tg["latency_graph_vs_compile_graph"]["target"] == 1.25 and tg["latency_graph_vs_compile_graph"]["value"] > 0
     assert tg["fastest_compile@train"]["variant"] == "compile_graph"

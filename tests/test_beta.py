@@ -519,8 +519,9 @@ def test_beta_training_with_cuda_graph_matches_eager_on_gpu(tmp_path):
     assert graphed.cuda_graph and not eager.cuda_graph
     assert all(math.isfinite(v) for v in graphed.losses)
     assert graphed.losses == pytest.approx(eager.losses, rel=1e-3)
-    resumed = train(beta_config(tmp_path / "graph", resume="auto", **dict(kw, steps=9)))
-    assert resumed.cuda_graph and resumed.step == 9 and all(math.isfinite(v) for v in resumed.losses)
+    # 6 more steps: the step is captured after 3 eager ones
+    resumed = train(beta_config(tmp_path / "graph", resume="auto", **dict(kw, steps=12)))
+    assert resumed.cuda_graph and resumed.step == 12 and all(math.isfinite(v) for v in resumed.losses)
 
 
 @pytest.mark.cuda

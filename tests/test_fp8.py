@@ -394,10 +394,11 @@ def test_scaled_mm_matches_reference(M, K, N):
     ref32 = fp8_linear_reference(x_q, x_s, w_q, w_s, b, torch.float32)
     assert not torch.isnan(out).any()
     # the same exact products summed in another order, then one bf16 rounding: half a bf16 ulp
-    # of the result plus fp32 summation noise of the terms' magnitude
+    # of the result plus the FP8 tensor cores' summation noise (each K slice is added in less than
+    # fp32's precision: a few 2^-14 of the terms' magnitude on an H100, bench/RESULTS.md)
     terms = dequantize(x_q, x_s).abs() @ dequantize(w_q, w_s).abs().t() + b.float().abs()
     err = (out.float() - ref32).abs()
-    assert (err <= ref32.abs() * 2.0 ** -8 + terms * 2.0 ** -18).all(), (err / terms).max().item()
+    assert (err <= ref32.abs() * 2.0 ** -8 + terms * 2.0 ** -12).all(), (err / terms).max().item()
 
 
 @pytest.mark.cuda
@@ -418,10 +419,11 @@ def test_quantized_model_on_tensor_cores(autocast):
         ref = edm(x, sigma, y, cfg_scale=2.0)
         out_hw, out_emu = hw(x, sigma, y, cfg_scale=2.0), emu(x, sigma, y, cfg_scale=2.0)
     assert torch.isfinite(out_hw).all()
-    # the same numerics up to summation order (and the attention backend): far closer to each other
-    # than either is to fp32
+    # the same numerics up to summation order (and the attention backend), which flips some e4m3
+    # roundings of later activations: as accurate against fp32 as the emulation, and closer to it
+    # than either is to fp32 (the H100 figures are in bench/RESULTS.md)
     e_hw, e_emu, e_between = rel(out_hw, ref), rel(out_emu, ref), rel(out_hw, out_emu)
-    assert e_hw < 0.12 and e_between < 0.25 * e_emu, (e_hw, e_emu, e_between)
+    assert e_hw < 1.25 * e_emu + 1e-3 and e_between < e_emu, (e_hw, e_emu, e_between)
 
 
 @pytest.mark.cuda
@@ -477,7 +479,7 @@ def test_sampling_in_fp8_is_refused_on_the_cpu_before_any_file(tmp_path):
 
     out = tmp_path / "samples"
     with pytest.raises(fastlego.BackendNotSupported, match=r"(?s)compute capability 8\.9.*emulate=True"):
-        sample(_edm(), [0, 1], num_steps=2, precision="fp8", outdir=str(out), progress=False)
+        sample(_edm(), [0, 1], num_steps=2, precision="fp8", outdir=str(out), progress=False, device="cpu")
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -488,7 +490,7 @@ def test_sampling_with_emulated_fp8_stays_near_fp32():
 
     edm = _edm()
     before = {k: v.clone() for k, v in edm.state_dict().items()}
-    kw = dict(num_steps=4, progress=False, grid=False, class_ids=[3, 5, 7], cfg_scale=2.0)
+    kw = dict(num_steps=4, progress=False, grid=False, class_ids=[3, 5, 7], cfg_scale=2.0, device="cpu")
     ref = sample(edm, [0, 1, 2], **kw).images.float()
     bf16 = sample(edm, [0, 1, 2], precision="bf16", **kw).images.float()
     out = sample(edm, [0, 1, 2], precision="fp8_emulated", **kw).images.float()
@@ -505,6 +507,6 @@ def test_cli_sample_precision_fp8_refused_on_the_cpu(tmp_path, capsys):
     ckpt = tmp_path / "net.safetensors"
     fastlego.save_checkpoint(_edm(), str(ckpt))
     rc = main(["sample", "--network", str(ckpt), "--seeds", "0-1", "--steps", "2", "--precision", "fp8",
-               "--outdir", str(tmp_path / "out"), "--quiet"])
+               "--outdir", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "compute capability 8.9" in err and "--precision fp8_emulated" in err and "Traceback" not in err

@@ -73,6 +73,12 @@ def check(args, out_dtype=torch.bfloat16, *, out=None, what="fp8_linear", refere
         with tf32(False):
             reference = fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     atol = 1e-6 * max(1.0, truth.abs().max().item())
+    if x_q.is_cuda and out_dtype == torch.float32:
+        # FP8 tensor cores add each BLOCK_K slice's products in less than fp32's precision before
+        # the fp32 accumulator takes the slice's sum: errors of a few 2^-14 of the sum of |products|
+        # on an H100 (bench/RESULTS.md), which an fp32 output shows and bf16 / fp16 outputs round away
+        terms = (x_q.double().abs() * x_scale.double()[..., None]) @ (w_q.double().abs() * w_scale.double()[:, None]).t()
+        atol = max(atol, 2.0 ** -12 * terms.max().item())
     assert_close_to_reference(got, truth, reference, atol=atol, what=f"{what} {out_dtype}")
     return got
 

@@ -74,7 +74,7 @@ def latency_report(**env):
     for batch, (ref, comp, eager, graph) in ((1, (9.0, 4.0, 8.0, 3.0)), (16, (12.0, 6.0, 13.0, 4.5))):
         e2e = {"reference@latency": _e2e("reference", ref, batch, "latency", dispatch_mode="reference", compiled=False, **fields),
                "compile_graph@latency": _e2e("compile_graph", comp, batch, "latency", dispatch_mode="reference",
-                                             compiled=True, compile_mode="reduce-overhead", cuda_graph=True, **fields),
+                                             compiled=True, compile_mode="default", cuda_graph=True, **fields),
                "fastlego@latency": _e2e("fastlego", eager, batch, "latency", dispatch_mode="auto", compiled=False, **fields),
                "fastlego_graph@latency": _e2e("fastlego_graph", graph, batch, "latency", dispatch_mode="auto",
                                               compiled=False, cuda_graph=True, **fields)}
@@ -275,13 +275,13 @@ def test_command_line_prints_the_sections(tmp_path):
 
 def _all_compile_variants(report, over_budget=False, graph_error=None):
     """The inference report with every compile variant: default 50 ms, max-autotune 40 ms (over
-    the budget when asked), reduce-overhead 45 ms (or failed)."""
+    the budget when asked), compiled + CUDA graph 45 ms (or failed)."""
     e2e = report["cases"][0]["end_to_end"]
     fields = {"weights_dtype": "float32", "autocast_dtype": "bfloat16", "dispatch_mode": "reference", "compiled": True}
     e2e["compile_max_autotune"] = _e2e("compile_max_autotune", 40.0, 256, compile_mode="max-autotune-no-cudagraphs",
                                        cuda_graph=False, over_compile_budget=over_budget, compile_budget_s=900.0,
                                        **fields)
-    e2e["compile_graph"] = _e2e("compile_graph", 45.0, 256, compile_mode="reduce-overhead", cuda_graph=True, **fields)
+    e2e["compile_graph"] = _e2e("compile_graph", 45.0, 256, compile_mode="default", cuda_graph=True, **fields)
     if graph_error:
         del e2e["compile_graph"]["ms"], e2e["compile_graph"]["img_per_s"]
         e2e["compile_graph"]["error"] = graph_error
@@ -301,11 +301,11 @@ def test_compile_variants_each_have_a_column_and_the_fastest_is_named(tmp_path):
     assert fp32[1] == ("fp32 weights + bf16 autocast: `reference`, `compile`, `compile_max_autotune`, `compile_graph`, "
                        "`fastlego`")
     assert fp32[3:8] == ["5,120", "6,400", "5,689", "6,400", "1.00 (`compile_max_autotune`)"]   # 40 / 40
-    # max-autotune over the budget: shown and marked, the fastest is then reduce-overhead (45 / 40)
+    # max-autotune over the budget: shown and marked, the fastest is then the compiled graph (45 / 40)
     report = _all_compile_variants(infer_report(), over_budget=True)
     fp32 = _rows(rt.infer_section(rt.load_runs([_write(tmp_path, "r.json", report)])), "lego_S_PG_64 (256)")[0]
     assert fp32[4] == "6,400 (over the 900 s compile budget)" and fp32[7] == "1.12 (`compile_graph`)"
-    # and reduce-overhead failed: the default mode is the fastest left
+    # and the compiled graph failed: the default mode is the fastest left
     report = _all_compile_variants(infer_report(), over_budget=True, graph_error="RuntimeError: capture")
     fp32 = _rows(rt.infer_section(rt.load_runs([_write(tmp_path, "r.json", report)])), "lego_S_PG_64 (256)")[0]
     assert fp32[5] == "failed (RuntimeError)" and fp32[7] == "1.25 (`compile`)"
@@ -313,7 +313,7 @@ def test_compile_variants_each_have_a_column_and_the_fastest_is_named(tmp_path):
     report = infer_report()
     report["cases"][0]["end_to_end"]["compile_graph"] = {
         "variant": "compile_graph", "mode": "infer", "batch": 256, "compiled": True, "cuda_graph": True,
-        "compile_mode": "reduce-overhead", "refused": "compile_graph needs a CUDA GPU (it replays CUDA graphs)",
+        "compile_mode": "default", "refused": "compile_graph needs a CUDA GPU (it replays CUDA graphs)",
         "error": "refused: compile_graph needs a CUDA GPU"}
     fp32 = _rows(rt.infer_section(rt.load_runs([_write(tmp_path, "r.json", report)])), "lego_S_PG_64 (256)")[0]
     assert fp32[5] == "needs CUDA" and fp32[7] == "1.25 (`compile`)"
@@ -351,8 +351,8 @@ def test_latency_rows(tmp_path):
     text = rt.latency_section(runs)
     assert rt.infer_section(runs) is None and rt.train_section(runs) is None
     header = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
-    assert header == ["preset (batch)", "reference eager", "torch.compile reduce-overhead", "fastlego eager",
-                      "fastlego CUDA graph", "graph x reduce-overhead", "eager x reference eager"]
+    assert header == ["preset (batch)", "reference eager", "torch.compile + CUDA graph", "fastlego eager",
+                      "fastlego CUDA graph", "graph x compiled graph", "eager x reference eager"]
     [b1] = _rows(text, "lego_S_PG_64 (1)")
     [b16] = _rows(text, "lego_S_PG_64 (16)")
     assert b1[1:] == ["9.000 ms", "4.000 ms", "8.000 ms", "3.000 ms", "1.33 (met: >= 1.25)", "1.12 (met: >= 1)"]

@@ -26,8 +26,8 @@ One concept a module, in the order a run uses them:
 Variants (the docstring of `config` says what each is, exactly). Inference: `reference` (the
 reference ops eager), `fastlego` (the auto backend), and torch.compile of the reference model
 three ways: `compile` (torch's default mode), `compile_max_autotune`
-(mode="max-autotune-no-cudagraphs") and `compile_graph` (mode="reduce-overhead", CUDA graphs,
-CUDA only), all with fp32 weights under bf16 autocast, TF32 on; `fastlego_bf16` (the auto
+(mode="max-autotune-no-cudagraphs") and `compile_graph` (the compiled forward captured once as a
+CUDA graph, CUDA only), all with fp32 weights under bf16 autocast, TF32 on; `fastlego_bf16` (the auto
 backend, weights held in bf16) and the opt-in baselines holding their weights the same way,
 `reference_bf16` and `compile_bf16`; `fastlego_fp8` (`fastlego.quantize(model, "fp8")`, FP8 tensor
 cores; refused with the reasons where there are none). fastlego's variants run as `fastlego sample`

@@ -7,9 +7,9 @@ fp32 weights under autocast; `fastlego_graph` (CUDA only): fastlego replayed as 
 training the whole step (`TrainStep(cuda_graph=True)`), in latency the backbone forward
 (torch.cuda.graph after warm-up, static inputs). torch.compile of the reference model, one
 variant per way to run it: `compile` (torch's default mode), `compile_max_autotune`
-(mode="max-autotune-no-cudagraphs") and `compile_graph` (CUDA only: mode="reduce-overhead" for a
-forward; in training, the default-mode compiled EDMPrecond inside the training step captured
-once as a CUDA graph with the capturable fused AdamW). Every training variant steps a fused AdamW
+(mode="max-autotune-no-cudagraphs") and `compile_graph` (CUDA only: the default-mode compiled
+model captured once as a CUDA graph with torch.cuda.graph and replayed: its forward, or in
+training the whole step around it with the capturable fused AdamW). Every training variant steps a fused AdamW
 on CUDA. Targets are held against the fastest compile variant that compiled within the budget.
 """
 
@@ -39,7 +39,7 @@ COMPILE_TARGETS = {"lego_S_PG_64": 1.9, "lego_L_PG_64": 1.5, "lego_XL_U_32": 1.4
 TRAIN_COMPILE_TARGET = 1.5
 # Latency (small batches, one network call): the presets, each at these batches, with the
 # channels, resolution and labels of DEFAULT_CASES; fastlego's forward replayed as a CUDA graph
-# against torch.compile(mode="reduce-overhead") at >= 1.5x from batch 16, >= 1.25x below, and
+# against torch.compile's forward captured as a CUDA graph at >= 1.5x from batch 16, >= 1.25x below, and
 # fastlego eager never slower than the reference eager.
 LATENCY_PRESETS = ("lego_S_PG_64", "lego_L_PG_64")
 LATENCY_BATCHES = (1, 4, 16)
@@ -52,12 +52,13 @@ def latency_target(batch: int) -> float:
 
 
 # torch.compile of the reference model, one named variant per way a user could run it; the mode
-# each passes to torch.compile (None: torch's default). compile_graph is "reduce-overhead" for a
-# forward (inference, latency) and, in training, the default mode inside the training step
-# captured once as a CUDA graph (see TRAIN_VARIANT_HELP). Ordered as a run compiles them: the
-# slowest to compile last.
+# each passes to torch.compile (None: torch's default). compile_graph compiles in the default mode
+# and captures the compiled forward (inference, latency) or the training step around it once as a
+# CUDA graph with torch.cuda.graph (torch's own mode="reduce-overhead" re-recorded its graphs at
+# every call of the bench's forward; bench/RESULTS.md). Ordered as a run compiles them: the slowest
+# to compile last.
 COMPILE_VARIANTS = ("compile", "compile_bf16", "compile_graph", "compile_max_autotune")
-COMPILE_MODES = {"compile": None, "compile_bf16": None, "compile_graph": "reduce-overhead",
+COMPILE_MODES = {"compile": None, "compile_bf16": None, "compile_graph": None,
                  "compile_max_autotune": "max-autotune-no-cudagraphs"}
 # The default --compile-budget: a compile variant whose first call (the compilation) takes longer
 # is marked "did not compile within the budget" and is not a candidate for the fastest compile.
@@ -77,8 +78,9 @@ VARIANT_HELP = {
     "compile": "torch.compile(model) (torch's default mode) under use_backend('reference'), fp32 weights + autocast",
     "compile_max_autotune": "torch.compile(model, mode='max-autotune-no-cudagraphs') under use_backend('reference'), "
                             "fp32 weights + autocast",
-    "compile_graph": "torch.compile(model, mode='reduce-overhead') under use_backend('reference'): the compiled "
-                     "forward replayed as CUDA graphs (CUDA only), fp32 weights + autocast",
+    "compile_graph": "torch.compile(model) (torch's default mode) under use_backend('reference'), its forward "
+                     "captured once with torch.cuda.graph after 3 warm-up calls and replayed on static inputs "
+                     "(CUDA only), fp32 weights + autocast",
     "reference_bf16": "use_backend('reference') eager, weights and inputs in bf16, no autocast (opt-in)",
     "compile_bf16": "torch.compile(model) (torch's default mode) under use_backend('reference'), weights and "
                     "inputs in bf16, no autocast (opt-in)",
@@ -100,8 +102,9 @@ TRAIN_VARIANT_HELP = {
 }
 LATENCY_VARIANT_HELP = {
     "reference": "use_backend('reference') eager forward, fp32 weights + autocast",
-    "compile_graph": "torch.compile(model, mode='reduce-overhead') under use_backend('reference'): the compiled "
-                     "forward replayed as CUDA graphs (CUDA only), fp32 weights + autocast",
+    "compile_graph": "torch.compile(model) (torch's default mode) under use_backend('reference'), its forward "
+                     "captured once with torch.cuda.graph after 3 warm-up calls and replayed on static inputs "
+                     "(CUDA only), fp32 weights + autocast",
     "fastlego": "use_backend('auto') eager forward, fp32 weights + autocast, each weight cast once "
                 "(fastlego.frozen_weights, as fastlego sample runs)",
     "fastlego_graph": "the use_backend('auto') forward captured once with torch.cuda.graph after 3 warm-up calls "
@@ -154,11 +157,11 @@ def result_key(variant: str, mode: str = "infer") -> str:
 
 
 def compile_mode_of(variant: str, mode: str = "infer") -> Optional[str]:
-    """The mode a compile variant passes to torch.compile (None: torch's default); compile_graph in
-    training compiles in the default mode (the training step around it is the CUDA graph)."""
+    """The mode a compile variant passes to torch.compile (None: torch's default); compile_graph
+    compiles in the default mode in every mode of the bench (the CUDA graph is captured around it)."""
     if variant not in COMPILE_MODES:
         raise ValueError(f"{variant!r} is not a torch.compile variant: expected one of {', '.join(COMPILE_VARIANTS)}")
-    return None if (variant == "compile_graph" and mode == "train") else COMPILE_MODES[variant]
+    return COMPILE_MODES[variant]
 
 
 def variant_backend(variant: str) -> str:

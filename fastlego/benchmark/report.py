@@ -28,8 +28,8 @@ the full numbers of each run are in its JSON report. Each run is one dated secti
 - **End to end** (inference, `torch.no_grad()`, TF32 on): `reference` = the reference ops eager
   (`use_backend("reference")`), `fastlego` = the auto backend, and `torch.compile` of the
   reference model three ways: `compile` (torch's default mode), `compile_max_autotune`
-  (mode="max-autotune-no-cudagraphs") and `compile_graph` (mode="reduce-overhead": CUDA graphs;
-  CUDA only); these keep fp32 weights under bf16 autocast, as the released code was measured.
+  (mode="max-autotune-no-cudagraphs") and `compile_graph` (the default-mode compiled forward
+  captured once as a CUDA graph; CUDA only); these keep fp32 weights under bf16 autocast, as the released code was measured.
   `fastlego_bf16` = the auto backend with weights held in bf16 (no autocast); `reference_bf16`
   and `compile_bf16` (opt-in, `--variants`) are the baselines with bf16 weights. Random weights
   (every parameter non-zero), random inputs. img/s and ms are medians (CUDA events) of the timed
@@ -72,7 +72,7 @@ the full numbers of each run are in its JSON report. Each run is one dated secti
   timed steps' losses (finite). A failure (out of memory, a crash) is an error row.
 - **Latency** (`--modes latency`): ms per network call (one backbone forward, fp32 weights under
   bf16 autocast) at small batches (sampling one to a few images at a time): `reference` eager,
-  `compile_graph` (`torch.compile(mode="reduce-overhead")`), `fastlego` eager and
+  `compile_graph` (`torch.compile`'s forward captured once as a CUDA graph), `fastlego` eager and
   `fastlego_graph` (its forward captured once with torch.cuda.graph, replayed on static inputs).
   Targets: fastlego_graph >= 1.5x compile_graph at batch 16, >= 1.25x at batches 1 and 4;
   fastlego eager never slower than the reference eager.
@@ -252,7 +252,7 @@ def latency_markdown(report: dict) -> List[str]:
             return "-"
         return f"{t['value']:.2f} ({'met' if t['met'] else 'missed'}: >= {t['target']:g})"
 
-    lines = ["", "| preset (batch), latency | reference eager ms | compile_graph ms (reduce-overhead) | fastlego eager ms "
+    lines = ["", "| preset (batch), latency | reference eager ms | compile_graph ms (compiled + CUDA graph) | fastlego eager ms "
                  "| fastlego_graph ms | fastlego_graph x compile_graph | fastlego x reference eager |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for res in report["cases"]:

@@ -295,9 +295,10 @@ class BenchSession:
                 # load every reference backend first: dynamo then traces the dispatcher into one graph
                 STEP_BUILDERS[mode](model, inputs, backend, dev, ac)()
                 compiled = model = _compile(model, compile_mode_of(variant, mode))
-                step = infer_step(model, inputs, backend, dev, ac, mark_step=variant in GRAPH_VARIANTS)
-            elif variant in GRAPH_VARIANTS:
+            if variant in GRAPH_VARIANTS:   # fastlego_graph, compile_graph: the forward captured once
                 step = graph_infer_step(model, inputs, backend, dev, ac)
+            elif variant in COMPILE_VARIANTS:
+                step = infer_step(model, inputs, backend, dev, ac)
             else:
                 step = STEP_BUILDERS[mode](model, inputs, backend, dev, ac)
             weight_bytes = sum(t.numel() * t.element_size() for t in list(weights.parameters()) + list(weights.buffers()))
@@ -308,7 +309,7 @@ class BenchSession:
             with precision(dev, cfg.tf32):
                 out, res["first_call_s"] = time_once(lambda: _first_call(step, variant, res), dev)
                 self._after_compile(variant, res)
-                if variant in GRAPH_VARIANTS and variant not in COMPILE_VARIANTS:
+                if variant in GRAPH_VARIANTS:
                     res["captured"] = step.captured
                 if ref32 is not None:
                     res["rel_err_vs_fp32"] = rel_err(out.float(), ref32)

@@ -8,7 +8,7 @@ autocast_dtype) -> step()`.
   `fastlego.training.TrainStep` runs it, eagerly or captured once as a CUDA graph.
 
 `graph_infer_step` is the forward captured once with `torch.cuda.graph` and replayed (the
-latency mode's `fastlego_graph`).
+`fastlego_graph` and `compile_graph` forwards).
 """
 
 from __future__ import annotations
@@ -24,15 +24,11 @@ from .config import TRAIN_LR
 from .numerics import autocast
 
 
-def infer_step(model, inputs, backend: str, device: torch.device, autocast_dtype, cache: bool = True,
-               mark_step: bool = False) -> Callable[[], torch.Tensor]:
+def infer_step(model, inputs, backend: str, device: torch.device, autocast_dtype,
+               cache: bool = True) -> Callable[[], torch.Tensor]:
     """A `torch.no_grad()` forward of `model` on `inputs` under `backend` and autocast (its cast
-    cache off with `cache=False`, as a CUDA-graph capture needs). `mark_step`: tell torch.compile's
-    CUDA graphs (mode="reduce-overhead") that each call is a new step, whose replay may overwrite
-    the previous call's output."""
+    cache off with `cache=False`, as a CUDA-graph capture needs)."""
     def step():
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), dispatch.use_backend(backend), autocast(device, autocast_dtype, cache=cache):
             return model(*inputs)
     return step

@@ -97,7 +97,7 @@ def targets(case: Case, res: dict, env: dict) -> dict:
         vs = _vs_fastest(fast_train, train_fastest, TRAIN_COMPILE_TARGET) if train_fastest else None
         if vs:
             out[f"{prefix}_vs_fastest_compile"] = vs
-    # latency: fastlego's graph against torch.compile's (reduce-overhead), eager against eager
+    # latency: fastlego's graph against torch.compile's (captured as a CUDA graph), eager against eager
     lat = {r["variant"]: r for r in e2e.values() if r.get("mode") == "latency"}
     graph, comp_graph = lat.get("fastlego_graph", {}), lat.get("compile_graph", {})
     if "ms" in graph and "ms" in comp_graph:
