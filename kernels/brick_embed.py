@@ -60,7 +60,8 @@ import triton.language as tl
 
 from fastlego.dispatch import triton_interpreting
 
-from .policy import cast_weight, compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
+from .policy import (cast_weight, cdiv, compute_dtype, dot_precision, launch_problems, next_power_of_2, out_problems,
+                     raise_if, triton_reasons)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,9 +304,9 @@ def _config(K: int, D: int, patch: int):
     (139-219 registers; 24 bytes spilled for IEEE fp32 only) so the A tile is gathered for
     half as many N tiles.
     """
-    block_k = max(16, min(64, triton.next_power_of_2(K)))
+    block_k = max(16, min(64, next_power_of_2(K)))
     if triton_interpreting():
-        return 64, max(16, min(64, triton.next_power_of_2(D))), block_k, 4, 1
+        return 64, max(16, min(64, next_power_of_2(D))), block_k, 4, 1
     block_n = 128 if patch >= 8 and D >= 128 else 64
     return 64, block_n, block_k, 8, 2
 
@@ -351,7 +352,7 @@ def brick_embed(x: torch.Tensor, prev: Optional[torch.Tensor], weight: torch.Ten
         M, D, K, L, W // region, H, W, C, C if prev is not None else 0,
         *x.stride(), *prev_t.stride(), *coords_t.stride(), *w2.stride(), *pos2.stride(), *out.stride(),
     )
-    grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_n))
+    grid = (cdiv(M, block_m), cdiv(D, block_n))
     _brick_embed_kernel[grid](
         *args, REGION=region, PATCH=p, HAS_PREV=prev is not None, HAS_BIAS=bias is not None,
         HAS_COORDS=coords is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -377,12 +378,12 @@ def brick_embed_input_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, imag
     if M == 0:
         return dprev, dx
     w2 = weight.reshape(D, cin * p * p)
-    block_k = max(16, min(64, triton.next_power_of_2(k_img)))
-    block_d = max(16, min(64, triton.next_power_of_2(D)))
+    block_k = max(16, min(64, next_power_of_2(k_img)))
+    block_d = max(16, min(64, next_power_of_2(D)))
     block_m = 64
     precision = dot_precision(dtype)
     dp = dprev if dprev is not None else dx
-    grid = (triton.cdiv(M, block_m), triton.cdiv(k_img, block_k))
+    grid = (cdiv(M, block_m), cdiv(k_img, block_k))
     _brick_embed_input_grad_kernel[grid](
         g2, w2, dx, dp, M, D, k_img, (H // region) * (W // region), W // region, C, cp,
         g2.stride(0), g2.stride(1), w2.stride(0), w2.stride(1), *dx.stride(), *dp.stride(),

@@ -58,7 +58,8 @@ import triton.language as tl
 from fastlego.dispatch import triton_interpreting
 
 from .layernorm_modulate import row_mean_m2
-from .policy import LN_EPS, compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
+from .policy import (LN_EPS, cdiv, compute_dtype, dot_precision, launch_problems, next_power_of_2, out_problems,
+                     raise_if, triton_reasons)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +193,8 @@ def _config(D: int, n_out: int, h_bytes: int):
     autocast (fp32 h and weight) or fp32 operands, shared memory well under the 227 KB limit.
     Under the interpreter: big tiles, few (slow, serial) programs.
     """
-    block_n = max(16, triton.next_power_of_2(n_out))
-    block_k = max(16, min(64, triton.next_power_of_2(D)))
+    block_n = max(16, next_power_of_2(n_out))
+    block_k = max(16, min(64, next_power_of_2(D)))
     if triton_interpreting():
         return 64, block_n, block_k, 4, 1
     rows = max(1, (32 * 1024) // (D * h_bytes))
@@ -231,7 +232,7 @@ def final_layer(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weigh
         M, D, L, W // region, LN_EPS,
         *h.stride(), *shift.stride(), *scale.stride(), *weight.stride(), *out.stride(),
     )
-    _final_layer_kernel[(triton.cdiv(M, block_m),)](
+    _final_layer_kernel[(cdiv(M, block_m),)](
         *args, REGION=region, PATCH=p, CHANNELS=C, HAS_BIAS=bias is not None, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -70,7 +70,7 @@ from fastlego import tuning
 from fastlego.dispatch import forcing, triton_interpreting
 
 from .gemm import config_fits, grouped_tile, launch_gemm, load_k_step, tile_rows_cols
-from .policy import device_problems, forward_only_reasons, out_problems, raise_if, rows
+from .policy import device_problems, forward_only_reasons, next_power_of_2, out_problems, raise_if, rows
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -270,7 +270,7 @@ def fp8_linear(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = t
             x2d.stride(0), x2d.stride(1), w_q.stride(0), w_q.stride(1),
             xs.stride(0), w_scale.stride(0), bias.stride(0) if bias is not None else 0,
             out2d.stride(0), out2d.stride(1),
-            triton.next_power_of_2(M))
+            next_power_of_2(M))
     meta = dict(HAS_BIAS=bias is not None, PRECISE_ACC=not fast_accum)
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG   # FP8-sized (BLOCK_K 32), not gemm.py's 16-bit one

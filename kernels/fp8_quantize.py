@@ -75,8 +75,8 @@ import triton
 import triton.language as tl
 
 from .gelu import gelu_tanh
-from .policy import (LN_EPS, launch_problems, modulate_problems, out_problems, overlaps, raise_if, rows,
-                     triton_reasons)
+from .policy import (LN_EPS, cdiv, launch_problems, modulate_problems, next_power_of_2, out_problems, overlaps,
+                     raise_if, rows, triton_reasons)
 
 # e4m3 (float8_e4m3fn) constants, as in fastlego.fp8 (E4M3_MAX, MIN_SCALE): 448 is its largest
 # finite value, 2^-126 fp32's smallest normal number (the smallest scale used).
@@ -198,7 +198,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, strid
 def row_tiles(width: int) -> Tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK, num_warps): whole rows of BLOCK = next_pow2(width) columns, ~4K
     elements per program (one row when wider), about 16 fp32 values per thread."""
-    block = triton.next_power_of_2(max(width, 1))
+    block = next_power_of_2(max(width, 1))
     block_rows = max(1, min(16, 4096 // block))
     warps = min(16, max(2, block_rows * block // 512))
     return block_rows, block, warps
@@ -229,7 +229,7 @@ def layernorm_modulate_quantize(h, shift, scale, *, out=None, out_scale=None):
     if M:
         codes = q.view(torch.uint8)
         block_rows, block_k, warps = row_tiles(K)
-        _layernorm_modulate_quantize_kernel[(triton.cdiv(M, block_rows),)](
+        _layernorm_modulate_quantize_kernel[(cdiv(M, block_rows),)](
             x2d, shift, scale, codes, s, M, K, M // shift.shape[0], x2d.stride(0), x2d.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             codes.stride(0), codes.stride(1), s.stride(0), LN_EPS,
@@ -249,7 +249,7 @@ def _rows_quantize(x, out, out_scale, gelu: bool, op: str):
         codes = q.view(torch.uint8).view(M, N)       # out_problems made sure this is a view
         s1d = s.view(M)
         block_rows, block_n, warps = row_tiles(N)
-        _quantize_rows_kernel[(triton.cdiv(M, block_rows),)](
+        _quantize_rows_kernel[(cdiv(M, block_rows),)](
             x2d, codes, s1d, M, N, x2d.stride(0), x2d.stride(1), codes.stride(0), codes.stride(1), s1d.stride(0),
             GELU=gelu, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps)
     return q, s

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .policy import DTYPES, launch_problems, raise_if, rows, triton_reasons
+from .policy import DTYPES, cdiv, launch_problems, next_power_of_2, raise_if, rows, triton_reasons
 
 
 @triton.jit
@@ -86,14 +86,14 @@ def gelu_tanh_backward(grad, pre, act_into_pre: bool = False):
     g2d, a2d = grad.view(-1, grad.shape[-1]), rows(pre)
     M, N = g2d.shape
     act = a2d if act_into_pre else torch.empty((M, N), dtype=pre.dtype, device=pre.device)
-    block_n = min(128, triton.next_power_of_2(max(N, 1)))
+    block_n = min(128, next_power_of_2(max(N, 1)))
     block_rows = max(1, min(32, 4096 // block_n))
     row_count = min(_GELU_BACKWARD_ROWS, max(M, 1))
-    row_iters = triton.cdiv(row_count, block_rows)
-    row_blocks = triton.cdiv(M, block_rows * row_iters)
+    row_iters = cdiv(row_count, block_rows)
+    row_blocks = cdiv(M, block_rows * row_iters)
     parts = torch.empty((row_blocks, N), dtype=torch.float32, device=grad.device)
     if M and N:
-        _gelu_tanh_backward_kernel[(row_blocks, triton.cdiv(N, block_n))](
+        _gelu_tanh_backward_kernel[(row_blocks, cdiv(N, block_n))](
             g2d, a2d, act, parts, M, N, g2d.stride(0), g2d.stride(1), a2d.stride(0), a2d.stride(1),
             act.stride(0), act.stride(1), BLOCK_ROWS=block_rows, BLOCK_N=block_n, ROW_ITERS=row_iters,
             num_warps=4)

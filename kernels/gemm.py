@@ -28,6 +28,8 @@ import triton.language as tl
 
 from fastlego.dispatch import autocast_dtype, triton_interpreting
 
+from .policy import cdiv, next_power_of_2
+
 
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -142,10 +144,10 @@ def launch_gemm(fixed, tuned, M, N, args, meta, config: Optional[triton.Config])
         kw = dict(config.kwargs)
         launch_kw = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     else:
-        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         tuned[grid](*args, **meta)
         return
-    grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+    grid = (cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"]),)
     fixed[grid](*args, **meta, **kw, **launch_kw)
 
 
@@ -159,7 +161,7 @@ def shape_key(op, x, weight, per_image, extra) -> str:
     or residual and gate dtypes)."""
     M = x.numel() // x.shape[-1]
     amp = autocast_dtype(x)
-    return (f"{op}|M<={triton.next_power_of_2(max(M, 1))}|N={weight.shape[0]}|K={x.shape[-1]}"
+    return (f"{op}|M<={next_power_of_2(max(M, 1))}|N={weight.shape[0]}|K={x.shape[-1]}"
             f"|rows={M // max(per_image.shape[0], 1)}|{x.dtype}|{weight.dtype}|amp={amp}|{extra}").replace("torch.", "")
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .policy import DTYPES, LN_EPS, launch_problems, modulate_problems, raise_if, rows, triton_reasons
+from .policy import DTYPES, LN_EPS, cdiv, launch_problems, modulate_problems, raise_if, rows, triton_reasons
 from .rows import image_rows, row_backward_blocks, row_backward_problems, stats_blocks
 
 
@@ -146,12 +146,17 @@ def layernorm_modulate(h, shift, scale, dtype: Optional[torch.dtype] = None) -> 
     memory-bound Triton pass (fp32 math). The A operand of modulated_linear, written out."""
     raise_if(_layernorm_modulate_problems(h, shift, scale, dtype), "layernorm_modulate")
     raise_if(launch_problems([h, shift, scale], mixed_dtypes_ok=True, forward_only=False), "layernorm_modulate")
+    return _layernorm_modulate(h, shift, scale, dtype)
+
+
+def _layernorm_modulate(h, shift, scale, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`layernorm_modulate` on checked arguments (a caller that checked h, shift and scale)."""
     x2d = rows(h)
     M, K = x2d.shape
     a = torch.empty((M, K), dtype=dtype or h.dtype, device=h.device)
     if M:
         block_rows, block_k, warps = stats_blocks(K)
-        _layernorm_modulate_kernel[(triton.cdiv(M, block_rows),)](
+        _layernorm_modulate_kernel[(cdiv(M, block_rows),)](
             x2d, shift, scale, a, M, K, M // shift.shape[0], x2d.stride(0), x2d.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), a.stride(0), a.stride(1), LN_EPS,
             BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)

@@ -30,8 +30,8 @@ import triton.language as tl
 from fastlego import tuning
 
 from .gemm import gemm_variants, grouped_tile, launch_gemm, load_k_step, shape_key, tile_rows_cols, tuning_configs
-from .policy import (cast_weight, compute_dtype, dot_precision, launch_problems, linear_problems, out_problems,
-                     per_image_problems, raise_if, rows, rows_per_image_problems, triton_reasons)
+from .policy import (cast_weight, compute_dtype, dot_precision, launch_problems, linear_problems, next_power_of_2,
+                     out_problems, per_image_problems, raise_if, rows, rows_per_image_problems, triton_reasons)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
@@ -122,6 +122,11 @@ def _checked(op: str, a, weight, bias, gate, residual, out):
 def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=None):
     """Path (a), optionally with a fixed triton.Config (tuned, or given by tests and benchmarks)."""
     dtype, out_dtype = _checked("linear_gated_residual", a, weight, bias, gate, residual, out)
+    return _fused_path(a, weight, bias, gate, residual, out, config, dtype, out_dtype)
+
+
+def _fused_path(a, weight, bias, gate, residual, out, config, dtype, out_dtype):
+    """Path (a) on checked arguments (`_checked` gave the dtypes)."""
     if out is None:
         out = torch.empty(residual.shape, dtype=out_dtype, device=a.device)
     K, N = a.shape[-1], weight.shape[0]
@@ -135,7 +140,7 @@ def _linear_gated_residual(a, weight, bias, gate, residual, *, out=None, config=
             M, N, K, M // gate.shape[0],
             a2d.stride(0), a2d.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
             gate.stride(0), gate.stride(1), res2d.stride(0), res2d.stride(1), out2d.stride(0), out2d.stride(1),
-            triton.next_power_of_2(M))
+            next_power_of_2(M))
     meta = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=dot_precision(dtype))
     launch_gemm(_linear_gated_residual_fixed, _linear_gated_residual_tuned, M, N, args, meta, config)
     return out
@@ -145,6 +150,11 @@ def linear_gated_residual_cublas(a, weight, bias, gate, residual, *, out=None):
     """Path (b): cuBLAS matmul + bias, then one fused elementwise pass (torch.addcmul) for
     residual + gate[img] * y."""
     dtype, _ = _checked("linear_gated_residual_cublas", a, weight, bias, gate, residual, out)
+    return _cublas_path(a, weight, bias, gate, residual, out, dtype)
+
+
+def _cublas_path(a, weight, bias, gate, residual, out, dtype):
+    """Path (b) on checked arguments (`_checked` gave `dtype`)."""
     y = F.linear(a.to(dtype), cast_weight(weight, dtype), cast_weight(bias, dtype))
     B = gate.shape[0]
     res3 = residual.reshape(B, -1, residual.shape[-1])
@@ -164,13 +174,13 @@ def linear_gated_residual(a, weight, bias, gate, residual, *, out=None):
     shape: (a) one GEMM with a fused bias + gate + residual epilogue or (b) cuBLAS + one fused
     elementwise pass. a (..., K); weight (N, K); bias (N,) or None; gate (B, N) any strides;
     residual (..., N). out must not overlap the inputs. Returns (..., N)."""
-    raise_if(_linear_gated_residual_problems(a, weight, bias, gate, residual), "linear_gated_residual")
+    dtype, out_dtype = _checked("linear_gated_residual", a, weight, bias, gate, residual, out)   # once
     args = (a, weight, bias, gate, residual)
     key = shape_key("linear_gated_residual", a, weight, gate, f"residual={residual.dtype},gate={gate.dtype}")
     path, config = tuning.lookup("linear_gated_residual", key, args)
     if path == "fused":
-        return _linear_gated_residual(*args, out=out, config=config)
-    return linear_gated_residual_cublas(*args, out=out)
+        return _fused_path(*args, out, config, dtype, out_dtype)
+    return _cublas_path(*args, out, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,9 +64,9 @@ from fastlego import tuning
 
 from .gelu import gelu_tanh
 from .gemm import gemm_variants, grouped_tile, launch_gemm, load_k_step, shape_key, tile_rows_cols, tuning_configs
-from .layernorm_modulate import layernorm_modulate, row_mean_m2
-from .policy import (LN_EPS, cast_weight, compute_dtype, dot_precision, launch_problems, linear_problems,
-                     modulate_problems, out_problems, raise_if, rows, triton_reasons)
+from .layernorm_modulate import _layernorm_modulate, row_mean_m2
+from .policy import (LN_EPS, cast_weight, cdiv, compute_dtype, dot_precision, launch_problems, linear_problems,
+                     modulate_problems, next_power_of_2, out_problems, raise_if, rows, triton_reasons)
 from .rows import stats_blocks
 
 _ACTIVATIONS = {None: 0, "gelu_tanh": 1}
@@ -169,7 +169,7 @@ def _row_stats(x2d: torch.Tensor):
     mean = torch.empty(M, dtype=torch.float32, device=x2d.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
     block_rows, block_k, warps = stats_blocks(K)
-    _row_stats_kernel[(triton.cdiv(M, block_rows),)](
+    _row_stats_kernel[(cdiv(M, block_rows),)](
         x2d, mean, rstd, M, K, x2d.stride(0), x2d.stride(1), LN_EPS,
         BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
     return mean, rstd
@@ -188,6 +188,11 @@ def _checked(op: str, h, shift, scale, weight, bias, activation, out) -> torch.d
 def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=None, config=None):
     """Path (a), optionally with a fixed triton.Config (tuned, or given by tests and benchmarks)."""
     dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, out)
+    return _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype)
+
+
+def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype):
+    """Path (a) on checked arguments (`_checked` gave `dtype`)."""
     K, N = h.shape[-1], weight.shape[0]
     if out is None:
         out = torch.empty(tuple(h.shape[:-1]) + (N,), dtype=dtype, device=h.device)
@@ -202,7 +207,7 @@ def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=Non
             M, N, K, M // shift.shape[0],
             x2d.stride(0), x2d.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out2d.stride(0), out2d.stride(1),
-            triton.next_power_of_2(M))
+            next_power_of_2(M))
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype))
     launch_gemm(_modulated_linear_fixed, _modulated_linear_tuned, M, N, args, meta, config)
     return out
@@ -212,16 +217,20 @@ def modulated_linear_cublas(h, shift, scale, weight, bias, activation: Optional[
     """Path (b): one Triton LN-modulate pass writes the modulated activations in the compute
     dtype, cuBLAS(Lt) does matmul + bias (+ tanh-GELU epilogue)."""
     dtype = _checked("modulated_linear_cublas", h, shift, scale, weight, bias, activation, out)
-    a = layernorm_modulate(h, shift, scale, dtype)
+    return _cublas_path(h, shift, scale, weight, bias, activation, out, dtype)
+
+
+def _cublas_path(h, shift, scale, weight, bias, activation, out, dtype):
+    """Path (b) on checked arguments (`_checked` gave `dtype`). Every operand is in the compute
+    dtype already, so autocast (the compute dtype's source when on) casts nothing here."""
+    a = _layernorm_modulate(h, shift, scale, dtype)
     w, b = cast_weight(weight, dtype), cast_weight(bias, dtype)
-    # the operands are already in the compute dtype: keep autocast from re-casting them
-    with torch.autocast(a.device.type, enabled=False):
-        if activation == "gelu_tanh" and b is not None and a.is_cuda:
-            y = torch._addmm_activation(b, a, w.t(), use_gelu=True)   # cublasLt GELU (tanh) epilogue
-        else:
-            y = F.linear(a, w, b)
-            if activation == "gelu_tanh":
-                y = F.gelu(y, approximate="tanh")
+    if activation == "gelu_tanh" and b is not None and a.is_cuda:
+        y = torch._addmm_activation(b, a, w.t(), use_gelu=True)   # cublasLt GELU (tanh) epilogue
+    else:
+        y = F.linear(a, w, b)
+        if activation == "gelu_tanh":
+            y = F.gelu(y, approximate="tanh")
     y = y.view(tuple(h.shape[:-1]) + (weight.shape[0],))
     if out is None:
         return y
@@ -238,12 +247,12 @@ def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = 
     gives for this shape: (a) the fused GEMM or (b) LN-modulate + cuBLAS (see the module docstring).
     h (..., D); shift/scale (B, D) any strides; weight (N_out, D); bias (N_out,) or None;
     activation None or "gelu_tanh". Returns (..., N_out) in the compute dtype."""
-    raise_if(_modulated_linear_problems(h, shift, scale, weight, bias, activation), "modulated_linear")
+    dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, out)   # once, for either path
     args = (h, shift, scale, weight, bias, activation)
     path, config = tuning.lookup("modulated_linear", shape_key("modulated_linear", h, weight, shift, activation), args)
     if path == "fused":
-        return _modulated_linear(*args, out=out, config=config)
-    return modulated_linear_cublas(*args, out=out)
+        return _fused_path(*args, out, config, dtype)
+    return _cublas_path(*args, out, dtype)
 
 
 # --------------------------------------------------------------------------------------------

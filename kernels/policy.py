@@ -40,6 +40,21 @@ LN_EPS = reference.LN_EPS   # the one LayerNorm eps (1e-6): the reference's
 
 
 # --------------------------------------------------------------------------------------------
+# Host arithmetic of the launchers (plain Python: triton.cdiv / triton.next_power_of_2 are
+# constexpr functions whose Python call costs microseconds, hundreds of times a forward)
+# --------------------------------------------------------------------------------------------
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers a >= 0, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+# --------------------------------------------------------------------------------------------
 # dtypes and precision
 # --------------------------------------------------------------------------------------------
 

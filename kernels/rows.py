@@ -9,6 +9,8 @@ from typing import List
 import triton
 import triton.language as tl
 
+from .policy import cdiv, next_power_of_2
+
 # Columns per chunk of the forward row passes (LN statistics, LN-modulate), which stream a row
 # in chunks and merge the chunks' statistics.
 STATS_MAX_BLOCK_K = 512
@@ -18,7 +20,7 @@ def stats_blocks(K: int):
     """(BLOCK_ROWS, BLOCK_K, num_warps) of the forward row passes: chunks of up to
     STATS_MAX_BLOCK_K columns, ~4K elements per program (memory bound: many small programs keep
     HBM busy)."""
-    block_k = min(triton.next_power_of_2(K), STATS_MAX_BLOCK_K)
+    block_k = min(next_power_of_2(K), STATS_MAX_BLOCK_K)
     return max(1, 4096 // block_k), block_k, 4
 
 
@@ -44,11 +46,11 @@ def row_backward_blocks(width: int, rows_per_image: int):
     """(BLOCK_ROWS, BLOCK_W, ROW_ITERS, blocks_per_image, num_warps) of the row-wise backward
     kernels: ~4K elements per row tile, up to 64 rows of one image per program (a program never
     straddles two images, so its column sums are one image's partial)."""
-    block_w = triton.next_power_of_2(width)
+    block_w = next_power_of_2(width)
     block_rows = max(1, min(16, 4096 // block_w))
     rows = min(_BACKWARD_ROWS_PER_PROGRAM, max(rows_per_image, 1))
-    row_iters = triton.cdiv(rows, block_rows)
-    blocks_per_image = triton.cdiv(max(rows_per_image, 1), block_rows * row_iters)
+    row_iters = cdiv(rows, block_rows)
+    blocks_per_image = cdiv(max(rows_per_image, 1), block_rows * row_iters)
     return block_rows, block_w, row_iters, blocks_per_image, (8 if block_w >= 2048 else 4)
 
 

@@ -79,7 +79,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .policy import compute_dtype, dot_precision, launch_problems, out_problems, raise_if, triton_reasons
+from .policy import (cdiv, compute_dtype, dot_precision, launch_problems, next_power_of_2, out_problems, raise_if,
+                     triton_reasons)
 
 # Regions of at most this many tokens go to the packed kernel, larger ones to the flash kernel.
 PACKED_MAX_TOKENS = 64
@@ -328,11 +329,11 @@ def window_attention_not_supported_reasons(qkv, num_heads) -> List[str]:
 def _packed_config(tokens: int, head_dim: int, fp32: bool):
     """(BLOCK_M, regions per program, BLOCK_D, num_warps) of the packed kernel (see the module
     docstring). Chosen so that no config spills registers on sm_90 (checked with cuobjdump)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if fp32:
-        block_m = max(16, triton.next_power_of_2(tokens))   # fp32 dots are slow: fewest wasted FLOPs
+        block_m = max(16, next_power_of_2(tokens))   # fp32 dots are slow: fewest wasted FLOPs
     else:
-        block_m = max(64, triton.next_power_of_2(tokens))   # tensor cores: waste is free, tiles big
+        block_m = max(64, next_power_of_2(tokens))   # tensor cores: waste is free, tiles big
     num_warps = 4 if block_m * block_d <= 2048 else 8
     return block_m, block_m // tokens, block_d, num_warps
 
@@ -340,7 +341,7 @@ def _packed_config(tokens: int, head_dim: int, fp32: bool):
 def _flash_config(head_dim: int, fp32: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the flash kernel; no register spills
     on sm_90 for head dims up to 256 in any dtype (checked with cuobjdump)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if fp32:
         return (64, 32, block_d, 8, 2) if block_d <= 128 else (16, 32, block_d, 8, 2)
     if block_d <= 128:
@@ -377,7 +378,7 @@ def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
         programs_per_region = num_heads / regions_per_block
     if not packed:
         block_m, block_n, block_d, num_warps, num_stages = _flash_config(head_dim, dtype == torch.float32)
-        programs_per_region = triton.cdiv(T, block_m) * num_heads
+        programs_per_region = cdiv(T, block_m) * num_heads
     # The grid is 1-D (axis 0 takes up to 2^31 - 1 programs); beyond that, launch region chunks.
     chunk = max(1, int(_MAX_PROGRAMS // programs_per_region))
     if packed:
@@ -388,13 +389,13 @@ def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
         strides = (q_part.stride(0), q_part.stride(1), q_part.stride(2),
                    o_part.stride(0), o_part.stride(1), o_part.stride(2), qk_scale)
         if packed:
-            grid = (triton.cdiv(n, regions_per_block) * num_heads,)
+            grid = (cdiv(n, regions_per_block) * num_heads,)
             _packed_window_attention_kernel[grid](
                 q_part, o_part, n, num_heads, width, *strides,
                 TOKENS=T, HEAD_DIM=head_dim, REGIONS_PER_BLOCK=regions_per_block,
                 BLOCK_M=block_m, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
         else:
-            grid = (triton.cdiv(T, block_m) * num_heads * n,)
+            grid = (cdiv(T, block_m) * num_heads * n,)
             _flash_attention_kernel[grid](
                 q_part, o_part, num_heads, T, width, *strides,
                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -425,8 +426,8 @@ def _packed_backward_config(tokens: int, head_dim: int, fp32: bool):
     256 (never below one region's rows); fp32 takes the fewest rows that hold a region. Every
     config that `window_attention_backward_not_supported_reasons` accepts compiles without spills on sm_90
     (ptxas -v)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = triton.next_power_of_2(tokens)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = next_power_of_2(tokens)
     if fp32:
         block_m = max(16, block_m)
     else:
@@ -510,7 +511,7 @@ def window_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, num_hea
     for n0 in range(0, N, chunk):
         q_part, do_part, dq_part = qkv[n0:n0 + chunk], grad_out[n0:n0 + chunk], out[n0:n0 + chunk]
         n = q_part.shape[0]
-        grid = (triton.cdiv(n, regions_per_block) * num_heads,)
+        grid = (cdiv(n, regions_per_block) * num_heads,)
         _packed_window_attention_backward_kernel[grid](
             q_part, do_part, dq_part, n, num_heads, width,
             q_part.stride(0), q_part.stride(1), q_part.stride(2),

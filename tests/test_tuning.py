@@ -368,9 +368,10 @@ def test_launchers_follow_the_tuned_table(monkeypatch):
     key = gemm.shape_key("modulated_linear", ml[0], ml[3], ml[1], "gelu_tanh")
     assert key == "modulated_linear|M<=32|N=24|K=16|rows=12|float32|float32|amp=None|gelu_tanh"
     cublas_calls = []
-    for module, name in ((ML, "modulated_linear_cublas"), (LGR, "linear_gated_residual_cublas")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name, **k: cublas_calls.append(_n) or _real(*a, **k))
+    for module, label in ((ML, "modulated_linear_cublas"), (LGR, "linear_gated_residual_cublas")):
+        real = module._cublas_path   # what the cuBLAS path runs, from the launcher and from tune's candidate
+        monkeypatch.setattr(module, "_cublas_path",
+                            lambda *a, _real=real, _n=label, **k: cublas_calls.append(_n) or _real(*a, **k))
 
     def model():
         with torch.no_grad(), fastlego.use_backend("triton"):
