@@ -10,16 +10,19 @@ what a test needs:
 How `python3 -m pytest -q tests` runs them:
 
 - without CUDA (CI): the whole session runs with TRITON_INTERPRET=1; `cuda` tests are skipped;
-- with CUDA: this process runs the `cuda` tests on the GPU and every unmarked test, without the
-  interpreter; the `interpreter` tests run in child pytests with TRITON_INTERPRET=1 and the GPU
-  hidden (CUDA_VISIBLE_DEVICES=""), started when the test loop starts and running alongside it:
-  one child per 4 CPU cores, at most 4 (FASTLEGO_TEST_INTERPRETER_WORKERS=N sets the number), each
-  taking whole test files, balanced by test count. A child sends back pytest's own reports of each test (setup, call, teardown; pytest's
+- with CUDA: this process runs the `cuda` tests on the GPU; the `interpreter` tests run in child
+  pytests with TRITON_INTERPRET=1 and the GPU hidden (CUDA_VISIBLE_DEVICES=""), and the unmarked
+  tests (CPU tests) in child pytests of their own with the GPU hidden and without the interpreter,
+  as on a CPU machine (FASTLEGO_TEST_CPU_IN_PARENT=1 keeps them in this process, on a machine
+  whose GPU they then see). The children start when the test loop starts and run alongside it:
+  one child of each kind per 4 CPU cores, at most 4 (FASTLEGO_TEST_INTERPRETER_WORKERS=N sets the
+  number), each taking whole test files, balanced by test count, the cores shared among them. A child sends back pytest's own reports of each test (setup, call, teardown; pytest's
   report serialization) and this process logs them as that test's result, so the counts, `-k`,
   `-m`, `-x` and the failure messages read as in one process;
 - TRITON_INTERPRET=1 set by the caller: one process, every kernel interpreted (as without CUDA);
 - FASTLEGO_TEST_INTERPRETER_CHILD=1: the CUDA layout on a machine without a GPU (the child runs the
-  `interpreter` tests, this process the others without the interpreter). It shows on a CPU machine
+  `interpreter` tests, this process the others without the interpreter; the unmarked tests stay in
+  this process, which is what shows that they need no interpreter). It shows on a CPU machine
   that every test that needs the interpreter is marked, and tests/test_interpreter_child.py runs
   the machinery through it.
 """
@@ -38,6 +41,8 @@ import torch
 _FORCE_CHILD_VAR = "FASTLEGO_TEST_INTERPRETER_CHILD"   # public: the CUDA layout without a GPU
 _CHILD_DIR_VAR = "_FASTLEGO_INTERPRETER_CHILD_DIR"     # internal: set for the child (its ids, its reports)
 _WORKERS_VAR = "FASTLEGO_TEST_INTERPRETER_WORKERS"      # public: how many child pytests share the tests
+_CPU_IN_PARENT_VAR = "FASTLEGO_TEST_CPU_IN_PARENT"      # public: unmarked tests in this process on GPU machines
+_CPU_CHILDREN_VAR = "FASTLEGO_TEST_CPU_CHILDREN"        # public: CPU children in the simulated layout too
 
 
 def _truthy(value) -> bool:
@@ -104,6 +109,21 @@ def _runs_in_child(item) -> bool:
     return item.get_closest_marker("interpreter") is not None and item.get_closest_marker("cuda") is None
 
 
+def _cpu_children() -> bool:
+    """Whether the unmarked tests run in CPU children: on a real GPU machine (not the simulated
+    layout, whose parent runs them to show that they need no interpreter), unless asked not to;
+    FASTLEGO_TEST_CPU_CHILDREN=1 asks for them in the simulated layout too (tests of this file)."""
+    if not SPLIT or _truthy(os.environ.get(_CPU_IN_PARENT_VAR)):
+        return False
+    if _truthy(os.environ.get(_CPU_CHILDREN_VAR)):
+        return True
+    return torch.cuda.is_available() and not _truthy(os.environ.get(_FORCE_CHILD_VAR))
+
+
+def _runs_in_cpu_child(item) -> bool:
+    return item.get_closest_marker("interpreter") is None and item.get_closest_marker("cuda") is None
+
+
 @pytest.hookimpl(trylast=True)   # after -k/-m deselection
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
@@ -155,11 +175,15 @@ def pytest_collectreport(report):
 # --------------------------------------------------------------------------------------------
 
 class _InterpreterChild:
-    """One child pytest that runs `items` with TRITON_INTERPRET=1, and the reports it sends back."""
+    """One child pytest that runs `items` with the GPU hidden, with TRITON_INTERPRET=1 (`interpret`)
+    or without (the CPU tests), and the reports it sends back."""
 
-    def __init__(self, config, items, threads=None):
+    def __init__(self, config, items, threads=None, interpret=True):
         self.config = config
         self.threads = threads
+        self.interpret = interpret
+        self.kind = "`interpreter` tests (TRITON_INTERPRET=1, CUDA hidden)" if interpret else \
+            "CPU tests (CUDA hidden, no interpreter)"
         self.ids = [it.nodeid for it in items]
         self.id_set = set(self.ids)
         self.files = list(dict.fromkeys(str(it.path) for it in items))
@@ -193,8 +217,10 @@ class _InterpreterChild:
         with open(os.path.join(self.dir, "ids.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(self.ids) + "\n")
         open(os.path.join(self.dir, "reports.jsonl"), "w").close()
-        env = {k: v for k, v in os.environ.items() if k not in (_FORCE_CHILD_VAR, "PYTEST_ADDOPTS")}
-        env.update({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", _CHILD_DIR_VAR: self.dir})
+        env = {k: v for k, v in os.environ.items() if k not in (_FORCE_CHILD_VAR, "PYTEST_ADDOPTS", "TRITON_INTERPRET")}
+        env.update({"CUDA_VISIBLE_DEVICES": "", _CHILD_DIR_VAR: self.dir})
+        if self.interpret:
+            env["TRITON_INTERPRET"] = "1"
         if self.threads is not None:   # children share the cores: no oversubscribed thread pools
             env.setdefault("OMP_NUM_THREADS", str(self.threads))
         self.log = open(os.path.join(self.dir, "output.log"), "wb")
@@ -255,7 +281,7 @@ class _InterpreterChild:
         return "\n".join(text.splitlines()[-lines:])
 
     def missing_message(self, item) -> str:
-        parts = [f"the child pytest that runs the `interpreter` tests (TRITON_INTERPRET=1, CUDA hidden) exited "
+        parts = [f"the child pytest that runs the {self.kind} exited "
                  f"with code {self.returncode} before reporting {item.nodeid}"]
         for nodeid, text in self.collect_errors:
             if item.nodeid.startswith(nodeid):
@@ -313,12 +339,16 @@ def _shard_by_file(items, workers: int):
 
 
 class _InterpreterChildren:
-    """The child pytests that share the `interpreter` tests; each test's reports come from its child."""
+    """The child pytests that share the `interpreter` tests (and, on GPU machines, the CPU tests);
+    each test's reports come from its child."""
 
-    def __init__(self, config, items, workers: int):
-        shards = _shard_by_file(items, workers)
-        threads = max(1, (os.cpu_count() or 1) // len(shards)) if len(shards) > 1 else None
-        self.children = [_InterpreterChild(config, shard, threads) for shard in shards]
+    def __init__(self, config, items, workers: int, cpu_items=()):
+        shards = _shard_by_file(items, workers) if items else []
+        cpu_shards = _shard_by_file(list(cpu_items), workers) if cpu_items else []
+        n = len(shards) + len(cpu_shards)
+        threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
+        self.children = ([_InterpreterChild(config, shard, threads) for shard in shards]
+                         + [_InterpreterChild(config, shard, threads, interpret=False) for shard in cpu_shards])
         self.owner = {nodeid: child for child in self.children for nodeid in child.ids}
         self.ids = list(self.owner)
         self.id_set = set(self.owner)
@@ -342,13 +372,21 @@ class _InterpreterChildren:
         return any(not c.terminated and c.returncode not in _CHILD_EXIT_CODES for c in self.children)
 
     def summary(self) -> str:
-        n = len(self.children)
-        where = "one child pytest" if n == 1 else f"{n} child pytests"
-        hows = ["stopped early" if c.terminated else f"exit code {c.returncode}" for c in self.children]
-        how = hows[0] if len(set(hows)) == 1 else ", ".join(hows)
-        seconds = max(c.seconds or 0 for c in self.children)
-        return (f"fastlego: {len(self.ids)} `interpreter` tests ran in {where} (TRITON_INTERPRET=1, CUDA hidden): "
-                f"{how}, {seconds:.0f} s")
+        lines = []
+        for interpret in (True, False):
+            group = [c for c in self.children if c.interpret == interpret]
+            if not group:
+                continue
+            n = len(group)
+            where = "one child pytest" if n == 1 else f"{n} child pytests"
+            hows = ["stopped early" if c.terminated else f"exit code {c.returncode}" for c in group]
+            how = hows[0] if len(set(hows)) == 1 else ", ".join(hows)
+            seconds = max(c.seconds or 0 for c in group)
+            tests = sum(len(c.ids) for c in group)
+            what = ("`interpreter` tests ran in {where} (TRITON_INTERPRET=1, CUDA hidden)" if interpret
+                    else "CPU tests ran in {where} (CUDA hidden, no interpreter)").format(where=where)
+            lines.append(f"fastlego: {tests} {what}: {how}, {seconds:.0f} s")
+        return "\n".join(lines)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -357,8 +395,9 @@ def pytest_runtestloop(session):
     children = None
     if SPLIT and not session.config.option.collectonly:
         items = [it for it in session.items if _runs_in_child(it)]
-        if items:
-            children = _InterpreterChildren(session.config, items, _worker_count())
+        cpu_items = [it for it in session.items if _runs_in_cpu_child(it)] if _cpu_children() else []
+        if items or cpu_items:
+            children = _InterpreterChildren(session.config, items, _worker_count(), cpu_items)
             session.config.stash[_CHILD_KEY] = children
             children.start()
     yield

@@ -138,11 +138,14 @@ def sample(tmp_path):
     return root
 
 
-def run_sample(root, *args, child=True, interpret=None, workers=1):
+def run_sample(root, *args, child=True, interpret=None, workers=1, cpu_children=False):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "FASTLEGO_TEST_INTERPRETER_CHILD", "PYTEST_ADDOPTS")}
+           if k not in ("TRITON_INTERPRET", "FASTLEGO_TEST_INTERPRETER_CHILD", "PYTEST_ADDOPTS",
+                        "FASTLEGO_TEST_CPU_CHILDREN", "FASTLEGO_TEST_CPU_IN_PARENT")}
     env["SAMPLE_LOG"] = str(root / "log.txt")
     env["FASTLEGO_TEST_INTERPRETER_WORKERS"] = str(workers)
+    if cpu_children:
+        env["FASTLEGO_TEST_CPU_CHILDREN"] = "1"
     if child:
         env["FASTLEGO_TEST_INTERPRETER_CHILD"] = "1"
     if interpret:
@@ -208,6 +211,24 @@ def test_several_children_share_the_files(sample):
     assert all(log[n][1] == parent and log[n][2] == "1" for n in ("kernel", "more"))
     assert "fastlego: 8 `interpreter` tests ran in 2 child pytests" in out, out
     assert "FAILED test_sample.py::test_fails_in_child" in out and "distinct-child-failure" in out
+
+
+def test_cpu_tests_run_in_children_of_their_own_on_gpu_machines(sample):
+    """The GPU machines' layout (FASTLEGO_TEST_CPU_CHILDREN=1 takes it on any machine): the unmarked
+    tests run in a child with the GPU hidden and no interpreter, the `interpreter` tests in another
+    with it, the `cuda` tests in this process; the counts and failures read as in one process."""
+    proc, log = run_sample(sample, "-q", "-k", "not crash", "test_sample.py", cpu_children=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out                                  # test_fails_in_child and the setup error
+    assert counts(proc.stdout) == {"passed": 6 if ON_GPU else 5, "failed": 1, "error": 1,
+                                   "skipped": 1 if ON_GPU else 2, "xfailed": 1}, out
+    plain, last, kernel = log["plain"], log["plain_last"], log["kernel"]
+    assert plain[0] == last[0] and plain[0] != kernel[0], "the CPU tests share a child, not the interpreter's"
+    assert plain[1] == kernel[1] and plain[2] == "-" and plain[3] == "nocuda" and kernel[2] == "1"
+    if ON_GPU:
+        assert log["cuda"][0] == plain[1], "the cuda test runs in the parent"
+    assert "CPU tests ran in one child pytest (CUDA hidden, no interpreter)" in out, out
+    assert "FAILED test_sample.py::test_fails_in_child" in out
 
 
 def test_worker_count_must_be_a_whole_number(sample):
