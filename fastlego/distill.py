@@ -638,7 +638,10 @@ def distill(config: Optional[DistillConfig] = None, **overrides) -> DistillResul
         backend = use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
         determinism = deterministic() if cfg.deterministic else contextlib.nullcontext()
         with backend, determinism:
-            return _distill(cfg, dctx, plan)
+            result = _distill(cfg, dctx, plan)
+        if dctx.world > 1:
+            dist.barrier()   # every rank is through its last collective before any tears the group down
+        return result
     finally:
         if dctx.created_group:
             dist.destroy_process_group()

@@ -269,7 +269,10 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
         backend = use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
         determinism = deterministic() if cfg.deterministic else contextlib.nullcontext()
         with backend, determinism:
-            return _train(cfg, dctx, plan, DataOrder, ImageDataset, images_to_float, step_batches)
+            result = _train(cfg, dctx, plan, DataOrder, ImageDataset, images_to_float, step_batches)
+        if dctx.world > 1:
+            dist.barrier()   # every rank is through its last collective before any tears the group down
+        return result
     finally:
         if dctx.created_group:
             dist.destroy_process_group()
