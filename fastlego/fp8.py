@@ -380,15 +380,18 @@ def not_supported_reasons(model: nn.Module) -> List[str]:
             for r in scaled_mm_not_supported_reasons(linear.weight_fp8.device, linear.in_features, linear.out_features):
                 if r not in reasons:
                     reasons.append(r)
-    if any(not linear.emulate for linear in fp8_linears(model).values()) and not _triton_available():
-        reasons.append("triton is not installed: FP8 inference quantizes its activations in Triton passes "
-                       "(pip install triton)")
+    if any(not linear.emulate for linear in fp8_linears(model).values()):
+        reasons += triton_reasons()
     return reasons
 
 
-def _triton_available() -> bool:
+def triton_reasons() -> List[str]:
+    """Why the FP8 mode's Triton passes cannot run in this environment (empty: triton is there)."""
     import importlib.util
-    return importlib.util.find_spec("triton") is not None
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed: FP8 inference quantizes its activations in Triton passes "
+                "(pip install triton)"]
+    return []
 
 
 def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inplace: bool = False) -> nn.Module:

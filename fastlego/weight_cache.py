@@ -38,6 +38,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dispatch import autocast_dtype
+
 _lock = threading.Lock()
 _depth = 0                      # nesting depth of frozen_weights() blocks (process-wide)
 # weight (by identity, weakly) -> {dtype: (version, data_ptr, copy)}
@@ -95,8 +97,6 @@ def autocast_weights(like: torch.Tensor, *weights: Optional[torch.Tensor]) -> Tu
     weights unchanged (autocast casts them as before)."""
     if not _depth:
         return weights
-    from .dispatch import autocast_dtype
-
     dtype = autocast_dtype(like)
     if dtype is None:
         return weights

@@ -69,7 +69,7 @@ from fastlego import fp8 as F8
 from fastlego import tuning
 from fastlego.dispatch import forcing, triton_interpreting
 
-from .gemm import config_fits, grouped_tile, launch_gemm, load_k_step, tile_rows_cols
+from .gemm import config_fits, grouped_tile, launch_gemm, load_k_step, tile_config, tile_rows_cols
 from .policy import device_problems, forward_only_reasons, next_power_of_2, out_problems, raise_if, rows
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -127,23 +127,18 @@ def _fp8_linear_kernel(
 # Configs: autotuned on the GPU, one fixed config under the interpreter
 # --------------------------------------------------------------------------------------------
 
-def _cfg(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
-
-
 # Hopper FP8 (1-byte operands; staged bytes = stages * (BM + BN) * BK). A 128 x 256 tile's fp32
 # accumulator takes 128 registers a thread with 8 warps: fine for fast accumulation, but precise
 # accumulation adds a second one (spills), so the 128 x 128 tiles are precise accumulation's; a
 # 64 x 128 tile for small M or N, and BLOCK_K 64 variants with more stages.
 FP8_CONFIGS = [
-    _cfg(128, 256, 128, 3, 8),
-    _cfg(256, 128, 128, 3, 8),
-    _cfg(128, 128, 128, 4, 8),
-    _cfg(128, 128, 128, 3, 4),
-    _cfg(128, 256, 64, 4, 8),
-    _cfg(128, 128, 64, 5, 8),
-    _cfg(64, 128, 128, 4, 4),
+    tile_config(128, 256, 128, 3, 8),
+    tile_config(256, 128, 128, 3, 8),
+    tile_config(128, 128, 128, 4, 8),
+    tile_config(128, 128, 128, 3, 4),
+    tile_config(128, 256, 64, 4, 8),
+    tile_config(128, 128, 64, 5, 8),
+    tile_config(64, 128, 128, 4, 4),
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
                                    num_stages=1, num_warps=4)

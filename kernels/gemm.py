@@ -77,7 +77,8 @@ def load_k_step(a_rows, w_cols, offs_k, K, stride_ak, stride_wk, EVEN_K: tl.cons
 # Configs: autotuned on the GPU, one fixed config under the interpreter
 # --------------------------------------------------------------------------------------------
 
-def _cfg(bm, bn, bk, stages, warps, group_m=8):
+def tile_config(bm, bn, bk, stages, warps, group_m=8):
+    """A triton.Config of the tiled GEMMs' BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M, stages and warps."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                          num_stages=stages, num_warps=warps)
 
@@ -86,13 +87,13 @@ def _cfg(bm, bn, bk, stages, warps, group_m=8):
 # tiles 128x256 / 256x128 / 128x128 / 64x256 / 64x128); the last two suit fp32 operands
 # (BLOCK_K 32 keeps the staged tiles within shared memory).
 GEMM_CONFIGS = [
-    _cfg(128, 256, 64, 3, 8),
-    _cfg(256, 128, 64, 3, 8),
-    _cfg(128, 128, 64, 4, 8),
-    _cfg(64, 256, 32, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 128, 32, 3, 8),
-    _cfg(64, 128, 32, 4, 4),
+    tile_config(128, 256, 64, 3, 8),
+    tile_config(256, 128, 64, 3, 8),
+    tile_config(128, 128, 64, 4, 8),
+    tile_config(64, 256, 32, 4, 4),
+    tile_config(64, 128, 64, 4, 4),
+    tile_config(128, 128, 32, 3, 8),
+    tile_config(64, 128, 32, 4, 4),
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 _SMEM_BUDGET = 200 * 1024   # bytes of staged A + W tiles; the rest is left for the epilogue

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import importlib.util
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -216,9 +215,7 @@ class BenchSession:
                     "not run (the eager variants are)")
         if variant == FP8_VARIANT:
             from .. import fp8
-            reasons = fp8.scaled_mm_not_supported_reasons(self.device, 16, 16)
-            if not reasons and importlib.util.find_spec("triton") is None:
-                reasons = ["triton is not installed (FP8 inference quantizes in Triton passes)"]
+            reasons = fp8.scaled_mm_not_supported_reasons(self.device, 16, 16) or fp8.triton_reasons()
             if reasons:
                 return f"{variant}: " + "; ".join(reasons)
         return None
