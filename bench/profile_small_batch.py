@@ -12,7 +12,11 @@ weight at every call, and `fastlego.frozen_weights()`, the cast made once):
 - the Python functions that take the host's time in one eager call (cProfile, by own time),
   written with the full kernel list to DIR/small_batch_*.txt;
 - the release-style model eager (`use_backend('reference')`) for the same call, as the
-  yardstick eager fastlego must not lose to.
+  yardstick eager fastlego must not lose to;
+- with `--per-op`: the host cost of each op call of one eager forward (us to enqueue it, the GPU
+  never waited on), taken four ways: through the dispatcher (`dispatch.call`), the chosen backend
+  called directly (its launcher with its checks), the reference twin, and for scale one empty
+  Triton launch and one PyTorch elementwise op.
 Profiling, not a benchmark: the timed comparisons live in `fastlego bench --mode latency`."""
 
 from __future__ import annotations
@@ -70,7 +74,59 @@ def time_ms(fn, dev, rounds: int, cuda_graph: bool = False) -> float:
     return measure(fn, device=dev, rounds=rounds, warmup=3, inner=1, cuda_graph=cuda_graph).median_ms
 
 
-def profile_case(case, dev, rounds: int, out_dir: str) -> dict:
+def host_us(fn, dev, calls: int = 50, rounds: int = 5) -> float:
+    """Median over rounds of the host's us per call to enqueue `calls` calls (the GPU is idle at
+    the start of each round, so no call waits on it unless the launch queue fills)."""
+    import time
+    fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize(dev)
+    return sorted(times)[len(times) // 2]
+
+
+def per_op_host_costs(model, inputs, dev) -> dict:
+    """Host us per op call of one eager forward, by op and shape: dispatcher, backend, reference."""
+    from fastlego import reference
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    calls = []
+    with dispatch.record(on_call=lambda d, a, k: calls.append((d, a, k))):
+        model(*inputs)
+    rows, seen = [], set()
+    for decision, args, kwargs in calls:
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        key = (decision.op, decision.chosen, shapes)
+        if key in seen:
+            continue
+        seen.add(key)
+        backend = next(b for b in dispatch.backends(decision.op) if b.name == decision.chosen)
+        ref = getattr(reference, decision.op)
+        rows.append({"op": decision.op, "backend": decision.chosen, "shapes": shapes,
+                     "calls": sum(1 for d, a, k in calls if (d.op, d.chosen) == key[:2]
+                                  and tuple(tuple(x.shape) for x in a if isinstance(x, torch.Tensor)) == shapes),
+                     "dispatch_us": host_us(lambda: dispatch.call(decision.op, *args, **kwargs), dev),
+                     "backend_us": host_us(lambda: backend(*args, **kwargs), dev),
+                     "reference_us": host_us(lambda: ref(*args, **kwargs), dev)})
+    x = torch.zeros(1024, device=dev)
+    y = torch.zeros(1024, device=dev)
+    scale = {"empty_triton_launch_us": host_us(lambda: _empty_kernel[(1,)](x, 1024, BLOCK=128), dev),
+             "torch_add_us": host_us(lambda: torch.add(x, 1.0, out=y), dev),
+             "op_calls_per_forward": len(calls)}
+    return {"ops": rows, **scale}
+
+
+def profile_case(case, dev, rounds: int, out_dir: str, per_op: bool = False) -> dict:
     model = build_model(case, dev)
     inputs = make_inputs(case, dev)
     res = {"case": case.describe()}
@@ -88,6 +144,8 @@ def profile_case(case, dev, rounds: int, out_dir: str) -> dict:
                 r.update(gpu_busy_ms=busy, kernels=launches, host_overhead_ms=r["eager_ms"] - busy)
                 text = host_profile(eager)
                 r["graph_ms"] = time_ms(eager, dev, rounds, cuda_graph=True)
+                if per_op and cached:
+                    r["per_op"] = per_op_host_costs(model, inputs, dev)
             res[tag] = r
             name = f"small_batch_{case.preset}_B{case.batch}_{tag}.txt"
             with open(os.path.join(out_dir, name), "w") as f:
@@ -101,6 +159,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"preset:batch,... (default {DEFAULT_CASES})")
     ap.add_argument("--rounds", type=int, default=30, help="timed calls per figure (default 30)")
+    ap.add_argument("--per-op", action="store_true", help="also time each op call's host cost (see above)")
     ap.add_argument("--out", default=".", help="folder for the full profiles and small_batch.json (default .)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -112,13 +171,21 @@ def main(argv=None) -> int:
     print(f"{'workload':24} {'cast':>14} {'ref eager':>9} {'eager':>8} {'GPU busy':>8} {'host':>8} {'kernels':>7} "
           f"{'graph':>8}   (ms per call)")
     for case in parse_cases(args.cases):
-        res = profile_case(case, dev, args.rounds, args.out)
+        res = profile_case(case, dev, args.rounds, args.out, per_op=args.per_op)
         results.append(res)
         for tag in ("cast_each_call", "frozen"):
             r = res[tag]
             print(f"{case.preset + ' B=' + str(case.batch):24} {tag:>14} {res['reference_eager_ms']:9.2f} "
                   f"{r['eager_ms']:8.2f} {r['gpu_busy_ms']:8.2f} {r['host_overhead_ms']:8.2f} {r['kernels']:7d} "
                   f"{r['graph_ms']:8.3f}")
+    for res in results if args.per_op else ():
+        p = res["frozen"]["per_op"]
+        print(f"\n{res['case']}: {p['op_calls_per_forward']} op calls; empty Triton launch "
+              f"{p['empty_triton_launch_us']:.1f} us, torch.add {p['torch_add_us']:.1f} us (host us per call)")
+        print(f"{'op':24} {'backend':9} {'calls':>5} {'dispatch':>8} {'backend':>8} {'reference':>9}  shapes")
+        for r in p["ops"]:
+            print(f"{r['op']:24} {r['backend']:9} {r['calls']:5d} {r['dispatch_us']:8.1f} {r['backend_us']:8.1f} "
+                  f"{r['reference_us']:9.1f}  {r['shapes']}")
     with open(os.path.join(args.out, "small_batch.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "results": results}, f,
                   indent=1)
