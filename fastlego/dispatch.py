@@ -52,15 +52,20 @@ class BackendNotSupported(RuntimeError):
 
 @dataclass
 class Backend:
-    """One implementation of an op: `module:function` plus an optional `module:reasons` function."""
+    """One implementation of an op: `module:function` plus an optional `module:reasons` function
+    and an optional `module:plan` function (`plan(*args)` -> the function that runs every call
+    with the same decision key as `args` without checking it again, see `call`; a plan target
+    whose function does not exist means no plan)."""
 
     op: str
     name: str
     target: Union[str, Callable]
     reasons_target: Union[str, Callable, None] = None
     in_place: bool = False   # writes into its arguments: a failed call is never retried elsewhere
+    plan_target: Union[str, Callable, None] = None
     _fn: Optional[Callable] = field(default=None, repr=False)
     _reasons: Optional[Callable] = field(default=None, repr=False)
+    _plan: Optional[Callable] = field(default=None, repr=False)
     _load_error: Optional[str] = field(default=None, repr=False)
 
     def _load(self) -> None:
@@ -69,6 +74,7 @@ class Backend:
         try:
             self._fn = _resolve(self.target)
             self._reasons = _resolve(self.reasons_target) if self.reasons_target else None
+            self._plan = _resolve(self.plan_target, optional=True) if self.plan_target else None
         except Exception as exc:  # ImportError, or triton failing to initialise
             where = self.target.split(":")[0] if isinstance(self.target, str) else repr(self.target)
             self._load_error = f"{where} could not be loaded ({type(exc).__name__}: {exc})"
@@ -89,12 +95,21 @@ class Backend:
             raise BackendNotSupported(self._load_error)
         return self._fn(*args, **kwargs)
 
+    def runner(self, *args) -> Callable:
+        """What runs the calls whose decision key is that of `args`: the backend's plan for them
+        when it has one, else the backend itself."""
+        self._load()
+        return self._plan(*args) if self._plan is not None else self
 
-def _resolve(path: Union[str, Callable]) -> Callable:
+
+def _resolve(path: Union[str, Callable], optional: bool = False) -> Optional[Callable]:
     if callable(path):
         return path
     module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    found = getattr(importlib.import_module(module), attr, None)
+    if found is None and not optional:
+        raise AttributeError(f"module {module!r} has no attribute {attr!r}")
+    return found
 
 
 # op name -> backends, highest priority first. The reference backend is always last in `auto`.
@@ -102,15 +117,16 @@ _REGISTRY: Dict[str, List[Backend]] = {}
 
 
 def register(op: str, name: str, target: Union[str, Callable], reasons: Union[str, Callable, None] = None,
-             priority: Optional[int] = None, *, in_place: bool = False) -> Backend:
+             priority: Optional[int] = None, *, in_place: bool = False,
+             plan: Union[str, Callable, None] = None) -> Backend:
     """Declare a backend of `op`: `target` is a callable or "module:function" (imported on first use),
     `reasons` likewise for its `not_supported_reasons`. Inserted at `priority` (default: just before
     the reference backend); re-registering a name replaces it (and forgets its retirement).
     `in_place`: the backend writes into its arguments, so a call of it that fails is re-raised,
-    never retried on another backend (see the module docstring)."""
+    never retried on another backend (see the module docstring). `plan`: see `Backend`."""
     _state.forget(op, name)
     backends = _REGISTRY.setdefault(op, [])
-    backend = Backend(op, name, target, reasons, in_place)
+    backend = Backend(op, name, target, reasons, in_place, plan)
     backends[:] = [b for b in backends if b.name != name]
     if priority is None:
         priority = len(backends) if name == "reference" else next(
@@ -415,7 +431,9 @@ _site: List[str] = []
 # requires_grad) or value. Asking every backend costs far more Python than a dictionary lookup,
 # and a training step makes hundreds of op calls (bench/RESULTS.md has the timings). Calls with
 # keyword arguments (`out=`, whose overlap check reads addresses) are not cached. Cleared when
-# backends change or one is retired.
+# backends change or one is retired. A cached decision also keeps its backend's plan for the key
+# (`Backend.runner`): a backend that checks its arguments (shapes, dtypes, devices, autocast)
+# does so once per key, not at every call, which is most of an op's host cost at small batches.
 _DECISIONS_MAX = 8192
 
 
@@ -449,13 +467,22 @@ def autocast_state(device_type: str):
 
 def choose(op: str, *args, **kwargs):
     """(backend, refused) for this call: the backend that takes it and why the others do not."""
+    entry = _decide(op, args, kwargs)
+    return entry[0], entry[1]
+
+
+def _decide(op: str, args: tuple, kwargs: dict) -> list:
+    """[backend, refused, runner] of this call: cached by decision key for calls without keyword
+    arguments, where `runner` (the backend's plan for such calls, made at the first call) runs
+    the call; None until then."""
     if kwargs:
-        return _choose(op, *args, **kwargs)
+        backend, refused = _choose(op, *args, **kwargs)
+        return [backend, refused, backend]
     key = _decision_key(op, args)
     decisions = _state.decisions
     hit = decisions.get(key)
     if hit is None:
-        hit = _choose(op, *args)
+        hit = [*_choose(op, *args), None]
         if len(decisions) >= _DECISIONS_MAX:
             decisions.clear()
         decisions[key] = hit
@@ -533,13 +560,17 @@ def _may_retire(op: str, backend: Backend, exc: BaseException, kwargs: dict) -> 
 
 def call(op: str, *args, **kwargs):
     """Run `op` on the backend the current mode picks (see the module docstring)."""
-    backend, refused = choose(op, *args, **kwargs)
+    entry = _decide(op, args, kwargs)
+    backend, refused = entry[0], entry[1]
     decision = None
     if _recorder is not None:
         decision = Decision(op, _site[-1] if _site else "", backend.name, refused)
         _recorder.append(decision)
     try:
-        out = backend(*args, **kwargs)
+        runner = entry[2]
+        if runner is None:   # the first call of this decision key: the backend checks it once
+            runner = entry[2] = backend.runner(*args)
+        out = runner(*args, **kwargs)
     except Exception as exc:  # a kernel that fails at run time: retire it, fall back, warn once
         if not _may_retire(op, backend, exc, kwargs):
             raise

@@ -1,7 +1,8 @@
 """The ops LegoBackbone runs, each routed through the dispatcher (`fastlego.dispatch`).
 
 Backends are declared here, highest priority first. One name per op: its Triton launcher
-`fastlego.kernels.<module>.<op>` (with `<op>_not_supported_reasons`), its reference twin
+`fastlego.kernels.<module>.<op>` (with `<op>_not_supported_reasons`, and `<op>_plan` where
+the launcher's checks are worth doing once per decision, see `fastlego.dispatch.Backend`), its reference twin
 `fastlego.reference.<op>` (always able; last, but for global_attention), its custom op
 `fastlego::<op>` for the forward ops (`fastlego.custom_ops`), and here its entry point `<op>`.
 Triton kernels live in `fastlego.kernels` (the repository's `kernels/` folder) and are loaded
@@ -41,11 +42,11 @@ KERNEL_MODULES = {
 
 def _triton(op: str):
     mod = f"{_K}.{KERNEL_MODULES[op]}"
-    return ("triton", f"{mod}:{op}", f"{mod}:{op}_not_supported_reasons")
+    return ("triton", f"{mod}:{op}", f"{mod}:{op}_not_supported_reasons", f"{mod}:{op}_plan")
 
 
 def _reference(op: str):
-    return ("reference", f"fastlego.reference:{op}", None)
+    return ("reference", f"fastlego.reference:{op}", None, None)
 
 
 _AB = "fastlego.attention_backends"
@@ -56,9 +57,9 @@ _BACKENDS = {op: [_triton(op), _reference(op)] for op in KERNEL_MODULES}
 # on token-major views of qkv, then the reference (SDPA on timm's views: same values, a slower
 # backward); the Triton flash kernel is the last resort (forward only) and can be forced
 _BACKENDS["global_attention"] = [
-    ("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons"),
-    ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons"),
-    ("sdpa", f"{_AB}:sdpa_attention", f"{_AB}:sdpa_not_supported_reasons"),
+    ("flash_attn", f"{_AB}:flash_attn_attention", f"{_AB}:flash_attn_not_supported_reasons", None),
+    ("xformers", f"{_AB}:xformers_attention", f"{_AB}:xformers_not_supported_reasons", None),
+    ("sdpa", f"{_AB}:sdpa_attention", f"{_AB}:sdpa_not_supported_reasons", None),
     _reference("global_attention"),
     _triton("global_attention"),
 ]
@@ -66,8 +67,8 @@ _BACKENDS["global_attention"] = [
 # act_into_pre): a failed call is re-raised, never retried on another backend (see fastlego.dispatch).
 _IN_PLACE = {"gelu_tanh_backward"}
 for _op, _list in _BACKENDS.items():
-    for _i, (_name, _target, _reasons) in enumerate(_list):
-        register(_op, _name, _target, _reasons, priority=_i, in_place=_op in _IN_PLACE)
+    for _i, (_name, _target, _reasons, _plan) in enumerate(_list):
+        register(_op, _name, _target, _reasons, priority=_i, in_place=_op in _IN_PLACE, plan=_plan)
 
 
 def _route(op: str, args: tuple, custom, reference_op):

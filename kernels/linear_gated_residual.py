@@ -174,13 +174,30 @@ def linear_gated_residual(a, weight, bias, gate, residual, *, out=None):
     shape: (a) one GEMM with a fused bias + gate + residual epilogue or (b) cuBLAS + one fused
     elementwise pass. a (..., K); weight (N, K); bias (N,) or None; gate (B, N) any strides;
     residual (..., N). out must not overlap the inputs. Returns (..., N)."""
-    dtype, out_dtype = _checked("linear_gated_residual", a, weight, bias, gate, residual, out)   # once
+    dtypes = _checked("linear_gated_residual", a, weight, bias, gate, residual, out)   # once, for either path
+    return _routed(a, weight, bias, gate, residual, out, dtypes, _shape_key(a, weight, gate, residual))
+
+
+def linear_gated_residual_plan(a, weight, bias, gate, residual):
+    """`linear_gated_residual` for every call like this one, checked once (see
+    `modulated_linear_plan`: same shapes, strides, dtypes, devices, autocast and grad state; no
+    `out=`; the path looked up per call)."""
+    dtypes = _checked("linear_gated_residual", a, weight, bias, gate, residual, None)
+    key = _shape_key(a, weight, gate, residual)
+    return lambda a, weight, bias, gate, residual: _routed(a, weight, bias, gate, residual, None, dtypes, key)
+
+
+def _shape_key(a, weight, gate, residual) -> str:
+    return shape_key("linear_gated_residual", a, weight, gate, f"residual={residual.dtype},gate={gate.dtype}")
+
+
+def _routed(a, weight, bias, gate, residual, out, dtypes, key):
+    """Checked arguments down the path the tuning table gives for shape key `key`."""
     args = (a, weight, bias, gate, residual)
-    key = shape_key("linear_gated_residual", a, weight, gate, f"residual={residual.dtype},gate={gate.dtype}")
     path, config = tuning.lookup("linear_gated_residual", key, args)
     if path == "fused":
-        return _fused_path(*args, out, config, dtype, out_dtype)
-    return _cublas_path(*args, out, dtype)
+        return _fused_path(*args, out, config, *dtypes)
+    return _cublas_path(*args, out, dtypes[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,8 +248,25 @@ def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = 
     h (..., D); shift/scale (B, D) any strides; weight (N_out, D); bias (N_out,) or None;
     activation None or "gelu_tanh". Returns (..., N_out) in the compute dtype."""
     dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, out)   # once, for either path
+    return _routed(h, shift, scale, weight, bias, activation, out, dtype,
+                   shape_key("modulated_linear", h, weight, shift, activation))
+
+
+def modulated_linear_plan(h, shift, scale, weight, bias, activation: Optional[str] = None):
+    """`modulated_linear` for every call like this one, checked once: the returned function takes
+    calls whose arguments have these shapes, strides, dtypes and devices, under this autocast and
+    grad state (the dispatcher's decision key), without checking them again (no `out=`). The path
+    is still looked up per call, so a later `fastlego.tune` applies at once."""
+    dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, None)
+    key = shape_key("modulated_linear", h, weight, shift, activation)
+    return lambda h, shift, scale, weight, bias, activation=None: _routed(
+        h, shift, scale, weight, bias, activation, None, dtype, key)
+
+
+def _routed(h, shift, scale, weight, bias, activation, out, dtype, key):
+    """Checked arguments down the path the tuning table gives for shape key `key`."""
     args = (h, shift, scale, weight, bias, activation)
-    path, config = tuning.lookup("modulated_linear", shape_key("modulated_linear", h, weight, shift, activation), args)
+    path, config = tuning.lookup("modulated_linear", key, args)
     if path == "fused":
         return _fused_path(*args, out, config, dtype)
     return _cublas_path(*args, out, dtype)

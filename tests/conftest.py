@@ -174,7 +174,7 @@ def pytest_collectreport(report):
 # The parent: start the child, then log its reports as the delegated tests' results
 # --------------------------------------------------------------------------------------------
 
-class _InterpreterChild:
+class _Child:
     """One child pytest that runs `items` with the GPU hidden, with TRITON_INTERPRET=1 (`interpret`)
     or without (the CPU tests), and the reports it sends back."""
 
@@ -338,7 +338,7 @@ def _shard_by_file(items, workers: int):
     return [sorted(shard, key=lambda it: order[id(it)]) for shard in shards]
 
 
-class _InterpreterChildren:
+class _Children:
     """The child pytests that share the `interpreter` tests (and, on GPU machines, the CPU tests);
     each test's reports come from its child."""
 
@@ -347,8 +347,8 @@ class _InterpreterChildren:
         cpu_shards = _shard_by_file(list(cpu_items), workers) if cpu_items else []
         n = len(shards) + len(cpu_shards)
         threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
-        self.children = ([_InterpreterChild(config, shard, threads) for shard in shards]
-                         + [_InterpreterChild(config, shard, threads, interpret=False) for shard in cpu_shards])
+        self.children = ([_Child(config, shard, threads) for shard in shards]
+                         + [_Child(config, shard, threads, interpret=False) for shard in cpu_shards])
         self.owner = {nodeid: child for child in self.children for nodeid in child.ids}
         self.ids = list(self.owner)
         self.id_set = set(self.owner)
@@ -397,7 +397,7 @@ def pytest_runtestloop(session):
         items = [it for it in session.items if _runs_in_child(it)]
         cpu_items = [it for it in session.items if _runs_in_cpu_child(it)] if _cpu_children() else []
         if items or cpu_items:
-            children = _InterpreterChildren(session.config, items, _worker_count(), cpu_items)
+            children = _Children(session.config, items, _worker_count(), cpu_items)
             session.config.stash[_CHILD_KEY] = children
             children.start()
     yield

@@ -310,6 +310,59 @@ def test_decisions_are_cached_per_call_signature(toy_op):
     assert rec[0].chosen == "reference" and "failed at run time" in rec[0].refused["triton"][0]
 
 
+def test_a_backends_plan_is_made_once_per_decision_and_runs_the_calls(toy_op):
+    """A backend with a plan checks a call signature once (the plan) and runs every call of it
+    through the plan's function; a new signature gets a new plan; calls with keyword arguments
+    (not cached) run the backend itself; a plan whose run fails retires the backend as before."""
+    plans, runs, direct = [], [], []
+
+    def fast(x, *, scale=1.0):
+        direct.append(x.numel())
+        return (x + x) * scale
+
+    def plan(x):
+        plans.append(tuple(x.shape))
+
+        def run(x):
+            runs.append(x.numel())
+            return x + x
+        return run
+
+    dispatch.register("toy", "triton", fast, lambda x, **kw: _only_small(x), plan=plan)
+    for v in (1.0, 2.0, 3.0):
+        assert torch.equal(dispatch.call("toy", torch.full((3,), v)), torch.full((3,), 2 * v))
+    assert plans == [(3,)] and runs == [3, 3, 3] and direct == []
+    dispatch.call("toy", torch.ones(2, 2))
+    assert plans == [(3,), (2, 2)]
+    assert torch.equal(dispatch.call("toy", torch.ones(3), scale=0.5), torch.ones(3))
+    assert direct == [3] and runs == [3, 3, 3, 4]
+    with dispatch.record() as rec:                      # the reference takes what triton refuses
+        dispatch.call("toy", torch.ones(9))
+    assert rec[0].chosen == "reference" and plans == [(3,), (2, 2)]
+
+    def failing_plan(x):
+        def run(x):
+            raise RuntimeError("launch failed")
+        return run
+
+    dispatch.register("toy", "triton", fast, _only_small, plan=failing_plan)
+    with pytest.warns(RuntimeWarning, match="launch failed"):
+        assert torch.equal(dispatch.call("toy", torch.ones(3)), torch.full((3,), 2.0))
+    with dispatch.record() as rec:
+        dispatch.call("toy", torch.ones(3))
+    assert rec[0].chosen == "reference"
+
+
+def test_a_missing_plan_function_means_no_plan(toy_op):
+    """`plan="module:name"` naming nothing runs the backend itself (ops declare `<op>_plan` for
+    every Triton backend; only some kernels have one)."""
+    dispatch.register("toy", "triton", _fast, _only_small, plan="fastlego.reference:no_such_plan")
+    assert torch.equal(dispatch.call("toy", torch.ones(3)), torch.full((3,), 2.0))
+    with dispatch.record() as rec:
+        dispatch.call("toy", torch.ones(3))
+    assert rec[0].chosen == "triton"
+
+
 # --------------------------------------------------------------------------------------------
 # One state, one scoping rule: process-wide settings, per-thread blocks
 # --------------------------------------------------------------------------------------------

@@ -78,6 +78,32 @@ def test_dispatcher_runs_the_kernel():
     assert_close_to_reference(z, ref, R.linear_gated_residual(a, wg, bg, gate, residual), atol=1e-5)
 
 
+def test_plan_runs_calls_like_the_checked_one(monkeypatch):
+    """The dispatcher's plan: checked once, it runs later calls of the same signature (new
+    values) exactly as the launcher does, follows the tuning table at each call, and raises on
+    a call it cannot take when it is made."""
+    from fastlego import tuning
+    a, wg, bg, gate, residual = gated_inputs(2, 5, 4, 32, 48, torch.float32)
+    run = LGR.linear_gated_residual_plan(a, wg, bg, gate, residual)
+    args = gated_inputs(2, 5, 4, 32, 48, torch.float32, seed=7)
+    got = run(*args)
+    ref = R.linear_gated_residual(*f64(list(args)))
+    assert_close_to_reference(got, ref, R.linear_gated_residual(*args), atol=1e-5)
+    assert torch.equal(got, LGR.linear_gated_residual(*args))
+    paths = []
+    monkeypatch.setattr(LGR, "_fused_path", lambda *a: paths.append("fused"))
+    monkeypatch.setattr(LGR, "_cublas_path", lambda *a: paths.append("cublas"))
+    run(*args)
+    tuning.install({LGR._shape_key(a, wg, gate, residual): tuning.Choice("cublas")})
+    try:
+        run(*args)
+    finally:
+        tuning.clear()
+    assert paths == ["fused", "cublas"]     # under the interpreter the fixed rule is the fused path
+    with pytest.raises(ValueError, match="mixed dtypes"):
+        LGR.linear_gated_residual_plan(a, wg, bg, gate.half(), residual)
+
+
 def test_reasons():
     a, wg, bg, gate, residual = gated_inputs(2, 5, 4, 32, 48, torch.float32)
     # the interpreter serves CPU tensors only when the triton backend is forced

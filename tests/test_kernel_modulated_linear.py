@@ -104,6 +104,33 @@ def test_dispatcher_runs_the_kernel():
     assert_close_to_reference(y, ref, R.modulated_linear(h, shift, scale, w, b, "gelu_tanh"), atol=1e-5)
 
 
+def test_plan_runs_calls_like_the_checked_one(monkeypatch):
+    """The dispatcher's plan: checked once, it runs later calls of the same signature (new
+    values) exactly as the launcher does, follows the tuning table at each call, and raises on
+    a call it cannot take when it is made."""
+    from fastlego import tuning
+    h, shift, scale, w, b = modulated_inputs(2, 5, 4, 32, 48, torch.float32)
+    run = ML.modulated_linear_plan(h, shift, scale, w, b, "gelu_tanh")
+    h2, shift2, scale2, w2, b2 = modulated_inputs(2, 5, 4, 32, 48, torch.float32, seed=7)
+    got = run(h2, shift2, scale2, w2, b2, "gelu_tanh")
+    ref = R.modulated_linear(*f64([h2, shift2, scale2, w2, b2]), "gelu_tanh")
+    assert_close_to_reference(got, ref, R.modulated_linear(h2, shift2, scale2, w2, b2, "gelu_tanh"), atol=1e-5)
+    assert torch.equal(got, ML.modulated_linear(h2, shift2, scale2, w2, b2, "gelu_tanh"))
+    paths = []
+    monkeypatch.setattr(ML, "_fused_path", lambda *a: paths.append("fused"))
+    monkeypatch.setattr(ML, "_cublas_path", lambda *a: paths.append("cublas"))
+    key = gemm.shape_key("modulated_linear", h, w, shift, "gelu_tanh")
+    run(h2, shift2, scale2, w2, b2, "gelu_tanh")
+    tuning.install({key: tuning.Choice("cublas")})
+    try:
+        run(h2, shift2, scale2, w2, b2, "gelu_tanh")
+    finally:
+        tuning.clear()
+    assert paths == ["fused", "cublas"]     # under the interpreter the fixed rule is the fused path
+    with pytest.raises(ValueError, match="mixed dtypes"):
+        ML.modulated_linear_plan(h, shift.half(), scale, w, b)
+
+
 def test_reasons():
     h, shift, scale, w, b = modulated_inputs(2, 5, 4, 32, 48, torch.float32)
     # the interpreter serves CPU tensors only when the triton backend is forced
