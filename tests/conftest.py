@@ -10,7 +10,9 @@ what a test needs:
 How `python3 -m pytest -q tests` runs them:
 
 - without CUDA (CI): the whole session runs with TRITON_INTERPRET=1; `cuda` tests are skipped;
-- with CUDA: this process runs the `cuda` tests on the GPU; the `interpreter` tests run in child
+- with CUDA: the `cuda` tests run on the GPU in child pytests that share it (3, or
+  FASTLEGO_TEST_GPU_WORKERS=N; 1 runs them in this process), whole test files each, so that their
+  kernel compiles use several cores; the `interpreter` tests run in child
   pytests with TRITON_INTERPRET=1 and the GPU hidden (CUDA_VISIBLE_DEVICES=""), and the unmarked
   tests (CPU tests) in child pytests of their own with the GPU hidden and without the interpreter,
   as on a CPU machine (FASTLEGO_TEST_CPU_IN_PARENT=1 keeps them in this process, on a machine
@@ -43,6 +45,7 @@ _CHILD_DIR_VAR = "_FASTLEGO_INTERPRETER_CHILD_DIR"     # internal: set for the c
 _WORKERS_VAR = "FASTLEGO_TEST_INTERPRETER_WORKERS"      # public: how many child pytests share the tests
 _CPU_IN_PARENT_VAR = "FASTLEGO_TEST_CPU_IN_PARENT"      # public: unmarked tests in this process on GPU machines
 _CPU_CHILDREN_VAR = "FASTLEGO_TEST_CPU_CHILDREN"        # public: CPU children in the simulated layout too
+_GPU_WORKERS_VAR = "FASTLEGO_TEST_GPU_WORKERS"          # public: how many child pytests share the `cuda` tests
 
 
 def _truthy(value) -> bool:
@@ -174,16 +177,21 @@ def pytest_collectreport(report):
 # The parent: start the child, then log its reports as the delegated tests' results
 # --------------------------------------------------------------------------------------------
 
-class _Child:
-    """One child pytest that runs `items` with the GPU hidden, with TRITON_INTERPRET=1 (`interpret`)
-    or without (the CPU tests), and the reports it sends back."""
+_KINDS = {"interpreter": "`interpreter` tests (TRITON_INTERPRET=1, CUDA hidden)",
+          "cpu": "CPU tests (CUDA hidden, no interpreter)",
+          "gpu": "`cuda` tests (on the GPU)"}
 
-    def __init__(self, config, items, threads=None, interpret=True):
+
+class _Child:
+    """One child pytest that runs `items` and the reports it sends back. `role`: "interpreter"
+    (TRITON_INTERPRET=1, GPU hidden), "cpu" (GPU hidden, no interpreter) or "gpu" (the `cuda`
+    tests, the GPU shared with the other GPU children)."""
+
+    def __init__(self, config, items, threads=None, role="interpreter"):
         self.config = config
         self.threads = threads
-        self.interpret = interpret
-        self.kind = "`interpreter` tests (TRITON_INTERPRET=1, CUDA hidden)" if interpret else \
-            "CPU tests (CUDA hidden, no interpreter)"
+        self.role = role
+        self.kind = _KINDS[role]
         self.ids = [it.nodeid for it in items]
         self.id_set = set(self.ids)
         self.files = list(dict.fromkeys(str(it.path) for it in items))
@@ -218,8 +226,10 @@ class _Child:
             f.write("\n".join(self.ids) + "\n")
         open(os.path.join(self.dir, "reports.jsonl"), "w").close()
         env = {k: v for k, v in os.environ.items() if k not in (_FORCE_CHILD_VAR, "PYTEST_ADDOPTS", "TRITON_INTERPRET")}
-        env.update({"CUDA_VISIBLE_DEVICES": "", _CHILD_DIR_VAR: self.dir})
-        if self.interpret:
+        env[_CHILD_DIR_VAR] = self.dir
+        if self.role != "gpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if self.role == "interpreter":
             env["TRITON_INTERPRET"] = "1"
         if self.threads is not None:   # children share the cores: no oversubscribed thread pools
             env.setdefault("OMP_NUM_THREADS", str(self.threads))
@@ -325,6 +335,23 @@ def _worker_count() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
+def _gpu_worker_count() -> int:
+    """Child pytests sharing the `cuda` tests and the GPU (their kernel compiles run in parallel on
+    the host's cores): FASTLEGO_TEST_GPU_WORKERS, by default 3 on a GPU machine; 1 runs them in
+    this process. None without a GPU."""
+    if not torch.cuda.is_available() or _truthy(os.environ.get(_FORCE_CHILD_VAR)):
+        return 1
+    value = os.environ.get(_GPU_WORKERS_VAR, "3")
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise pytest.UsageError(f"{_GPU_WORKERS_VAR} must be a whole number >= 1 (child pytests for the "
+                                f"`cuda` tests; 1 runs them in this process), got {value!r}")
+    return n
+
+
 def _shard_by_file(items, workers: int):
     """Whole files to `workers` shards, the largest file first to the emptiest shard; each shard
     keeps the session's order. Fewer shards when there are fewer files."""
@@ -342,13 +369,13 @@ class _Children:
     """The child pytests that share the `interpreter` tests (and, on GPU machines, the CPU tests);
     each test's reports come from its child."""
 
-    def __init__(self, config, items, workers: int, cpu_items=()):
-        shards = _shard_by_file(items, workers) if items else []
-        cpu_shards = _shard_by_file(list(cpu_items), workers) if cpu_items else []
-        n = len(shards) + len(cpu_shards)
+    def __init__(self, config, items, workers: int, cpu_items=(), gpu_items=(), gpu_workers: int = 1):
+        shards = {"interpreter": _shard_by_file(list(items), workers) if items else [],
+                  "cpu": _shard_by_file(list(cpu_items), workers) if cpu_items else [],
+                  "gpu": _shard_by_file(list(gpu_items), gpu_workers) if gpu_items else []}
+        n = sum(len(v) for v in shards.values())
         threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
-        self.children = ([_Child(config, shard, threads) for shard in shards]
-                         + [_Child(config, shard, threads, interpret=False) for shard in cpu_shards])
+        self.children = [_Child(config, shard, threads, role) for role, group in shards.items() for shard in group]
         self.owner = {nodeid: child for child in self.children for nodeid in child.ids}
         self.ids = list(self.owner)
         self.id_set = set(self.owner)
@@ -373,8 +400,8 @@ class _Children:
 
     def summary(self) -> str:
         lines = []
-        for interpret in (True, False):
-            group = [c for c in self.children if c.interpret == interpret]
+        for role in _KINDS:
+            group = [c for c in self.children if c.role == role]
             if not group:
                 continue
             n = len(group)
@@ -383,9 +410,8 @@ class _Children:
             how = hows[0] if len(set(hows)) == 1 else ", ".join(hows)
             seconds = max(c.seconds or 0 for c in group)
             tests = sum(len(c.ids) for c in group)
-            what = ("`interpreter` tests ran in {where} (TRITON_INTERPRET=1, CUDA hidden)" if interpret
-                    else "CPU tests ran in {where} (CUDA hidden, no interpreter)").format(where=where)
-            lines.append(f"fastlego: {tests} {what}: {how}, {seconds:.0f} s")
+            kind, _, how_run = _KINDS[role].partition(" (")
+            lines.append(f"fastlego: {tests} {kind} ran in {where} ({how_run}: {how}, {seconds:.0f} s")
         return "\n".join(lines)
 
 
@@ -396,8 +422,10 @@ def pytest_runtestloop(session):
     if SPLIT and not session.config.option.collectonly:
         items = [it for it in session.items if _runs_in_child(it)]
         cpu_items = [it for it in session.items if _runs_in_cpu_child(it)] if _cpu_children() else []
-        if items or cpu_items:
-            children = _Children(session.config, items, _worker_count(), cpu_items)
+        gpu_workers = _gpu_worker_count()
+        gpu_items = [it for it in session.items if it.get_closest_marker("cuda") is not None] if gpu_workers > 1 else []
+        if items or cpu_items or gpu_items:
+            children = _Children(session.config, items, _worker_count(), cpu_items, gpu_items, gpu_workers)
             session.config.stash[_CHILD_KEY] = children
             children.start()
     yield
