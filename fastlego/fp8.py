@@ -329,7 +329,8 @@ class FP8DiTBlock(nn.Module):
             owner = getattr(self, parent)
             setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), emulate, f"{name}.{path}.weight"))
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`mod`: the block's adaLN parameters when the brick computed them (`Brick.modulations`)."""
         qkv_linear = self.attn.qkv
         if qkv_linear.emulate:        # the PyTorch twins
             ln_quantize, gelu_q, rows_q = layernorm_modulate_quantize, gelu_quantize, _propagating_quantize_rows
@@ -339,8 +340,9 @@ class FP8DiTBlock(nn.Module):
                 raise refusal(reasons)
             from .kernels import fp8_quantize as K
             ln_quantize, gelu_q, rows_q = K.layernorm_modulate_quantize, K.gelu_quantize, K.quantize_rows
-        lin = self.adaLN_modulation[1]
-        mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+        if mod is None:
+            lin = self.adaLN_modulation[1]
+            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         act = autocast_dtype(h) or h.dtype        # attention and the residual stream: the model's precision
         qkv = qkv_linear(*ln_quantize(h, shift1, scale1)).reshape(*h.shape[:-1], -1)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import dispatch, ops
+from . import dispatch, ops, weight_cache
 from .presets import BRICK_TYPES, get_preset
 from .reference import adaln_modulation, sincos_pos_embed
 from .weight_cache import autocast_weights
@@ -61,9 +61,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width, bias=True))
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        lin = self.adaLN_modulation[1]
-        mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+    def forward(self, h: torch.Tensor, c: torch.Tensor, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`mod`: this block's adaLN parameters (B, 6D) when the brick computed them (see
+        `Brick.modulations`), else computed here from c."""
+        if mod is None:
+            lin = self.adaLN_modulation[1]
+            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
         a = ops.attention(qkv, self.attn.num_heads)
@@ -80,9 +83,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, patch * patch * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width, bias=True))
 
-    def forward(self, h, c, region: int, image_shape) -> torch.Tensor:
-        lin = self.adaLN_modulation[1]
-        shift, scale = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias)).chunk(2, dim=1)
+    def forward(self, h, c, region: int, image_shape, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mod is None:
+            lin = self.adaLN_modulation[1]
+            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))
+        shift, scale = mod.chunk(2, dim=1)
         return ops.final_layer(h, shift, scale, self.linear.weight, self.linear.bias, region, image_shape)
 
 
@@ -142,13 +147,31 @@ class Brick(nn.Module):
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region, coords)
         per_block = self.checkpoint_blocks if self.checkpointing == "block" and torch.is_grad_enabled() else 0
+        mods = self.modulations(c)
         for i, block in enumerate(self.blocks):
             if i < per_block:
                 h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False,
                                context_fn=dispatch.checkpoint_contexts)
             else:
-                h = block(h, c)
-        return self.final_layer(h, c, self.region, x.shape)
+                h = block(h, c, None if mods is None else mods[i])
+        return self.final_layer(h, c, self.region, x.shape, None if mods is None else mods[-1])
+
+    def modulations(self, c: torch.Tensor) -> Optional[Sequence[torch.Tensor]]:
+        """Inside `fastlego.frozen_weights()`: every block's adaLN parameters and the final layer's
+        from one GEMM, SiLU(c) @ [W_1; ...; W_depth; W_final]^T + [b_1; ...], the weights stacked
+        once (`weight_cache.stacked`), split into per-block (B, 6D) views and the final layer's
+        (B, 2D): two launches for the brick instead of two per block, the same values up to the
+        GEMM's rounding. None elsewhere (training, or weights autograd records): each block
+        computes its own."""
+        if not weight_cache.frozen():
+            return None
+        lins = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        dtype = dispatch.autocast_dtype(c) or lins[0].weight.dtype
+        weight = weight_cache.stacked(self, "adaln_weight", [lin.weight for lin in lins], dtype)
+        bias = weight_cache.stacked(self, "adaln_bias", [lin.bias for lin in lins], dtype)
+        if weight is None or bias is None:
+            return None
+        return adaln_modulation(c, weight, bias).split([lin.out_features for lin in lins], dim=1)
 
 
 class TimestepEmbedder(nn.Module):

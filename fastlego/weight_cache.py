@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Dict, Iterator, Optional, Tuple
+import weakref
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -44,6 +45,8 @@ _lock = threading.Lock()
 _depth = 0                      # nesting depth of frozen_weights() blocks (process-wide)
 # weight (by identity, weakly) -> {dtype: (version, data_ptr, copy)}
 _copies: "WeakIdKeyDictionary[torch.Tensor, Dict[torch.dtype, Tuple[int, int, torch.Tensor]]]" = WeakIdKeyDictionary()
+# owner (weakly) -> {name: (stamp: dtype and (version, data_ptr) of each part, stacked copy)}; see `stacked`
+_stacks: "weakref.WeakKeyDictionary[object, Dict[str, Tuple[tuple, torch.Tensor]]]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -60,6 +63,7 @@ def frozen_weights() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _copies.clear()
+                _stacks.clear()
 
 
 def frozen() -> bool:
@@ -91,6 +95,29 @@ def cast_weight(w: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch
     return copy
 
 
+def stacked(owner: object, name: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Inside `frozen_weights()`: `torch.cat(tensors)` in `dtype`, made once while every one of
+    `tensors` keeps its version and storage (the rule of `cast_weight`), kept under
+    (`owner`, `name`) while `owner` lives. None outside the block, for tensors autograd records,
+    and while a CUDA graph is captured without the copy (the caller then takes its unstacked
+    path). For ops that run several small GEMMs on the same input as one (a brick's adaLN
+    modulations: one launch instead of one per block)."""
+    if not _depth or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    stamp = (dtype,) + tuple((t._version, t.data_ptr()) for t in tensors)
+    per_owner = _stacks.get(owner)
+    hit = None if per_owner is None else per_owner.get(name)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if _capturing(tensors[0]):
+        return None
+    copy = torch.cat([t.detach().to(dtype) for t in tensors])
+    with _lock:
+        if _depth:
+            _stacks.setdefault(owner, {})[name] = (stamp, copy)
+    return copy
+
+
 def autocast_weights(like: torch.Tensor, *weights: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """The weights an op computing on `like` under autocast should pass to F.linear: inside
     `frozen_weights()` their cached casts to the autocast dtype of like's device, otherwise the
@@ -105,4 +132,5 @@ def autocast_weights(like: torch.Tensor, *weights: Optional[torch.Tensor]) -> Tu
 
 def cached_bytes() -> int:
     """Bytes held by cast copies now (0 outside `frozen_weights()`)."""
-    return sum(c.numel() * c.element_size() for d in list(_copies.values()) for (_, _, c) in d.values())
+    return (sum(c.numel() * c.element_size() for d in list(_copies.values()) for (_, _, c) in d.values())
+            + sum(c.numel() * c.element_size() for d in list(_stacks.values()) for (_, c) in d.values()))

@@ -98,6 +98,46 @@ def test_the_model_gives_the_same_bits_with_cached_casts(dtype):
     assert torch.equal(plain, first) and torch.equal(plain, second)
 
 
+def test_a_brick_computes_its_modulations_in_one_gemm_inside_the_block(monkeypatch):
+    """Inside the block each brick runs one adaLN GEMM for all its blocks and its final layer (the
+    stacked weights made once, made again when one changes); outside, one per block; the same
+    values either way (up to the GEMM's rounding), with and without autocast, and with grad."""
+    from fastlego import model as model_module
+    net = fastlego.LegoBackbone([4, 8], 1, label_dim=3, model_type=[(32, 2, 2), (32, 4, 2)], depths=[2, 3])
+    net = randomize_(net, seed=3).eval()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0.1, -0.3])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
+    calls = []
+    real = model_module.adaln_modulation
+    monkeypatch.setattr(model_module, "adaln_modulation", lambda c, w, b: calls.append(w.shape[0]) or real(c, w, b))
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            calls.clear()
+            plain = net(x, t, labels)
+            assert sorted(calls) == sorted([6 * 32] * 5 + [2 * 32] * 2)
+            with frozen_weights():
+                calls.clear()
+                stacked = net(x, t, labels)
+                assert sorted(calls) == [2 * 6 * 32 + 2 * 32, 3 * 6 * 32 + 2 * 32]
+                held = cached_bytes()
+                net(x, t, labels)
+                assert cached_bytes() == held                 # no new copies on the second call
+                block = net.model[1].blocks[2].adaLN_modulation[1]
+                with torch.no_grad():
+                    block.bias.add_(0.25)                     # a changed weight: its stack is made again
+                changed = net(x, t, labels)
+                with torch.no_grad():
+                    block.bias.sub_(0.25)
+        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stacked, plain, **tol)
+        assert not torch.allclose(changed, plain, **tol)
+    with frozen_weights():                                    # grad on, weights recorded: per block
+        calls.clear()
+        net(x, t, labels).sum().backward()
+        assert len(calls) == 7
+
+
 @pytest.mark.interpreter
 def test_the_triton_launchers_use_the_cached_casts(monkeypatch):
     # fp16 autocast on the CPU, Triton kernels forced (interpreter): the launchers' weight casts
