@@ -321,35 +321,31 @@ class _Child:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _worker_count() -> int:
-    value = os.environ.get(_WORKERS_VAR)
-    if value is not None:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise pytest.UsageError(f"{_WORKERS_VAR} must be a whole number >= 1 (child pytests for the "
-                                    f"`interpreter` tests), got {value!r}")
-        return n
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
-
-
-def _gpu_worker_count() -> int:
-    """Child pytests sharing the `cuda` tests and the GPU (their kernel compiles run in parallel on
-    the host's cores): FASTLEGO_TEST_GPU_WORKERS, by default 3 on a GPU machine; 1 runs them in
-    this process. None without a GPU."""
-    if not torch.cuda.is_available() or _truthy(os.environ.get(_FORCE_CHILD_VAR)):
-        return 1
-    value = os.environ.get(_GPU_WORKERS_VAR, "3")
+def _count_from_env(var: str, default: int, what: str) -> int:
+    value = os.environ.get(var)
+    if value is None:
+        return default
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise pytest.UsageError(f"{_GPU_WORKERS_VAR} must be a whole number >= 1 (child pytests for the "
-                                f"`cuda` tests; 1 runs them in this process), got {value!r}")
+        raise pytest.UsageError(f"{var} must be a whole number >= 1 ({what}), got {value!r}")
     return n
+
+
+def _worker_count() -> int:
+    return _count_from_env(_WORKERS_VAR, max(1, min(4, (os.cpu_count() or 1) // 4)),
+                           "child pytests for the `interpreter` tests")
+
+
+def _gpu_worker_count() -> int:
+    """Child pytests sharing the `cuda` tests and the GPU (their kernel compiles run in parallel on
+    the host's cores): FASTLEGO_TEST_GPU_WORKERS, by default 3 on a GPU machine; 1 (and always
+    without a GPU) runs them in this process."""
+    if not torch.cuda.is_available() or _truthy(os.environ.get(_FORCE_CHILD_VAR)):
+        return 1
+    return _count_from_env(_GPU_WORKERS_VAR, 3, "child pytests for the `cuda` tests; 1 runs them in this process")
 
 
 def _shard_by_file(items, workers: int):
