@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastlego import dispatch, frozen_weights, tune  # noqa: E402
-from fastlego.benchmark import build_model, make_inputs, measure, parse_cases, precision  # noqa: E402
+from fastlego.benchmark import build_model, host_us, make_inputs, measure, parse_cases, precision  # noqa: E402
 
 DEFAULT_CASES = "lego_S_PG_64:1,lego_S_PG_64:16,lego_L_PG_64:1,lego_L_PG_64:16"
 
@@ -72,22 +72,6 @@ def host_profile(call, top: int = 25) -> str:
 def time_ms(fn, dev, rounds: int, cuda_graph: bool = False) -> float:
     """Median ms of one call (one call per timed round; `cuda_graph`: the call replayed as a graph)."""
     return measure(fn, device=dev, rounds=rounds, warmup=3, inner=1, cuda_graph=cuda_graph).median_ms
-
-
-def host_us(fn, dev, calls: int = 50, rounds: int = 5) -> float:
-    """Median over rounds of the host's us per call to enqueue `calls` calls (the GPU is idle at
-    the start of each round, so no call waits on it unless the launch queue fills)."""
-    import time
-    fn()
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize(dev)
-    return sorted(times)[len(times) // 2]
 
 
 def per_op_host_costs(model, inputs, dev) -> dict:

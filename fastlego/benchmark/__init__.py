@@ -65,7 +65,7 @@ from .session import BenchSession
 from .sites import OpCase, TensorSpec, expected_op_keys, record_op_cases, synthesize_args
 from .steps import FLOP_MULTIPLIER, STEP_BUILDERS, graph_infer_step, infer_step, train_step
 from .summary import compile_budget_note, fastest_compile, targets
-from .timing import Runner, Timing, default_runner, measure, pedantic_runner, time_once
+from .timing import Runner, Timing, default_runner, host_us, measure, pedantic_runner, time_once
 
 __all__ = [
     "ALL_VARIANTS", "AUTOCAST_DTYPES", "AttentionShape", "BF16_WEIGHT_VARIANTS", "BenchConfig", "BenchSession",
@@ -79,7 +79,7 @@ __all__ = [
     "build_train_net", "compile_budget_note", "compile_mode_of", "config_from_args", "count_forward_flops",
     "default_case", "default_json_path", "default_latency_cases", "default_runner", "default_train_cases",
     "environment", "expected_op_keys", "fastest_compile", "forward_attentions", "forward_matmuls",
-    "graph_infer_step", "infer_step", "latency_target", "main", "make_inputs", "make_train_inputs", "measure",
+    "graph_infer_step", "host_us", "infer_step", "latency_target", "main", "make_inputs", "make_train_inputs", "measure",
     "measure_copy_bandwidth", "measure_floor", "measure_matmul_peak", "op_backend_names", "output_paths",
     "parse_cases", "pedantic_runner", "precision", "record_op_cases", "result_key", "results_markdown",
     "save_report", "synthesize_args", "targets", "time_once", "train_step", "with_depths", "write_json",

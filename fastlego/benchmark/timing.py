@@ -145,6 +145,24 @@ def time_once(fn: Callable[[], Any], device) -> Tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def host_us(fn: Callable[[], Any], device, calls: int = 50, rounds: int = 5) -> float:
+    """The host's cost of a call: median over `rounds` of the us per call to enqueue `calls` calls,
+    the device idle at each round's start (synced before and after, outside the timed span), so
+    that no call waits on the GPU unless the launch queue fills. For small-batch work where the
+    host, not the GPU, sets the time."""
+    device = torch.device(device)
+    fn()
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        sync(device)
+    return statistics.median(times)
+
+
 def copies_for(nbytes: int, device: torch.device, cap: int = 16) -> int:
     """How many input sets to rotate through so their total is >= 3x the L2 cache."""
     l2 = l2_bytes(device)
