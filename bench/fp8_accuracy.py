@@ -8,10 +8,11 @@
     D(x; sigma) of a batch with sigmas spread from 0.05 to 20 (class-conditional, 1000 classes),
     computed in each precision: fp32; bf16 (autocast on the device); fp8 emulated (the FP8
     numerics in plain PyTorch, fp32 elsewhere); fp8 emulated under bf16 autocast (what the GPU
-    path computes); on a GPU with FP8 tensor cores also fp8 on `torch._scaled_mm` under bf16
-    autocast. Relative error ||D - D_ref|| / ||D_ref|| against fp32 and against bf16, after each
-    brick (the denoiser with the bricks up to it, as `return_stage_idx` would stop; read from one
-    forward through hooks on the bricks).
+    path computes); on a GPU with FP8 tensor cores also fp8 on the tensor cores under bf16
+    autocast, with precise and with fast accumulation (`fast_accumulation=True`). Relative error
+    ||D - D_ref|| / ||D_ref|| against fp32 and against bf16, after each brick (the denoiser with
+    the bricks up to it, as `return_stage_idx` would stop; read from one forward through hooks on
+    the bricks).
 (b) `--digits CKPT`, a digits network (e.g. the demo's): for each guidance (`--cfg`, "none" for
     no guidance) and each precision, `--seed-sets` sets of 200 images (20 of every digit; seeds
     0-199, 200-399, ...) drawn with EDM's 18 Heun steps and measured with `fastlego.metrics`
@@ -59,6 +60,7 @@ def variants(net, device: torch.device):
     reasons = fp8.not_supported_reasons(hardware)
     if not reasons:
         out.append(("fp8 scaled_mm + bf16", hardware, True))
+        out.append(("fp8 fast acc. + bf16", fastlego.quantize(net, "fp8", fast_accumulation=True), True))
     return out, reasons
 
 

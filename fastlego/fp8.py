@@ -206,10 +206,12 @@ def refusal(reasons: List[str]) -> BackendNotSupported:
           "or sample the unquantized model in bf16")
 
 
-def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = torch.bfloat16,
+                         fast_accum: bool = False) -> torch.Tensor:
     """The FP8 GEMM on the tensor cores: `torch._scaled_mm` with row-wise scales (x_scale per row
     of x, w_scale per output channel), bias in its epilogue (cast to bf16), bf16 output. Same
-    arguments and result as `fp8_linear_reference` (up to fp32 accumulation order)."""
+    arguments and result as `fp8_linear_reference` (up to fp32 accumulation order); with
+    `fast_accum` the tensor cores' own accumulator sums every K slice (see `quantize`)."""
     problems = _linear_problems(x_q, x_scale, w_q, w_scale, bias)
     if problems:
         raise ValueError("fp8_linear_scaled_mm: " + "; ".join(problems))
@@ -220,33 +222,38 @@ def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch
     a = x_q.reshape(-1, K).contiguous()          # row-major (M, K)
     b = w_q.t()                                  # (K, N) column-major: w_q (N, K) is contiguous
     y = torch._scaled_mm(a, b, scale_a=x_scale.reshape(-1, 1), scale_b=w_scale.reshape(1, N),
-                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                         use_fast_accum=bool(fast_accum))
     return y.reshape(*x_q.shape[:-1], N)
 
 
-def gemm_key(x_q, w_q, bias, out_dtype) -> str:
+def gemm_key(x_q, w_q, bias, out_dtype, fast_accum: bool = False) -> str:
     """The tuning key of an FP8 GEMM call (`fastlego.tuning`): rows M (next power of two), N, K,
-    bias or not, output dtype."""
+    bias or not, output dtype, and fast accumulation when on."""
     M = x_q.numel() // max(x_q.shape[-1], 1)
     return (f"fp8_linear|M<={1 << max(M - 1, 0).bit_length()}|N={w_q.shape[0]}|K={w_q.shape[1]}"
-            f"|bias={bias is not None}|{out_dtype}").replace("torch.", "")
+            f"|bias={bias is not None}|{out_dtype}" + ("|fast_accum" if fast_accum else "")).replace("torch.", "")
 
 
 def fp8_linear(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = torch.bfloat16,
-               emulate: bool = False) -> torch.Tensor:
+               emulate: bool = False, fast_accum: bool = False) -> torch.Tensor:
     """The FP8 Linear on the tensor cores, by the path `fastlego.tune` measured fastest for this
     shape: the Triton FP8 GEMM (`fastlego.kernels.fp8_linear`) or `fp8_linear_scaled_mm`
     (cuBLASLt; also the rule for untuned shapes and deterministic mode); refused with the reasons
-    where FP8 cannot run. `emulate=True`: `fp8_linear_reference`, asked for explicitly."""
+    where FP8 cannot run. `emulate=True`: `fp8_linear_reference`, asked for explicitly (it has no
+    fast accumulation to emulate). `fast_accum`: see `quantize`."""
     if emulate:
+        if fast_accum:
+            raise ValueError("fp8_linear: fast accumulation is the tensor cores' own; emulate=True cannot "
+                             "compute it (use fast_accum=False to emulate, or run on an FP8 GPU)")
         return fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     if not x_q.is_cuda:
         return fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)   # refuses with the reasons
     from . import tuning
     from .kernels import fp8_linear as triton_gemm   # registers its candidates with fastlego.tune
 
-    args = (x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    path, config = tuning.lookup("fp8_linear", gemm_key(x_q, w_q, bias, out_dtype), args)
+    args = (x_q, x_scale, w_q, w_scale, bias, out_dtype, bool(fast_accum))
+    path, config = tuning.lookup("fp8_linear", gemm_key(x_q, w_q, bias, out_dtype, fast_accum), args)
     if path == "fused":
         return triton_gemm.fp8_linear(*args, config=config)
     return fp8_linear_scaled_mm(*args)
@@ -280,24 +287,30 @@ def gelu_quantize(y: torch.Tensor):
 class FP8Linear(nn.Module):
     """A Linear(K, N) for inference: e4m3 weight (N, K) `weight_fp8`, fp32 per-output-channel
     `weight_scale` (N,), bias in bf16 (as the GEMM's epilogue adds it). Takes quantized input
-    (q, row scales), returns bf16. `emulate`: compute with `fp8_linear_reference` (any device)."""
+    (q, row scales), returns bf16. `emulate`: compute with `fp8_linear_reference` (any device);
+    `fast_accum`: the tensor cores' fast accumulation (see `quantize`)."""
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 emulate: bool = False):
+                 emulate: bool = False, fast_accum: bool = False):
         super().__init__()
+        if emulate and fast_accum:
+            raise ValueError("FP8Linear: fast accumulation cannot be emulated (emulate=True takes fast_accum=False)")
         self.out_features, self.in_features = weight_fp8.shape
         self.emulate = bool(emulate)
+        self.fast_accum = bool(fast_accum)
         self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, emulate: bool = False, what: str = "weight") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, emulate: bool = False, what: str = "weight",
+                    fast_accum: bool = False) -> "FP8Linear":
         w_q, w_scale = quantize_weight(linear.weight, what)
-        return cls(w_q, w_scale, linear.bias, emulate)
+        return cls(w_q, w_scale, linear.bias, emulate, fast_accum)
 
     def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x_q, x_scale, self.weight_fp8, self.weight_scale, self.bias, torch.bfloat16, self.emulate)
+        return fp8_linear(x_q, x_scale, self.weight_fp8, self.weight_scale, self.bias, torch.bfloat16, self.emulate,
+                          self.fast_accum)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() / .float() convert every floating buffer, e4m3 included (a cast
@@ -320,14 +333,15 @@ class FP8DiTBlock(nn.Module):
     conditioning, LayerNorm statistics, attention and residual stream are as in `DiTBlock`.
     Module names are DiTBlock's (`attn.qkv`, `mlp.fc1`, `adaLN_modulation.1`)."""
 
-    def __init__(self, block: nn.Module, emulate: bool = False, name: str = "block"):
+    def __init__(self, block: nn.Module, emulate: bool = False, name: str = "block", fast_accum: bool = False):
         super().__init__()
         self.adaLN_modulation = block.adaLN_modulation
         self.attn, self.mlp = block.attn, block.mlp
         for path in QUANTIZED_LINEARS:
             parent, child = path.split(".")
             owner = getattr(self, parent)
-            setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), emulate, f"{name}.{path}.weight"))
+            setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), emulate, f"{name}.{path}.weight",
+                                                        fast_accum))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`mod`: the block's adaLN parameters when the brick computed them (`Brick.modulations`)."""
@@ -396,7 +410,8 @@ def triton_reasons() -> List[str]:
     return []
 
 
-def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inplace: bool = False) -> nn.Module:
+def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inplace: bool = False,
+             fast_accumulation: bool = False) -> nn.Module:
     """An inference copy of `model` (a LegoBackbone or EDMPrecond; `inplace=True` converts it
     instead) whose DiT blocks run their qkv, proj, fc1 and fc2 in FP8 (see the module docstring);
     in eval mode, without gradients.
@@ -404,9 +419,17 @@ def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inpl
     Without `emulate`, running it needs a CUDA GPU with FP8 tensor cores (compute capability 8.9
     or later) and is refused elsewhere with the reasons (`not_supported_reasons(model)` tells in
     advance); the model may be quantized on the CPU and moved there. `emulate=True` runs the same
-    numerics with plain PyTorch ops on any device: slow, for measuring accuracy."""
+    numerics with plain PyTorch ops on any device: slow, for measuring accuracy.
+
+    `fast_accumulation=True`: the GEMMs sum every K slice in the tensor cores' own accumulator
+    (`torch._scaled_mm(use_fast_accum=True)`; the Triton FP8 GEMM without its fp32 promotion),
+    which holds fewer bits than fp32: faster GEMMs, about twice their rounding error. Opt-in, not
+    emulatable (refused with `emulate=True`); measure its effect on samples (bench/fp8_accuracy.py)."""
     if mode != "fp8":
         raise ValueError(f"quantize mode {mode!r} is not supported: expected 'fp8'")
+    if emulate and fast_accumulation:
+        raise ValueError("quantize: fast_accumulation=True is the tensor cores' own accumulation and cannot be "
+                         "emulated; quantize with emulate=True alone to measure the precise path on any device")
     _need_fp8()
     backbone = _backbone(model)
     if fp8_linears(model):
@@ -417,7 +440,7 @@ def quantize(model: nn.Module, mode: str = "fp8", *, emulate: bool = False, inpl
     out = model if inplace else copy.deepcopy(model)
     backbone = _backbone(out)
     for i, brick in enumerate(backbone.model):
-        brick.blocks = nn.ModuleList(FP8DiTBlock(block, emulate, f"model.{i}.blocks.{j}")
+        brick.blocks = nn.ModuleList(FP8DiTBlock(block, emulate, f"model.{i}.blocks.{j}", fast_accumulation)
                                      for j, block in enumerate(brick.blocks))
     out.eval().requires_grad_(False)
     return out

@@ -371,7 +371,7 @@ class SampleResult:
 # Sampling precisions: fp32, autocast to bf16 / fp16, and FP8 (`fastlego.fp8`: the DiT blocks'
 # linears in e4m3 on FP8 tensor cores, or their numerics emulated with plain ops on any device),
 # whose attention and residual stream run under bf16 autocast.
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "fp8_emulated")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "fp8_fast", "fp8_emulated")
 
 
 def _autocast(precision: str, device: torch.device, cuda_graph: bool = False):
@@ -417,8 +417,10 @@ def sample(network, seeds: Union[str, Sequence[int]] = "0-15", *, class_idx: Opt
     Files that a run would replace make it stop before any sampling unless `overwrite=True`.
     `precision`: "fp32", "bf16" / "fp16" (autocast), "fp8" (`fastlego.quantize(net, "fp8")`: the
     DiT blocks' linears on FP8 tensor cores, compute capability 8.9 or later, else refused with
-    the reasons before sampling; the rest under bf16 autocast) or "fp8_emulated" (the same
-    numerics with plain PyTorch ops on any device: slow, for measuring FP8's effect on samples).
+    the reasons before sampling; the rest under bf16 autocast), "fp8_fast" (the same with the
+    tensor cores' fast accumulation, `fastlego.quantize(net, "fp8", fast_accumulation=True)`:
+    faster GEMMs, about twice their rounding error) or "fp8_emulated" (fp8's numerics with plain
+    PyTorch ops on any device: slow, for measuring FP8's effect on samples).
     `cuda_graph`: replay the network as a CUDA graph per batch shape (and brick-skipping stage),
     which removes the per-call Python and launch cost that dominates small batches. None (the
     default) means on for CUDA devices: a capture that fails then says why on stderr and sampling
@@ -582,10 +584,10 @@ def _sample(procs: _Processes, network, seeds: List[int], *, class_idx, class_id
     if full_steps(num_steps, t_break) < num_steps:
         resolve_skip_stage(net, t_break, skip_stage_idx)
     edm_sigmas(num_steps, sigma_min, sigma_max, rho)
-    if precision in ("fp8", "fp8_emulated"):   # refused here, before any sampling, where FP8 cannot run
+    if precision in ("fp8", "fp8_fast", "fp8_emulated"):   # refused here, before any sampling, where FP8 cannot run
         from .fp8 import not_supported_reasons, quantize, refusal
 
-        net = quantize(net, "fp8", emulate=precision == "fp8_emulated")
+        net = quantize(net, "fp8", emulate=precision == "fp8_emulated", fast_accumulation=precision == "fp8_fast")
         reasons = not_supported_reasons(net)
         if reasons:
             raise refusal(reasons + ["(sampling: precision='fp8_emulated', `--precision fp8_emulated`, is that "

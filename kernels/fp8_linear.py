@@ -285,5 +285,6 @@ def tuning_configs(x_q: torch.Tensor) -> list:
 
 # The candidates `fastlego.tune` times per shape (arguments as `fastlego.fp8.fp8_linear` takes
 # them): this kernel in each tile config ("fused") against torch._scaled_mm ("cublas").
-tuning.register_gemm("fp8_linear", fused=lambda *a, config: fp8_linear(*a, config=config),
+# The arguments: (x_q, x_scale, w_q, w_scale, bias, out_dtype, fast_accum).
+tuning.register_gemm("fp8_linear", fused=lambda *a, config: fp8_linear(*a[:6], config=config, fast_accum=a[6]),
                      cublas=lambda *a: F8.fp8_linear_scaled_mm(*a), configs=lambda a: tuning_configs(a[0]))

@@ -249,6 +249,37 @@ def test_only_the_block_linears_are_quantized():
     assert not q.training and not any(p.requires_grad for p in q.parameters())
 
 
+def test_fast_accumulation_is_opt_in_and_never_emulated():
+    """`fast_accumulation=True` marks every FP8 GEMM (and its tuning key) and is refused with
+    `emulate=True`, by quantize, FP8Linear and fp8_linear alike, before any work; the default
+    keeps precise accumulation; sampling offers it as precision "fp8_fast"."""
+    model = _backbone()
+    fast = fastlego.quantize(model, "fp8", fast_accumulation=True)
+    precise = fastlego.quantize(model, "fp8")
+    assert all(lin.fast_accum for lin in fp8.fp8_linears(fast).values())
+    assert not any(lin.fast_accum for lin in fp8.fp8_linears(precise).values())
+    with pytest.raises(ValueError, match="cannot be emulated"):
+        fastlego.quantize(model, "fp8", emulate=True, fast_accumulation=True)
+    lin = next(iter(fp8.fp8_linears(precise).values()))
+    with pytest.raises(ValueError, match="cannot be emulated"):
+        fp8.FP8Linear(lin.weight_fp8, lin.weight_scale, lin.bias, emulate=True, fast_accum=True)
+    x_q, x_s = quantize_rows(torch.randn(5, lin.in_features))
+    with pytest.raises(ValueError, match="emulate=True cannot"):
+        fp8.fp8_linear(x_q, x_s, lin.weight_fp8, lin.weight_scale, lin.bias, emulate=True, fast_accum=True)
+    keys = {fp8.gemm_key(x_q, lin.weight_fp8, lin.bias, torch.bfloat16, f) for f in (False, True)}
+    assert len(keys) == 2
+    from fastlego.sampling import PRECISIONS
+    assert "fp8_fast" in PRECISIONS
+
+
+def test_sampling_with_fast_accumulation_is_refused_on_the_cpu(tmp_path):
+    from fastlego.sampling import sample
+
+    with pytest.raises(fastlego.BackendNotSupported, match=r"compute capability 8\.9"):
+        sample(_edm(), [0, 1], num_steps=2, precision="fp8_fast", outdir=str(tmp_path / "s"), progress=False,
+               device="cpu")
+
+
 def test_dtype_conversion_keeps_the_quantized_tensors():
     q = fastlego.quantize(_backbone(), "fp8", emulate=True)
     lin = q.model[0].blocks[0].attn.qkv
@@ -399,6 +430,29 @@ def test_scaled_mm_matches_reference(M, K, N):
     terms = dequantize(x_q, x_s).abs() @ dequantize(w_q, w_s).abs().t() + b.float().abs()
     err = (out.float() - ref32).abs()
     assert (err <= ref32.abs() * 2.0 ** -8 + terms * 2.0 ** -12).all(), (err / terms).max().item()
+
+
+@pytest.mark.cuda
+@needs_fp8_gpu
+@pytest.mark.parametrize("K,N", BLOCK_SHAPES)
+def test_scaled_mm_with_fast_accumulation_stays_near_the_reference(K, N):
+    """Fast accumulation sums K slices in the tensor cores' narrower accumulator: the result stays
+    within a bound a few times the precise path's (the terms' magnitude times 2^-9 per K)."""
+    M = 2048
+    g = torch.Generator(device="cuda").manual_seed(K + N)
+    x = torch.randn(M, K, device="cuda", generator=g)
+    w = torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)
+    b = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    x_q, x_s = quantize_rows(x)
+    w_q, w_s = quantize_weight(w)
+    ref32 = fp8_linear_reference(x_q, x_s, w_q, w_s, b, torch.float32)
+    terms = dequantize(x_q, x_s).abs() @ dequantize(w_q, w_s).abs().t() + b.float().abs()
+    fast = fp8.fp8_linear_scaled_mm(x_q, x_s, w_q, w_s, b, fast_accum=True).float()
+    precise = fp8.fp8_linear_scaled_mm(x_q, x_s, w_q, w_s, b).float()
+    assert torch.isfinite(fast).all()
+    e_fast, e_precise = (fast - ref32).abs(), (precise - ref32).abs()
+    assert (e_fast <= ref32.abs() * 2.0 ** -8 + terms * 2.0 ** -9).all(), (e_fast / terms).max().item()
+    assert e_fast.mean() < 8 * e_precise.mean() + 1e-6
 
 
 @pytest.mark.cuda

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                    help=f"a compile variant whose first call (the compilation) takes longer is marked 'did not compile "
                         f"within the budget' and is not a candidate for the fastest compile (default {COMPILE_BUDGET_S:.0f})")
+    p.add_argument("--fp8-fast-accumulation", action="store_true",
+                   help="fastlego_fp8 quantizes with fast_accumulation=True: its GEMMs accumulate in the tensor "
+                        "cores' own accumulator (faster, about twice the GEMMs' rounding error) (default: off)")
     modes = "; ".join(f"{mode}: {','.join(vs)}" for mode, vs in MODE_VARIANTS.items())
     compile_help = ", ".join(f"{v}: mode {m or 'default'}" for v, m in COMPILE_MODES.items())
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default "
@@ -87,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig.for_mode(quick=args.quick, tiny=args.tiny, device=device, seed=args.seed,
                                warmup=args.warmup, repeats=args.repeats, iters=args.iters, op_repeats=args.op_repeats,
                                compile_budget_s=args.compile_budget, latency_round_ms=args.latency_round_ms,
+                               fp8_fast_accumulation=args.fp8_fast_accumulation or None,
                                json_path=args.json, markdown_path=args.markdown)
     if args.presets:
         cfg.cases = parse_cases(args.presets, args.batch)

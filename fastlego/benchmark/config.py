@@ -73,7 +73,8 @@ VARIANT_HELP = {
     "fastlego": "use_backend('auto'), fp32 weights + autocast, each weight cast once (fastlego.frozen_weights, as "
                 "fastlego sample runs)",
     "fastlego_bf16": "use_backend('auto'), weights and inputs in bf16, no autocast",
-    "fastlego_fp8": "fastlego.quantize(model, 'fp8'): the DiT blocks' Linears in e4m3 on FP8 tensor cores, the rest "
+    "fastlego_fp8": "fastlego.quantize(model, 'fp8'): the DiT blocks' Linears in e4m3 on FP8 tensor cores (with "
+                    "--fp8-fast-accumulation: fastlego.quantize(model, 'fp8', fast_accumulation=True)), the rest "
                     "fp32 weights + bf16 autocast cast once (compute capability 8.9+; refused elsewhere)",
     "compile": "torch.compile(model) (torch's default mode) under use_backend('reference'), fp32 weights + autocast",
     "compile_max_autotune": "torch.compile(model, mode='max-autotune-no-cudagraphs') under use_backend('reference'), "
@@ -269,6 +270,8 @@ class BenchConfig:
     checkpoint_blocks: Optional[int] = None   # fastlego_graph_ckpt: the first N DiT blocks (None: all)
     # a compile variant whose first call takes longer is marked as not compiled within the budget
     compile_budget_s: float = COMPILE_BUDGET_S
+    # fastlego_fp8 with the tensor cores' fast accumulation (fastlego.quantize(..., fast_accumulation=True))
+    fp8_fast_accumulation: bool = False
     autocast_dtype: Optional[torch.dtype] = torch.bfloat16
     tf32: bool = True
     kernels: bool = True

@@ -283,7 +283,7 @@ class BenchSession:
                 model, inputs = bf16_copy(st.model, st.inputs)
             elif variant == FP8_VARIANT:
                 from ..fp8 import quantize
-                model = quantize(st.model, "fp8")
+                model = quantize(st.model, "fp8", fast_accumulation=cfg.fp8_fast_accumulation)
             weights = model
             if backend == "auto":
                 with torch.no_grad(), dispatch.use_backend(backend), autocast(dev, ac):
