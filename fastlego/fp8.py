@@ -255,7 +255,7 @@ def fp8_linear(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = t
     args = (x_q, x_scale, w_q, w_scale, bias, out_dtype, bool(fast_accum))
     path, config = tuning.lookup("fp8_linear", gemm_key(x_q, w_q, bias, out_dtype, fast_accum), args)
     if path == "fused":
-        return triton_gemm.fp8_linear(*args, config=config)
+        return triton_gemm.fp8_linear(*args[:6], config=config, fast_accum=fast_accum)
     return fp8_linear_scaled_mm(*args)
 
 

@@ -596,6 +596,7 @@ def test_custom_stack_of_release_bricks_saves_and_loads(tmp_path):
 def test_custom_width_stack_with_every_option_saves_and_loads(tmp_path):
     """(width, patch, heads) bricks, augment labels, an MLP ratio, class dropout, EDM sigmas,
     no `network_spec` attribute: all from the module's own attributes, all rebuilt."""
+    import fastlego.training   # noqa: F401  (the attribute below; other tests may not have imported it)
     backbone = fastlego.LegoBackbone(img_resolution=[4, 16], in_channels=2, label_dim=5, augment_dim=3,
                                      model_type=[(64, 2, 4), (64, 8, 2)], depths=[1, 2], mlp_ratio=3.0,
                                      class_dropout_prob=0.2, train_intermediate_stages=True)

@@ -359,7 +359,10 @@ def test_on_this_machine_every_op_refuses_with_the_reasons():
         lt.weight_grad_bgrad(torch.randn(4, 16), torch.randn(4, 8))
     with pytest.raises(lt.CublasLtUnavailable, match="GPU"):
         lt._lib()
-    assert lt.library_info()["path"] is None
+    # the library file itself may be installed (a CUDA build of torch on a machine whose GPU is
+    # hidden); found or not, the report says whether it loaded and never names a missing file
+    info = lt.library_info()
+    assert info["path"] is None or os.path.exists(info["path"])
 
 
 def test_library_search_prefers_torch_cuda_major(tmp_path):
