@@ -10,9 +10,9 @@ what a test needs:
 How `python3 -m pytest -q tests` runs them:
 
 - without CUDA (CI): the whole session runs with TRITON_INTERPRET=1; `cuda` tests are skipped;
-- with CUDA: the `cuda` tests run on the GPU in child pytests that share it (3, or
-  FASTLEGO_TEST_GPU_WORKERS=N; 1 runs them in this process), whole test files each, so that their
-  kernel compiles use several cores; the `interpreter` tests run in child
+- with CUDA: the `cuda` tests run on the GPU in child pytests that share it (one per 4 cores, 2
+  to 6, or FASTLEGO_TEST_GPU_WORKERS=N; 1 runs them in this process), by files cut into even
+  shares, so that their kernel compiles use several cores; the `interpreter` tests run in child
   pytests with TRITON_INTERPRET=1 and the GPU hidden (CUDA_VISIBLE_DEVICES=""), and the unmarked
   tests (CPU tests) in child pytests of their own with the GPU hidden and without the interpreter,
   as on a CPU machine (FASTLEGO_TEST_CPU_IN_PARENT=1 keeps them in this process, on a machine
@@ -341,21 +341,28 @@ def _worker_count() -> int:
 
 def _gpu_worker_count() -> int:
     """Child pytests sharing the `cuda` tests and the GPU (their kernel compiles run in parallel on
-    the host's cores): FASTLEGO_TEST_GPU_WORKERS, by default 3 on a GPU machine; 1 (and always
-    without a GPU) runs them in this process."""
+    the host's cores): FASTLEGO_TEST_GPU_WORKERS, by default one per 4 CPU cores (at least 2, at
+    most 6) on a GPU machine; 1 (and always without a GPU) runs them in this process."""
     if not torch.cuda.is_available() or _truthy(os.environ.get(_FORCE_CHILD_VAR)):
         return 1
-    return _count_from_env(_GPU_WORKERS_VAR, 3, "child pytests for the `cuda` tests; 1 runs them in this process")
+    return _count_from_env(_GPU_WORKERS_VAR, max(2, min(6, (os.cpu_count() or 1) // 4)),
+                           "child pytests for the `cuda` tests; 1 runs them in this process")
 
 
-def _shard_by_file(items, workers: int):
+def _shard_by_file(items, workers: int, split_files: bool = False):
     """Whole files to `workers` shards, the largest file first to the emptiest shard; each shard
-    keeps the session's order. Fewer shards when there are fewer files."""
+    keeps the session's order. Fewer shards when there are fewer files. `split_files`: a file of
+    more than an even share of the tests is cut into pieces of that share first (the `cuda`
+    tests: one file holds a fifth of them, and the GPU children share the kernel cache on disk)."""
     files = {}
     for it in items:
         files.setdefault(str(it.path), []).append(it)
-    shards = [[] for _ in range(min(workers, len(files)))]
-    for group in sorted(files.values(), key=len, reverse=True):
+    groups = list(files.values())
+    if split_files:
+        share = max(1, -(-len(items) // workers))
+        groups = [g[k:k + share] for g in groups for k in range(0, len(g), share)]
+    shards = [[] for _ in range(min(workers, len(groups)))]
+    for group in sorted(groups, key=len, reverse=True):
         min(shards, key=len).extend(group)
     order = {id(it): i for i, it in enumerate(items)}
     return [sorted(shard, key=lambda it: order[id(it)]) for shard in shards]
@@ -368,7 +375,7 @@ class _Children:
     def __init__(self, config, items, workers: int, cpu_items=(), gpu_items=(), gpu_workers: int = 1):
         shards = {"interpreter": _shard_by_file(list(items), workers) if items else [],
                   "cpu": _shard_by_file(list(cpu_items), workers) if cpu_items else [],
-                  "gpu": _shard_by_file(list(gpu_items), gpu_workers) if gpu_items else []}
+                  "gpu": _shard_by_file(list(gpu_items), gpu_workers, split_files=True) if gpu_items else []}
         n = sum(len(v) for v in shards.values())
         threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
         self.children = [_Child(config, shard, threads, role) for role, group in shards.items() for shard in group]
