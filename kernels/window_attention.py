@@ -355,50 +355,81 @@ def window_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
     Same result as `fastlego.reference.window_attention`. Regions of <= 64 tokens run the packed kernel,
     larger ones the flash kernel. `out`, if given, must be (N, T, D) of the compute dtype (the
     autocast dtype under autocast, else qkv's) on qkv's device; it is returned."""
+    dtype = _checked(qkv, num_heads, out)
+    return _run(qkv, num_heads, out, dtype, _tiling(qkv, num_heads, dtype))
+
+
+def window_attention_plan(qkv: torch.Tensor, num_heads: int):
+    """`window_attention` for every call like this one, checked and tiled once: the returned
+    function takes calls whose qkv has this shape, strides, dtype and device under this
+    autocast and grad state (the dispatcher's decision key), without checking them again (no `out=`)."""
+    dtype = _checked(qkv, num_heads, None)
+    tiling = _tiling(qkv, num_heads, dtype)
+    return lambda qkv, num_heads: _run(qkv, num_heads, None, dtype, tiling)
+
+
+def _checked(qkv, num_heads, out) -> torch.dtype:
+    """Raise on what the kernels cannot take; the compute dtype."""
     raise_if(_shape_problems(qkv, num_heads), "window_attention")
     raise_if(launch_problems([qkv]), "window_attention")
     dtype = compute_dtype(qkv)
     N, T, three_d = qkv.shape
+    raise_if(out_problems(out, (N, T, three_d // 3), dtype, qkv.device, [qkv]), "window_attention")
+    return dtype
+
+
+def _tiling(qkv, num_heads: int, dtype: torch.dtype) -> tuple:
+    """(packed, block_m, regions per program or block_n, block_d, num_warps, num_stages, regions per
+    launch) of a call: fixed by the shape and the compute dtype."""
+    N, T, three_d = qkv.shape
+    head_dim = three_d // 3 // num_heads
+    fp32, elem = dtype == torch.float32, torch.empty((), dtype=dtype).element_size()
+    packed = T <= PACKED_MAX_TOKENS
+    if packed:
+        block_m, regions_per_block, block_d, num_warps = _packed_config(T, head_dim, fp32)
+        packed = block_m * block_d <= PACKED_MAX_TILE_ELEMENTS[elem]
+        programs_per_region = num_heads / regions_per_block
+        second, num_stages = regions_per_block, None
+    if not packed:
+        block_m, second, block_d, num_warps, num_stages = _flash_config(head_dim, fp32)
+        programs_per_region = cdiv(T, block_m) * num_heads
+    # The grid is 1-D (axis 0 takes up to 2^31 - 1 programs); beyond that, launch region chunks.
+    chunk = max(1, int(_MAX_PROGRAMS // programs_per_region))
+    if packed:
+        chunk = max(second, chunk - chunk % second)
+    return packed, block_m, second, block_d, num_warps, num_stages, chunk
+
+
+def _run(qkv, num_heads: int, out, dtype: torch.dtype, tiling: tuple) -> torch.Tensor:
+    """The kernels on checked arguments, tiled by `_tiling`."""
+    packed, block_m, second, block_d, num_warps, num_stages, chunk = tiling
+    N, T, three_d = qkv.shape
     width = three_d // 3
     head_dim = width // num_heads
-    raise_if(out_problems(out, (N, T, width), dtype, qkv.device, [qkv]), "window_attention")
     if dtype != qkv.dtype:
         qkv = qkv.to(dtype)
     if out is None:
         out = torch.empty((N, T, width), device=qkv.device, dtype=dtype)
     if N == 0:
         return out
-
     precision = dot_precision(dtype)
     qk_scale = head_dim ** -0.5 * _LOG2E
-    packed = T <= PACKED_MAX_TOKENS
-    if packed:
-        block_m, regions_per_block, block_d, num_warps = _packed_config(T, head_dim, dtype == torch.float32)
-        packed = block_m * block_d <= PACKED_MAX_TILE_ELEMENTS[qkv.element_size()]
-        programs_per_region = num_heads / regions_per_block
-    if not packed:
-        block_m, block_n, block_d, num_warps, num_stages = _flash_config(head_dim, dtype == torch.float32)
-        programs_per_region = cdiv(T, block_m) * num_heads
-    # The grid is 1-D (axis 0 takes up to 2^31 - 1 programs); beyond that, launch region chunks.
-    chunk = max(1, int(_MAX_PROGRAMS // programs_per_region))
-    if packed:
-        chunk = max(regions_per_block, chunk - chunk % regions_per_block)
     for n0 in range(0, N, chunk):
-        q_part, o_part = qkv[n0:n0 + chunk], out[n0:n0 + chunk]
+        q_part, o_part = (qkv, out) if chunk >= N else (qkv[n0:n0 + chunk], out[n0:n0 + chunk])
         n = q_part.shape[0]
         strides = (q_part.stride(0), q_part.stride(1), q_part.stride(2),
                    o_part.stride(0), o_part.stride(1), o_part.stride(2), qk_scale)
         if packed:
-            grid = (cdiv(n, regions_per_block) * num_heads,)
+            grid = (cdiv(n, second) * num_heads,)
             _packed_window_attention_kernel[grid](
                 q_part, o_part, n, num_heads, width, *strides,
-                TOKENS=T, HEAD_DIM=head_dim, REGIONS_PER_BLOCK=regions_per_block,
+                TOKENS=T, HEAD_DIM=head_dim, REGIONS_PER_BLOCK=second,
                 BLOCK_M=block_m, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
         else:
             grid = (cdiv(T, block_m) * num_heads * n,)
             _flash_attention_kernel[grid](
                 q_part, o_part, num_heads, T, width, *strides,
-                HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=second, BLOCK_D=block_d,
                 PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -408,6 +439,11 @@ def global_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
     runs the flash kernel): `window_attention`, which picks the kernel by the token count. The
     last resort of `auto` (forward only; flash-attn, xformers and SDPA come first)."""
     return window_attention(qkv, num_heads, out=out)
+
+
+def global_attention_plan(qkv: torch.Tensor, num_heads: int):
+    """`global_attention` for every call like this one (see `window_attention_plan`)."""
+    return window_attention_plan(qkv, num_heads)
 
 
 def global_attention_not_supported_reasons(qkv, num_heads) -> List[str]:

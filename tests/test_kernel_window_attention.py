@@ -120,6 +120,21 @@ def test_grid_split_into_launches(monkeypatch, T, N):
     _check(_qkv(N, T, 2, 16, torch.float16), 2)
 
 
+@pytest.mark.parametrize("T", [4, 80])
+def test_plan_runs_calls_like_the_checked_one(T):
+    """The dispatcher's plan: checked and tiled once (packed kernel for 4 tokens, flash for 80), it
+    runs a later call of the same signature (new values) as the launcher does; a call the
+    kernels cannot take raises when the plan is made."""
+    run = wa.window_attention_plan(_qkv(7, T, 2, 16, torch.float16), 2)
+    qkv = _qkv(7, T, 2, 16, torch.float16, seed=5)
+    got = run(qkv, 2)
+    assert torch.equal(got, wa.window_attention(qkv, 2))
+    assert_close_to_reference(got, reference.attention(qkv.float(), 2), reference.attention(qkv, 2), atol=1e-4)
+    assert torch.equal(wa.global_attention_plan(qkv, 2)(qkv, 2), got)
+    with pytest.raises(ValueError, match="multiple of 6"):
+        wa.window_attention_plan(_qkv(7, T, 2, 16, torch.float16)[..., :-1], 2)
+
+
 def test_empty_batch():
     qkv = _qkv(0, 4, 2, 16, torch.float32)
     assert wa.window_attention(qkv, 2).shape == (0, 4, 32)
