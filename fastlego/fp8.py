@@ -51,8 +51,8 @@ import torch.nn as nn
 
 from . import ops
 from .dispatch import BackendNotSupported, autocast_dtype
-from .reference import adaln_modulation, gated_residual, gelu_tanh, layernorm_modulate
-from .weight_cache import autocast_weights
+from .model import own_modulation
+from .reference import gated_residual, gelu_tanh, layernorm_modulate
 
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0                 # torch.finfo(torch.float8_e4m3fn).max
@@ -355,8 +355,7 @@ class FP8DiTBlock(nn.Module):
             from .kernels import fp8_quantize as K
             ln_quantize, gelu_q, rows_q = K.layernorm_modulate_quantize, K.gelu_quantize, K.quantize_rows
         if mod is None:
-            lin = self.adaLN_modulation[1]
-            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+            mod = own_modulation(self, c)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         act = autocast_dtype(h) or h.dtype        # attention and the residual stream: the model's precision
         qkv = qkv_linear(*ln_quantize(h, shift1, scale1)).reshape(*h.shape[:-1], -1)

@@ -52,6 +52,13 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width, bias=True)
 
 
+def own_modulation(module: nn.Module, c: torch.Tensor) -> torch.Tensor:
+    """Linear(SiLU(c)) by `module.adaLN_modulation` itself (a DiT block's or final layer's), its
+    weights cast once inside `frozen_weights()`: when the brick did not compute it (`Brick.modulations`)."""
+    lin = module.adaLN_modulation[1]
+    return adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))
+
+
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning; the conditioning is computed once per image."""
 
@@ -65,8 +72,7 @@ class DiTBlock(nn.Module):
         """`mod`: this block's adaLN parameters (B, 6D) when the brick computed them (see
         `Brick.modulations`), else computed here from c."""
         if mod is None:
-            lin = self.adaLN_modulation[1]
-            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))   # cast once when frozen
+            mod = own_modulation(self, c)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         qkv = ops.modulated_linear(h, shift1, scale1, self.attn.qkv.weight, self.attn.qkv.bias)
         a = ops.attention(qkv, self.attn.num_heads)
@@ -85,8 +91,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, h, c, region: int, image_shape, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
         if mod is None:
-            lin = self.adaLN_modulation[1]
-            mod = adaln_modulation(c, *autocast_weights(c, lin.weight, lin.bias))
+            mod = own_modulation(self, c)
         shift, scale = mod.chunk(2, dim=1)
         return ops.final_layer(h, shift, scale, self.linear.weight, self.linear.bias, region, image_shape)
 
