@@ -354,14 +354,49 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.image(index), self.label(index)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether every image is held as one tensor (the bundled digits), so that `batch` is one
+        gather and `to_device` can stage the whole dataset."""
+        return self._memory is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where `batch` returns its tensors: the CPU unless `to_device` staged the dataset."""
+        return self._memory.device if self._memory is not None else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> Optional[int]:
+        """Bytes of the in-memory images and labels (None for file datasets)."""
+        if self._memory is None:
+            return None
+        return self._memory.nbytes + len(self) * self.label_dim * 4
+
+    def to_device(self, device) -> "ImageDataset":
+        """Stage an in-memory dataset on `device` (images and the label table), so that a training
+        step's batch is one gather there and nothing crosses the host-device link per step; the
+        batches are the same values as on the host. File datasets are refused: they decode per
+        image (use DataLoader workers for them)."""
+        if self._memory is None:
+            raise ValueError(f"{self.path}: only an in-memory dataset (the bundled digits) can be staged on a "
+                             f"device; a folder or zip decodes its images as it goes (pass workers > 0 instead)")
+        device = torch.device(device)
+        self._memory = self._memory.to(device)
+        self._label_table = self._labels_in_memory().to(device)
+        return self
+
+    def _labels_in_memory(self) -> torch.Tensor:
+        if self._label_table is None:
+            self._label_table = torch.stack([self.label(i) for i in range(len(self))]) if len(self) \
+                else torch.zeros(0, self.label_dim)
+        return self._label_table
+
     def batch(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, C, r, r) and float (B, label_dim) for these indices."""
+        """uint8 (B, C, r, r) and float (B, label_dim) for these indices (a sequence or a CPU
+        tensor), on the dataset's `device`."""
         if self._memory is not None:   # one gather each from the image and label tables
-            idx = torch.as_tensor(list(indices), dtype=torch.long)
-            if self._label_table is None:
-                self._label_table = torch.stack([self.label(i) for i in range(len(self))]) if len(self) \
-                    else torch.zeros(0, self.label_dim)
-            return self._memory[idx], self._label_table[idx]
+            idx = to_device_async(torch.as_tensor(indices, dtype=torch.long), self._memory.device)
+            return self._memory[idx], self._labels_in_memory()[idx]
         items = [self[int(i)] for i in indices]
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
@@ -438,28 +473,41 @@ def _collate(items: List[Tuple[torch.Tensor, torch.Tensor]]):
 
 
 def step_batches(dataset: ImageDataset, order: DataOrder, start_step: int, total_steps: int,
-                 rank: int = 0, world: int = 1, workers: int = 0):
+                 rank: int = 0, world: int = 1, workers: int = 0, pin_memory: bool = False):
     """Iterate (step, uint8 images, float labels, flips) for steps start..total-1 of this rank.
 
-    In-memory datasets are indexed directly; files are decoded by a DataLoader with `workers`
-    processes (the order is still `order`'s)."""
-    if dataset._memory is not None or workers == 0:
+    In-memory datasets are indexed directly (on the device they are staged on); files are
+    decoded by a DataLoader with `workers` processes (the order is still `order`'s), into
+    pinned memory with `pin_memory` (so that the copy to a CUDA device does not block). Flips
+    stay on the host."""
+    if dataset.in_memory or workers == 0:
         for step in range(start_step, total_steps):
             idx, flips = order.rank_batch(step, rank, world)
-            images, labels = dataset.batch(idx.tolist())
+            images, labels = dataset.batch(idx)
             yield step, images, labels, flips
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepBatches(order, start_step, total_steps, rank, world),
-                                         num_workers=workers, collate_fn=_collate, persistent_workers=False)
+                                         num_workers=workers, collate_fn=_collate, persistent_workers=False,
+                                         pin_memory=pin_memory)
     for step, (images, labels) in zip(range(start_step, total_steps), loader):
         yield step, images, labels, order.rank_batch(step, rank, world)[1]
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without blocking the host: to a CUDA device through pinned
+    memory (a copy from pageable memory waits for the device's queue), elsewhere as `.to`."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def images_to_float(images: torch.Tensor, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) in 0..255 -> float32 in [-1, 1] (x / 127.5 - 1), flipped where `flips`."""
+    """uint8 (B, C, H, W) in 0..255 -> float32 in [-1, 1] (x / 127.5 - 1), flipped where `flips`
+    (a bool (B,) tensor; kept on the host by the trainer, so that testing it needs no sync)."""
     x = images.to(torch.float32) / 127.5 - 1
     if flips is not None and bool(flips.any()):
-        x = torch.where(flips.to(x.device).reshape(-1, 1, 1, 1), x.flip(3), x)
+        x = torch.where(to_device_async(flips, x.device).reshape(-1, 1, 1, 1), x.flip(3), x)
     return x
 
 

@@ -229,6 +229,16 @@ def _use_cuda_graph(asked: Optional[bool], device: torch.device, world: int) -> 
     return bool(asked)
 
 
+def _stage(dataset, device: torch.device):
+    """The dataset, staged on a CUDA `device` when it is held in memory (the digits) and takes at
+    most an eighth of the device's memory: each step's batch is then one gather on the device,
+    with no copy from the host and nothing for the host to wait on. Otherwise as it is."""
+    if device.type == "cuda" and dataset.in_memory and \
+            dataset.nbytes <= torch.cuda.get_device_properties(device).total_memory // 8:
+        return dataset.to_device(device)
+    return dataset
+
+
 def _describe_target(start: int, steps: Optional[int], max_seconds: Optional[float]) -> str:
     """The run's target for its header line: the step target when there is one, else (or also) the time budget."""
     budget = None
@@ -280,6 +290,7 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
 
 def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder, ImageDataset, images_to_float,
            step_batches) -> TrainResult:
+    from .data import to_device_async
     device = dctx.device
     resume_path = plan.resume_path
     ckpt = load_training_checkpoint(resume_path) if resume_path else None
@@ -303,7 +314,8 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
                              f"{patch_now}; pass {flags} to continue it exactly")
 
     # Data.
-    dataset = ImageDataset(cfg.data, resolution=cfg.resolution, use_labels=cfg.use_labels, max_images=cfg.max_images)
+    dataset = _stage(ImageDataset(cfg.data, resolution=cfg.resolution, use_labels=cfg.use_labels,
+                                  max_images=cfg.max_images), device)
     order = DataOrder(len(dataset), cfg.batch_size, seed=cfg.seed, xflip=cfg.xflip)
 
     # Network: the checkpoint's, else a fresh one from the config (default: the demo stack).
@@ -464,11 +476,12 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
             m = patch.multiplier(size)
             idx, flips = step_indices(order, first, m, dctx.rank, dctx.world)
             first += m
-            images, labels = dataset.batch(idx.tolist())
+            images, labels = dataset.batch(idx)
             yield s, images, labels, flips, size
 
     batches = ((s, im, lb, fl, R) for s, im, lb, fl in
-               step_batches(dataset, order, step, total_steps, dctx.rank, dctx.world, cfg.workers)) \
+               step_batches(dataset, order, step, total_steps, dctx.rank, dctx.world, cfg.workers,
+                            pin_memory=device.type == "cuda")) \
         if patch is None else patch_batches(step, nimg)
     for step, images_u8, labels, flips, size in batches:
         # Random draws for the whole global batch (batch_size x the crop's multiplier images);
@@ -486,7 +499,7 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
             normal = torch.randn(B, generator=gen, device=device)
             noise = torch.randn(B, C, size, size, generator=gen, device=device)
         drop = torch.rand(B, generator=gen, device=device) < cfg.class_dropout
-        y = images_to_float(images_u8.to(device, non_blocking=True), flips)
+        y = images_to_float(to_device_async(images_u8, device), flips)
         coords = None
         if offsets is not None:   # each image's crop, and its pixels' coordinates in the full image
             y = crop_images(y, offsets[glo:ghi], size)
@@ -498,7 +511,7 @@ def _train(cfg: TrainConfig, dctx: DistributedContext, plan: RunPlan, DataOrder,
                                                       for s in image_seeds[lo:hi].tolist()])
         else:
             sigma = loss_fn.sigma(normal[glo:ghi])
-        labels = labels.to(device, non_blocking=True) if label_dim else None
+        labels = to_device_async(labels, device) if label_dim else None
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         set_lr(opt, lr)
         drop_ids = drop[glo:ghi].long().reshape(-1, 1) if label_dim else None

@@ -278,6 +278,21 @@ def test_bench_scripts_time_with_the_package_timer():
     assert proc.returncode == 0 and "fastlego bench" in proc.stdout and "compile_bf16" in proc.stdout, proc.stderr
 
 
+def test_train_end_to_end_reads_the_runs_steady_rate(monkeypatch, capsys):
+    """bench/train_end_to_end.py: the run's images/s over the log windows after the skipped ones
+    (each window's images = its rate x its span), a clear error when none is left, and a clear
+    refusal without a GPU."""
+    e2e = _bench_script("train_end_to_end")
+    windows = [{"images_per_s": 100.0, "seconds": 5.0}, {"images_per_s": 200.0, "seconds": 6.0},
+               {"images_per_s": 100.0, "seconds": 8.0}, {"event": "resumed"}]
+    assert e2e.steady_images_per_s(windows, 1) == pytest.approx((200 * 1 + 100 * 2) / 3)
+    assert e2e.steady_images_per_s(windows, 0) == pytest.approx((500 + 200 + 200) / 8)
+    with pytest.raises(ValueError, match="logged 3 window.*train more steps"):
+        e2e.steady_images_per_s(windows, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert e2e.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_dispatch_record_observer_sees_each_call_that_ran():
     """The site recorder's hook, `dispatch.record(on_call=...)`: each op call reported once, after
     it returned, with the decision that ran (a backend that failed at run time is not reported,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastlego.data import (DataOrder, ImageDataset, center_crop_resize, decode_png, encode_png, float_to_uint8,
-                           images_to_float, load_digits, make_grid, read_image, write_png)
+                           images_to_float, load_digits, make_grid, read_image, step_batches, to_device_async,
+                           write_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +137,49 @@ def test_dataset_bundled_digits():
     assert len(ImageDataset("digits", max_images=10)) == 10
 
 
+def _staged_batches_equal_host_batches(device):
+    host = ImageDataset("digits", resolution=16)
+    staged = ImageDataset("digits", resolution=16).to_device(device)
+    assert staged.in_memory and staged.device.type == torch.device(device).type
+    assert staged.nbytes == 1797 * 16 * 16 + 1797 * 10 * 4
+    order = DataOrder(len(host), 64, seed=5, xflip=True)
+    pairs = zip(step_batches(host, order, 28, 31), step_batches(staged, order, 28, 31))   # crosses an epoch
+    for (s, im, lb, fl), (s2, im2, lb2, fl2) in pairs:
+        assert s == s2 and torch.equal(fl, fl2) and fl2.device.type == "cpu"   # flips stay on the host
+        assert im2.device.type == staged.device.type and lb2.device.type == staged.device.type
+        assert torch.equal(im2.cpu(), im) and torch.equal(lb2.cpu(), lb)
+        assert torch.equal(images_to_float(im2, fl).cpu(), images_to_float(im, fl))
+    # indices as a list, a CPU tensor or a tensor of another integer type give the same batch
+    a, b, c = staged.batch([3, 1, 3]), staged.batch(torch.tensor([3, 1, 3])), staged.batch(torch.tensor([3, 1, 3],
+                                                                                                       dtype=torch.int32))
+    assert all(torch.equal(x[0], a[0]) and torch.equal(x[1], a[1]) for x in (b, c))
+
+
+def test_in_memory_dataset_staged_gives_the_host_batches():
+    _staged_batches_equal_host_batches("cpu")
+    x = torch.arange(6)
+    assert torch.equal(to_device_async(x, "cpu"), x)
+    assert ImageDataset("digits", use_labels=False).to_device("cpu").batch([2])[1].shape == (1, 0)
+
+
+@pytest.mark.cuda
+def test_in_memory_dataset_staged_on_the_gpu_gives_the_host_batches_without_a_sync():
+    """Staged on a CUDA device, a step's batch (indices in, images and labels out, flipped to float)
+    is the host's, and asks nothing of the host that waits for the device."""
+    _staged_batches_equal_host_batches("cuda")
+    staged = ImageDataset("digits", resolution=16).to_device("cuda")
+    order = DataOrder(len(staged), 64, seed=5, xflip=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, im, lb, fl in step_batches(staged, order, 0, 40):
+            y = images_to_float(im, fl)
+            lb = to_device_async(lb, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.is_cuda and lb.is_cuda and torch.isfinite(y).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Folder and zip datasets
 # --------------------------------------------------------------------------------------------
@@ -191,6 +235,16 @@ def test_folder_and_zip_datasets(tmp_path, kind):
         (tmp_path / "ds" / "dataset.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="no label for 2 image"):
             ImageDataset(path)
+
+
+def test_only_in_memory_datasets_are_staged(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_png(str(root / "a.png"), np.zeros((8, 8, 3), dtype=np.uint8))
+    ds = ImageDataset(str(root))
+    assert not ds.in_memory and ds.nbytes is None and ds.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="only an in-memory dataset.*workers > 0"):
+        ds.to_device("cpu")
 
 
 def test_dataset_errors(tmp_path):

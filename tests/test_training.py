@@ -352,6 +352,29 @@ def test_bf16_training_of_a_preset_on_gpu(tmp_path):
     assert out.images.shape == (8, 1, 64, 64) and torch.isfinite(out.images).all()
 
 
+def test_training_data_stays_on_the_host_off_the_gpu():
+    from fastlego.data import ImageDataset
+    from fastlego.training import _stage
+    ds = ImageDataset("digits", resolution=8)
+    assert _stage(ds, torch.device("cpu")) is ds and ds.device.type == "cpu"
+
+
+@pytest.mark.cuda
+def test_train_stages_the_digits_on_the_gpu_and_trains_as_from_the_host(tmp_path, monkeypatch):
+    """On a GPU the in-memory digits are staged on the device (a step's batch is a gather there);
+    the run takes exactly the steps it takes with the data on the host."""
+    from fastlego import training
+    from fastlego.data import ImageDataset
+    assert training._stage(ImageDataset("digits", resolution=8), torch.device("cuda")).device.type == "cuda"
+    kw = dict(steps=4, checkpoint_every=4, device="cuda", precision="bf16", deterministic=True, cuda_graph=False,
+              xflip=True, resolution=16, bricks="4:lego_S_2:1,16:lego_S_8:1")
+    staged = train(tiny_config(tmp_path / "staged", **kw))
+    monkeypatch.setattr(training, "_stage", lambda dataset, device: dataset)
+    host = train(tiny_config(tmp_path / "host", **kw))
+    assert all(math.isfinite(v) for v in staged.losses)
+    assert staged.losses == host.losses
+
+
 def _nccl_run(outdir):
     torch.backends.cudnn.allow_tf32 = False
     train(tiny_config(outdir, steps=3, checkpoint_every=3, device=None, precision="fp32", resolution=16,
