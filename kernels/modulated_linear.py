@@ -16,11 +16,13 @@ and on every DDP rank:
     modulates each A tile as it is loaded, a = (x * rstd - mean * rstd) * (1 + scale[img, k]) +
     shift[img, k] in fp32, rounded to the MMA dtype (as the reference rounds LN's output before
     F.linear), so the modulated activations are never written to memory. Epilogue: + bias,
-    tanh-GELU in fp32, one store in the output dtype. Computing the row statistics inside the GEMM
-    instead was not chosen: each of the N / BLOCK_N tiles of a row block would re-read its A rows
-    before the pipelined main loop, more than the statistics kernel's one read of h. That read
-    disappears only if the producer of h emits per-tile partial (mean, M2) in its epilogue (an
-    op-signature change).
+    tanh-GELU in fp32, one store in the output dtype. For large h the statistics are not computed
+    inside the GEMM: each of the N / BLOCK_N tiles of a row block would re-read its A rows before
+    the pipelined main loop, more than the statistics kernel's one read of h (that read disappears
+    only if the producer of h emits per-tile partial (mean, M2) in its epilogue, an op-signature
+    change). For small h (a few images: h of at most STATS_IN_GEMM_MAX_BYTES, within L2) they
+    are: the re-reads hit L2 and cost less than the statistics kernel's launch, and a small-batch
+    forward is a chain of launches (`stats_in_kernel` decides, from the shape alone).
 (b) `modulated_linear_cublas`: one LN-modulate pass (`layernorm_modulate`) writes the modulated
     activations (M x K, MMA dtype), cuBLAS does matmul + bias (+ GELU through cublasLt's
     epilogue): 2 x M x K more elements moved than (a), but cuBLAS's GEMM. Where the prologue's
@@ -70,6 +72,8 @@ from .policy import (LN_EPS, cast_weight, cdiv, compute_dtype, dot_precision, la
 from .rows import stats_blocks
 
 _ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+# Path (a) computes LN's row statistics inside the GEMM for h up to this size (see stats_in_kernel).
+STATS_IN_GEMM_MAX_BYTES = 4 << 20
 
 
 @triton.jit
@@ -87,7 +91,7 @@ def _row_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, K, stride_xm, stride_xk, eps
 @triton.jit(do_not_specialize=["M", "rows_per_image", "M_BUCKET"])
 def _modulated_linear_kernel(
     h_ptr, mean_ptr, rstd_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr,
-    M, N, K, rows_per_image,
+    M, N, K, rows_per_image, eps,
     stride_hm, stride_hk,                        # h seen as (M, K)
     stride_shift_b, stride_shift_k, stride_scale_b, stride_scale_k,
     stride_wn, stride_wk,                        # W (N, K)
@@ -95,10 +99,11 @@ def _modulated_linear_kernel(
     M_BUCKET,                                    # next power of two of M: an autotune key only
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TILE_IN_ONE_IMAGE: tl.constexpr, EVEN_K: tl.constexpr,
+    TILE_IN_ONE_IMAGE: tl.constexpr, EVEN_K: tl.constexpr, STATS_IN_KERNEL: tl.constexpr,
 ):
     """out = act((LN(h) * (1 + scale[img]) + shift[img]) @ W^T + bias), LN from precomputed
-    mean/rstd; the modulated A tile exists only in registers."""
+    mean/rstd, or with STATS_IN_KERNEL from a first pass over the tile's rows (mean_ptr and
+    rstd_ptr unused); the modulated A tile exists only in registers."""
     mma_dtype = w_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     tile_m = pid_m * BLOCK_M
@@ -109,8 +114,14 @@ def _modulated_linear_kernel(
     tile_base = tile_m.to(tl.int64)   # 64-bit row offset of the tile, 32-bit offsets inside it
 
     # Per-row LN statistics, folded so that LN(x) = x * rstd - mean * rstd (one FMA per element).
-    rstd = tl.load(rstd_ptr + rows)
-    mean_rstd = tl.load(mean_ptr + rows) * rstd
+    if STATS_IN_KERNEL:   # the tile's rows (clamped: all valid) read once more, in BLOCK_K chunks
+        mean, m2 = row_mean_m2(h_ptr + tile_base * stride_hm, local_m * stride_hm, local_m >= 0, K, stride_hk,
+                               BLOCK_M, BLOCK_K)
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        mean_rstd = mean * rstd
+    else:
+        rstd = tl.load(rstd_ptr + rows)
+        mean_rstd = tl.load(mean_ptr + rows) * rstd
     if TILE_IN_ONE_IMAGE:
         img = tile_m // rows_per_image                          # one image for the whole tile
         shift_base = shift_ptr + img * stride_shift_b
@@ -185,13 +196,23 @@ def _checked(op: str, h, shift, scale, weight, bias, activation, out) -> torch.d
     return dtype
 
 
-def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=None, config=None):
-    """Path (a), optionally with a fixed triton.Config (tuned, or given by tests and benchmarks)."""
+def stats_in_kernel(h: torch.Tensor) -> bool:
+    """Whether path (a) computes the row statistics inside the GEMM (no statistics kernel): when h
+    is at most STATS_IN_GEMM_MAX_BYTES, the rows' re-reads by a row block's N / BLOCK_N tiles come
+    from L2 and cost less than a launch (small batches). A function of the shape only: eager, a
+    graph capture and every rank decide alike."""
+    return h.numel() * h.element_size() <= STATS_IN_GEMM_MAX_BYTES
+
+
+def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=None, config=None,
+                      stats_in_gemm: Optional[bool] = None):
+    """Path (a), optionally with a fixed triton.Config (tuned, or given by tests and benchmarks)
+    and the statistics forced inside the GEMM or in their own kernel (default: `stats_in_kernel`)."""
     dtype = _checked("modulated_linear", h, shift, scale, weight, bias, activation, out)
-    return _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype)
+    return _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype, stats_in_gemm)
 
 
-def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype):
+def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype, stats_in_gemm=None):
     """Path (a) on checked arguments (`_checked` gave `dtype`)."""
     K, N = h.shape[-1], weight.shape[0]
     if out is None:
@@ -202,13 +223,15 @@ def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype):
     x2d = rows(h)
     w = cast_weight(weight, dtype)   # a no-op unless autocast casts it (as F.linear does)
     out2d = out.view(M, N)
-    mean, rstd = _row_stats(x2d)
+    inline = stats_in_kernel(h) if stats_in_gemm is None else stats_in_gemm
+    mean, rstd = (x2d, x2d) if inline else _row_stats(x2d)   # inline: the kernel does not read them
     args = (x2d, mean, rstd, shift, scale, w, bias if bias is not None else w, out2d,
-            M, N, K, M // shift.shape[0],
+            M, N, K, M // shift.shape[0], LN_EPS,
             x2d.stride(0), x2d.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out2d.stride(0), out2d.stride(1),
             next_power_of_2(M))
-    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype))
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype),
+                STATS_IN_KERNEL=inline)
     launch_gemm(_modulated_linear_fixed, _modulated_linear_tuned, M, N, args, meta, config)
     return out
 

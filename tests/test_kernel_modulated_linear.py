@@ -36,18 +36,40 @@ def check(h, shift, scale, w, b, act, launcher=ML._modulated_linear, **kw):
 # Interpreter (CPU) tests
 # --------------------------------------------------------------------------------------------
 
+# the row statistics inside the GEMM (the default for small h) or in their own kernel
+STATS = pytest.mark.parametrize("stats_in_gemm", [True, False], ids=["stats_in_gemm", "stats_kernel"])
+
+
+@STATS
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("act", [None, "gelu_tanh"])
 @pytest.mark.parametrize("layout", list(CPU_LAYOUTS))
-def test_modulated_linear_interpreter(dtype, act, layout):
+def test_modulated_linear_interpreter(dtype, act, layout, stats_in_gemm):
     B, L, T = CPU_LAYOUTS[layout]
-    check(*modulated_inputs(B, L, T, 32, 48, dtype), act)
+    check(*modulated_inputs(B, L, T, 32, 48, dtype), act, stats_in_gemm=stats_in_gemm)
+
+
+def test_small_h_has_its_statistics_in_the_gemm(monkeypatch):
+    """Path (a) launches no statistics kernel for h up to STATS_IN_GEMM_MAX_BYTES, one above it;
+    both give the reference's values."""
+    launched = []
+    real = ML._row_stats
+    monkeypatch.setattr(ML, "_row_stats", lambda x2d: launched.append(x2d.shape) or real(x2d))
+    h, shift, scale, w, b = modulated_inputs(2, 5, 4, 32, 48, torch.float32)
+    assert ML.stats_in_kernel(h)
+    check(h, shift, scale, w, b, "gelu_tanh")
+    assert launched == []
+    monkeypatch.setattr(ML, "STATS_IN_GEMM_MAX_BYTES", h.numel() * h.element_size() - 1)
+    assert not ML.stats_in_kernel(h)
+    check(h, shift, scale, w, b, "gelu_tanh")
+    assert launched == [(40, 32)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_modulated_linear_uneven_k_and_n(dtype):
     # K = 40 is not a multiple of BLOCK_K = 16 (masked K loop), N = 40 not of BLOCK_N = 32
-    check(*modulated_inputs(3, 2, 7, 40, 40, dtype, seed=1), "gelu_tanh")
+    for stats_in_gemm in (True, False):
+        check(*modulated_inputs(3, 2, 7, 40, 40, dtype, seed=1), "gelu_tanh", stats_in_gemm=stats_in_gemm)
 
 
 def test_no_bias():
@@ -74,16 +96,22 @@ def test_cublas_path_interpreter():
             check(*modulated_inputs(2, 5, 4, 40, 48, dtype, seed=5), act, launcher=ML.modulated_linear_cublas)
 
 
-def test_ln_statistics_survive_a_large_mean():
+@STATS
+def test_ln_statistics_survive_a_large_mean(stats_in_gemm):
     # rows with mean 1000 and std 1: the one-pass sum-of-squares variance would lose every digit
+    # (inside the GEMM the statistics merge BLOCK_K = 16 chunks: 16, 16 and 8 columns)
     h, shift, scale, w, b = modulated_inputs(2, 5, 4, 40, 24, torch.float32, seed=6)
-    check(h - 0.7 + 1000.0, shift, scale, w, b, None)
+    check(h - 0.7 + 1000.0, shift, scale, w, b, None, stats_in_gemm=stats_in_gemm)
+    h = h + torch.linspace(-3, 3, 40)          # chunk means differ from the row mean
+    check(h - 0.7 + 1000.0, shift, scale, w, b, None, stats_in_gemm=stats_in_gemm)
 
 
 @pytest.mark.parametrize("launcher", [ML.modulated_linear, ML.modulated_linear_cublas], ids=["a", "b"])
 def test_ln_statistics_over_several_chunks(monkeypatch, launcher):
-    # 16-column chunks: K = 40 is merged from chunks of 16, 16 and 8 (Chan's formula)
+    # 16-column chunks: K = 40 is merged from chunks of 16, 16 and 8 (Chan's formula), in the
+    # statistics kernel of path (a) (small h: statistics forced out of the GEMM) and in path (b)
     monkeypatch.setattr(rows, "STATS_MAX_BLOCK_K", 16)
+    monkeypatch.setattr(ML, "STATS_IN_GEMM_MAX_BYTES", 0)
     h, shift, scale, w, b = modulated_inputs(2, 5, 4, 40, 24, torch.float32, seed=7)
     h = h + torch.linspace(-3, 3, 40)          # chunk means differ from the row mean
     check(h, shift, scale, w, b, None, launcher=launcher)
@@ -189,13 +217,16 @@ def test_modulated_linear_cuda(dtype, D, act, layout):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["aligned", "straddle"])
 @pytest.mark.parametrize("index", range(len(gemm.GEMM_CONFIGS)))
-def test_every_config_cuda(dtype, layout, index):
-    """Each autotune config explicitly (autotuning alone would only ever run the fastest)."""
+@STATS
+def test_every_config_cuda(dtype, layout, index, stats_in_gemm):
+    """Each autotune config explicitly (autotuning alone would only ever run the fastest), with the
+    row statistics inside the GEMM and in their own kernel."""
     from triton.runtime.errors import OutOfResources
 
     config, (B, L, T) = config_case(index, dtype, layout)
     try:
-        check(*modulated_inputs(B, L, T, 384, 1152 + 64, dtype, "cuda", seed=index), "gelu_tanh", config=config)
+        check(*modulated_inputs(B, L, T, 384, 1152 + 64, dtype, "cuda", seed=index), "gelu_tanh", config=config,
+              stats_in_gemm=stats_in_gemm)
     except OutOfResources as exc:   # the autotuner skips such configs the same way
         assert layout == "straddle", exc     # only the gathered shift/scale tiles may overflow
         pytest.skip(f"modulated_linear: shared memory: {exc}")
