@@ -137,22 +137,25 @@ class Brick(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor], c: torch.Tensor,
-                coords: Optional[torch.Tensor] = None) -> torch.Tensor:
+                coords: Optional[torch.Tensor] = None, mods: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """x (B, C, H, W) the network input, prev the previous brick's output (or None), coords
-        external coordinate channels (B, 2, H, W) or None (the brick builds x's grid) -> (B, C, H, W)."""
+        external coordinate channels (B, 2, H, W) or None (the brick builds x's grid) -> (B, C, H, W).
+        `mods`: the adaLN parameters of every block and of the final layer, when the backbone
+        computed them (`LegoBackbone.modulations`); else the brick computes them."""
         if self.checkpointing == "brick" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, prev, c, coords, use_reentrant=False, preserve_rng_state=False,
+            return checkpoint(self._forward, x, prev, c, coords, mods, use_reentrant=False, preserve_rng_state=False,
                               context_fn=dispatch.checkpoint_contexts)
-        return self._forward(x, prev, c, coords)
+        return self._forward(x, prev, c, coords, mods)
 
     # A brick draws no random numbers (label dropout happens in the embedder, before the bricks),
     # so recomputation needs no saved RNG state: preserve_rng_state=False skips that state's
     # device sync, which also lets a checkpointed step be captured as a CUDA graph.
-    def _forward(self, x, prev, c, coords=None):
+    def _forward(self, x, prev, c, coords=None, mods=None):
         proj = self.x_embedder.proj
         h = ops.brick_embed(x, prev, proj.weight, proj.bias, self.pos_embed, self.region, coords)
         per_block = self.checkpoint_blocks if self.checkpointing == "block" and torch.is_grad_enabled() else 0
-        mods = self.modulations(c)
+        if mods is None:
+            mods = self.modulations(c)
         for i, block in enumerate(self.blocks):
             if i < per_block:
                 h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False,
@@ -161,22 +164,39 @@ class Brick(nn.Module):
                 h = block(h, c, None if mods is None else mods[i])
         return self.final_layer(h, c, self.region, x.shape, None if mods is None else mods[-1])
 
+    def modulation_layers(self) -> List[nn.Linear]:
+        """The Linears of the brick's adaLN, in order: each block's, then the final layer's."""
+        return [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+
     def modulations(self, c: torch.Tensor) -> Optional[Sequence[torch.Tensor]]:
         """Inside `fastlego.frozen_weights()`: every block's adaLN parameters and the final layer's
-        from one GEMM, SiLU(c) @ [W_1; ...; W_depth; W_final]^T + [b_1; ...], the weights stacked
-        once (`weight_cache.stacked`), split into per-block (B, 6D) views and the final layer's
-        (B, 2D): two launches for the brick instead of two per block, the same values up to the
-        GEMM's rounding. None elsewhere (training, or weights autograd records): each block
-        computes its own."""
-        if not weight_cache.frozen():
-            return None
-        lins = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
-        dtype = dispatch.autocast_dtype(c) or lins[0].weight.dtype
-        weight = weight_cache.stacked(self, "adaln_weight", [lin.weight for lin in lins], dtype)
-        bias = weight_cache.stacked(self, "adaln_bias", [lin.bias for lin in lins], dtype)
-        if weight is None or bias is None:
-            return None
-        return adaln_modulation(c, weight, bias).split([lin.out_features for lin in lins], dim=1)
+        from one GEMM (`stacked_modulations`): per-block (B, 6D) views and the final layer's
+        (B, 2D). None elsewhere: each block computes its own."""
+        return stacked_modulations(self, self.modulation_layers(), c)
+
+
+def stacked_modulations(owner: nn.Module, layers: Sequence[nn.Linear], c: torch.Tensor,
+                        rows: Optional[slice] = None) -> Optional[List[torch.Tensor]]:
+    """Inside `fastlego.frozen_weights()`: Linear(SiLU(c)) of each of `layers` (adaLN Linears that
+    all read c) from one GEMM, SiLU(c) @ [W_1; W_2; ...]^T + [b_1; b_2; ...], the weights stacked
+    once per version (`weight_cache.stacked`, kept under `owner`), split into one (B, out_i) view
+    per layer: two launches instead of two per layer, the same values up to the GEMM's rounding.
+    `rows`: the GEMM over that slice of the stacked rows only (the layers inside it; `layers`
+    always names the whole stack). None elsewhere (training, or weights autograd records), and
+    when the layers do not all read c's width: each layer is then computed on its own."""
+    if not weight_cache.frozen() or any(lin.in_features != c.shape[-1] for lin in layers):
+        return None
+    dtype = dispatch.autocast_dtype(c) or layers[0].weight.dtype
+    weight = weight_cache.stacked(owner, "adaln_weight", [lin.weight for lin in layers], dtype)
+    bias = weight_cache.stacked(owner, "adaln_bias", [lin.bias for lin in layers], dtype)
+    if weight is None or bias is None:
+        return None
+    sizes = [lin.out_features for lin in layers]
+    if rows is not None:
+        ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
+        sizes = [n for n, end in zip(sizes, ends) if rows.start < end <= rows.stop]
+        weight, bias = weight[rows], bias[rows]
+    return list(adaln_modulation(c, weight, bias).split(sizes, dim=1))
 
 
 class TimestepEmbedder(nn.Module):
@@ -187,16 +207,23 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, width), nn.SiLU(), nn.Linear(width, width))
 
-    @staticmethod
-    def timestep_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-        half = dim // 2
-        freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    def timestep_features(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, dim) fp32 `[cos(t f), sin(t f)]`; the frequencies are made once inside
+        `frozen_weights()` and cos / sin write their halves in place: three launches, not seven."""
+        half = self.frequency_embedding_size // 2
+        freqs = weight_cache.constant(self, "frequencies", t.device, lambda: (1 / 10000) ** (
+            torch.arange(half, dtype=torch.float32, device=t.device) / half))
         args = t.float().ger(freqs)
-        return torch.cat([args.cos(), args.sin()], dim=1)
+        if torch.compiler.is_compiling() or (args.requires_grad and torch.is_grad_enabled()):
+            return torch.cat([args.cos(), args.sin()], dim=1)   # out= takes no autograd
+        out = torch.empty(args.shape[0], 2 * half, dtype=torch.float32, device=t.device)
+        torch.cos(args, out=out[:, :half])
+        torch.sin(args, out=out[:, half:])
+        return out
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight
-        return self.mlp(self.timestep_features(t, self.frequency_embedding_size).to(w.dtype))
+        return self.mlp(self.timestep_features(t).to(w.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -343,6 +370,28 @@ class LegoBackbone(nn.Module):
             c = c + self.map_augment(augment_labels.to(c.dtype))
         return c
 
+    def modulations(self, c: torch.Tensor, run: Sequence[int]) -> Optional[dict]:
+        """Inside `fastlego.frozen_weights()`, when the bricks that run are consecutive: the adaLN
+        parameters of all of them (every block's and final layer's) from one GEMM over one stack
+        of every brick's adaLN weights (`stacked_modulations`, its rows for those bricks), as
+        {brick index: that brick's list (`Brick.modulations`)}. None otherwise: each brick
+        computes its own (with a brick left out in the middle, `skip_bricks`)."""
+        if not weight_cache.frozen() or list(run) != list(range(run[0], run[-1] + 1)):
+            return None
+        per_brick = [brick.modulation_layers() for brick in self.model]
+        offsets = [0]
+        for layers in per_brick:
+            offsets.append(offsets[-1] + sum(lin.out_features for lin in layers))
+        flat = stacked_modulations(self, [lin for layers in per_brick for lin in layers], c,
+                                   rows=slice(offsets[run[0]], offsets[run[-1] + 1]))
+        if flat is None:
+            return None
+        out, k = {}, 0
+        for i in run:
+            out[i] = flat[k:k + len(per_brick[i])]
+            k += len(per_brick[i])
+        return out
+
     def bricks_to_run(self, return_stage_idx: Optional[int] = None,
                       skip_bricks: Optional[Iterable[int]] = None) -> List[int]:
         """Indices of the bricks a forward runs: all up to `return_stage_idx` minus `skip_bricks`."""
@@ -386,12 +435,13 @@ class LegoBackbone(nn.Module):
                                  skip_bricks)
         class_labels = self._validate(x, timesteps, class_labels, augment_labels, force_drop_ids, run, coords)
         c = self.conditioning(timesteps, class_labels, augment_labels, force_drop_ids)
+        mods = self.modulations(c, run)
         prev, outputs = None, []
         for i in run:
             feed = prev if i > 0 else None
             if i > 0 and feed is None:
                 feed = x  # brick i > 0 with every earlier brick skipped: it refines the input itself
-            prev = self.model[i](x, feed, c, coords)
+            prev = self.model[i](x, feed, c, coords, None if mods is None else mods[i])
             outputs.append(prev)
         if self.train_intermediate_stages and self.training:
             return outputs

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -116,6 +116,28 @@ def stacked(owner: object, name: str, tensors: Sequence[torch.Tensor], dtype: to
         if _depth:
             _stacks.setdefault(owner, {})[name] = (stamp, copy)
     return copy
+
+
+def constant(owner: object, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Inside `frozen_weights()`: `make()`, a tensor that depends only on `owner`'s configuration
+    and `device` (a table of frequencies), made once and kept under (`owner`, `name`, device)
+    while `owner` lives. Outside the block, under torch.compile and while a CUDA graph is captured
+    without it (a captured kernel would not have run when the table was read later), `make()`
+    itself. The values are those of `make()`: only launches are saved."""
+    if not _depth or torch.compiler.is_compiling():
+        return make()
+    key = f"{name}@{device}"
+    per_owner = _stacks.get(owner)
+    hit = None if per_owner is None else per_owner.get(key)
+    if hit is not None:
+        return hit[1]
+    value = make()
+    if value.is_cuda and torch.cuda.is_current_stream_capturing():
+        return value
+    with _lock:
+        if _depth:
+            _stacks.setdefault(owner, {})[key] = ((), value)
+    return value
 
 
 def autocast_weights(like: torch.Tensor, *weights: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:

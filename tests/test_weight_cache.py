@@ -98,10 +98,11 @@ def test_the_model_gives_the_same_bits_with_cached_casts(dtype):
     assert torch.equal(plain, first) and torch.equal(plain, second)
 
 
-def test_a_brick_computes_its_modulations_in_one_gemm_inside_the_block(monkeypatch):
-    """Inside the block each brick runs one adaLN GEMM for all its blocks and its final layer (the
-    stacked weights made once, made again when one changes); outside, one per block; the same
-    values either way (up to the GEMM's rounding), with and without autocast, and with grad."""
+def test_the_network_computes_its_modulations_in_one_gemm_inside_the_block(monkeypatch):
+    """Inside the block the backbone runs one adaLN GEMM for every block and final layer of the
+    bricks it runs (the stacked weights made once, made again when one changes); outside, one per
+    block; the same values either way (up to the GEMM's rounding), with and without autocast, and
+    with grad."""
     from fastlego import model as model_module
     net = fastlego.LegoBackbone([4, 8], 1, label_dim=3, model_type=[(32, 2, 2), (32, 4, 2)], depths=[2, 3])
     net = randomize_(net, seed=3).eval()
@@ -119,7 +120,7 @@ def test_a_brick_computes_its_modulations_in_one_gemm_inside_the_block(monkeypat
             with frozen_weights():
                 calls.clear()
                 stacked = net(x, t, labels)
-                assert sorted(calls) == [2 * 6 * 32 + 2 * 32, 3 * 6 * 32 + 2 * 32]
+                assert calls == [2 * 6 * 32 + 2 * 32 + 3 * 6 * 32 + 2 * 32]
                 held = cached_bytes()
                 net(x, t, labels)
                 assert cached_bytes() == held                 # no new copies on the second call
@@ -136,6 +137,86 @@ def test_a_brick_computes_its_modulations_in_one_gemm_inside_the_block(monkeypat
         calls.clear()
         net(x, t, labels).sum().backward()
         assert len(calls) == 7
+
+
+def test_constants_made_once_inside_the_block():
+    made = []
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    make = lambda: made.append(1) or torch.arange(4.0)  # noqa: E731
+    assert torch.equal(weight_cache.constant(owner, "table", torch.device("cpu"), make), torch.arange(4.0))
+    weight_cache.constant(owner, "table", torch.device("cpu"), make)
+    assert len(made) == 2                                   # outside the block: made at every call
+    with frozen_weights():
+        a = weight_cache.constant(owner, "table", torch.device("cpu"), make)
+        assert weight_cache.constant(owner, "table", torch.device("cpu"), make) is a and len(made) == 3
+    with frozen_weights():                                  # released with the block
+        weight_cache.constant(owner, "table", torch.device("cpu"), make)
+        assert len(made) == 4
+
+
+@pytest.mark.cuda
+def test_a_constant_made_during_a_capture_is_not_kept():
+    """A captured kernel has not run when the capture ends: a table made inside a capture is used
+    by the graph only, and the next call outside makes it afresh."""
+    made = []
+
+    class Owner:
+        pass
+
+    owner, dev = Owner(), torch.device("cuda")
+    make = lambda: made.append(1) or torch.arange(4.0, device=dev) * 2  # noqa: E731
+    with frozen_weights():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            inside = weight_cache.constant(owner, "table", dev, make) + 1
+        graph.replay()
+        after = weight_cache.constant(owner, "table", dev, make)
+        assert len(made) == 2 and weight_cache.constant(owner, "table", dev, make) is after
+        assert torch.equal(after, torch.arange(4.0, device=dev) * 2) and torch.equal(inside, after + 1)
+
+
+def test_timestep_features_are_the_releases():
+    """[cos(t f), sin(t f)] with f_k = 10000^(-k/128), in and out of the block, bit for bit."""
+    net = tiny_net()
+    t = torch.tensor([0.3, -1.7, 2.5])
+    freqs = (1 / 10000) ** (torch.arange(128, dtype=torch.float32) / 128)
+    args = t.float().ger(freqs)
+    expected = torch.cat([args.cos(), args.sin()], dim=1)
+    assert torch.equal(net.model.t_embedder.timestep_features(t), expected)
+    with frozen_weights():
+        assert torch.equal(net.model.t_embedder.timestep_features(t), expected)
+        assert torch.equal(net.model.t_embedder.timestep_features(t), expected)
+
+
+def test_the_bricks_that_run_get_their_rows_of_the_stack(monkeypatch):
+    """Consecutive bricks (all of them, the first k, or the last after a skip) share one GEMM over
+    their rows of the network's stack; a brick left out in the middle makes each brick run its
+    own; every way gives the values of the unstacked forward."""
+    from fastlego import model as model_module
+    net = fastlego.LegoBackbone([4, 8, 8], 1, label_dim=3, model_type=[(32, 2, 2), (32, 4, 2), (32, 8, 2)],
+                                depths=[1, 2, 1])
+    net = randomize_(net, seed=4).eval()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0.2, -0.1])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 2]), 3).float()
+    calls = []
+    real = model_module.adaln_modulation
+    monkeypatch.setattr(model_module, "adaln_modulation", lambda c, w, b: calls.append(w.shape[0]) or real(c, w, b))
+    rows = [6 * 32 + 2 * 32, 2 * 6 * 32 + 2 * 32, 6 * 32 + 2 * 32]   # each brick's adaLN rows
+    cases = [({}, [sum(rows)]), ({"return_stage_idx": 1}, [rows[0] + rows[1]]), ({"skip_bricks": [0]},
+             [rows[1] + rows[2]]), ({"skip_bricks": [1]}, [rows[0], rows[2]])]
+    with torch.no_grad():
+        for kwargs, expected in cases:
+            plain = net(x, t, labels, **kwargs)
+            with frozen_weights():
+                calls.clear()
+                stacked = net(x, t, labels, **kwargs)
+                assert calls == expected, kwargs
+            torch.testing.assert_close(stacked, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.interpreter
