@@ -98,20 +98,28 @@ def test_the_model_gives_the_same_bits_with_cached_casts(dtype):
     assert torch.equal(plain, first) and torch.equal(plain, second)
 
 
+def _width32_net_counting_adaln(monkeypatch, regions, depths, seed):
+    """A width-32 backbone (patches 2, 4, 8, ... by brick), its inputs (B = 2, 8x8, 3 classes),
+    and the list the rows of every adaLN GEMM it runs are appended to."""
+    from fastlego import model as model_module
+    net = fastlego.LegoBackbone(regions, 1, label_dim=3, model_type=[(32, 2 ** (i + 1), 2) for i in range(len(regions))],
+                                depths=depths)
+    net = randomize_(net, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    inputs = (torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, generator=g) / 2,
+              torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float())
+    calls = []
+    real = model_module.adaln_modulation
+    monkeypatch.setattr(model_module, "adaln_modulation", lambda c, w, b: calls.append(w.shape[0]) or real(c, w, b))
+    return net, inputs, calls
+
+
 def test_the_network_computes_its_modulations_in_one_gemm_inside_the_block(monkeypatch):
     """Inside the block the backbone runs one adaLN GEMM for every block and final layer of the
     bricks it runs (the stacked weights made once, made again when one changes); outside, one per
     block; the same values either way (up to the GEMM's rounding), with and without autocast, and
     with grad."""
-    from fastlego import model as model_module
-    net = fastlego.LegoBackbone([4, 8], 1, label_dim=3, model_type=[(32, 2, 2), (32, 4, 2)], depths=[2, 3])
-    net = randomize_(net, seed=3).eval()
-    x = torch.randn(2, 1, 8, 8)
-    t = torch.tensor([0.1, -0.3])
-    labels = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
-    calls = []
-    real = model_module.adaln_modulation
-    monkeypatch.setattr(model_module, "adaln_modulation", lambda c, w, b: calls.append(w.shape[0]) or real(c, w, b))
+    net, (x, t, labels), calls = _width32_net_counting_adaln(monkeypatch, [4, 8], [2, 3], seed=3)
     for autocast in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             calls.clear()
@@ -196,16 +204,7 @@ def test_the_bricks_that_run_get_their_rows_of_the_stack(monkeypatch):
     """Consecutive bricks (all of them, the first k, or the last after a skip) share one GEMM over
     their rows of the network's stack; a brick left out in the middle makes each brick run its
     own; every way gives the values of the unstacked forward."""
-    from fastlego import model as model_module
-    net = fastlego.LegoBackbone([4, 8, 8], 1, label_dim=3, model_type=[(32, 2, 2), (32, 4, 2), (32, 8, 2)],
-                                depths=[1, 2, 1])
-    net = randomize_(net, seed=4).eval()
-    x = torch.randn(2, 1, 8, 8)
-    t = torch.tensor([0.2, -0.1])
-    labels = torch.nn.functional.one_hot(torch.tensor([1, 2]), 3).float()
-    calls = []
-    real = model_module.adaln_modulation
-    monkeypatch.setattr(model_module, "adaln_modulation", lambda c, w, b: calls.append(w.shape[0]) or real(c, w, b))
+    net, (x, t, labels), calls = _width32_net_counting_adaln(monkeypatch, [4, 8, 8], [1, 2, 1], seed=4)
     rows = [6 * 32 + 2 * 32, 2 * 6 * 32 + 2 * 32, 6 * 32 + 2 * 32]   # each brick's adaLN rows
     cases = [({}, [sum(rows)]), ({"return_stage_idx": 1}, [rows[0] + rows[1]]), ({"skip_bricks": [0]},
              [rows[1] + rows[2]]), ({"skip_bricks": [1]}, [rows[0], rows[2]])]
