@@ -214,13 +214,14 @@ def test_modulated_linear_cuda(dtype, D, act, layout):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, stats_in_gemm", [(dt, True) for dt in CUDA_DTYPES] + [(torch.bfloat16, False)],
+                         ids=[f"{dt}-stats_in_gemm" for dt in CUDA_DTYPES] + ["torch.bfloat16-stats_kernel"])
 @pytest.mark.parametrize("layout", ["aligned", "straddle"])
 @pytest.mark.parametrize("index", range(len(gemm.GEMM_CONFIGS)))
-@STATS
-def test_every_config_cuda(dtype, layout, index, stats_in_gemm):
+def test_every_config_cuda(dtype, stats_in_gemm, layout, index):
     """Each autotune config explicitly (autotuning alone would only ever run the fastest), with the
-    row statistics inside the GEMM and in their own kernel."""
+    row statistics inside the GEMM (every dtype: its registers differ per config) and in their own
+    kernel (bf16)."""
     from triton.runtime.errors import OutOfResources
 
     config, (B, L, T) = config_case(index, dtype, layout)
