@@ -20,9 +20,10 @@ and on every DDP rank:
     inside the GEMM: each of the N / BLOCK_N tiles of a row block would re-read its A rows before
     the pipelined main loop, more than the statistics kernel's one read of h (that read disappears
     only if the producer of h emits per-tile partial (mean, M2) in its epilogue, an op-signature
-    change). For small h (a few images: h of at most STATS_IN_GEMM_MAX_BYTES, within L2) they
+    change). For small h (a batch of one or two, or where `fastlego.tune` measured it faster) they
     are: the re-reads hit L2 and cost less than the statistics kernel's launch, and a small-batch
-    forward is a chain of launches (`stats_in_kernel` decides, from the shape alone).
+    forward is a chain of launches (`stats_in_kernel` decides: `fastlego.tune`'s measurement,
+    else a size rule).
 (b) `modulated_linear_cublas`: one LN-modulate pass (`layernorm_modulate`) writes the modulated
     activations (M x K, MMA dtype), cuBLAS does matmul + bias (+ GELU through cublasLt's
     epilogue): 2 x M x K more elements moved than (a), but cuBLAS's GEMM. Where the prologue's
@@ -72,8 +73,10 @@ from .policy import (LN_EPS, cast_weight, cdiv, compute_dtype, dot_precision, la
 from .rows import stats_blocks
 
 _ACTIVATIONS = {None: 0, "gelu_tanh": 1}
-# Path (a) computes LN's row statistics inside the GEMM for h up to this size (see stats_in_kernel).
-STATS_IN_GEMM_MAX_BYTES = 4 << 20
+# Path (a) computes LN's row statistics inside the GEMM, untuned, for h up to this size (see
+# stats_in_kernel); `fastlego.tune` times both ways for h up to STATS_IN_GEMM_TUNE_BYTES.
+STATS_IN_GEMM_MAX_BYTES = 1 << 20
+STATS_IN_GEMM_TUNE_BYTES = 16 << 20
 
 
 @triton.jit
@@ -196,12 +199,35 @@ def _checked(op: str, h, shift, scale, weight, bias, activation, out) -> torch.d
     return dtype
 
 
-def stats_in_kernel(h: torch.Tensor) -> bool:
-    """Whether path (a) computes the row statistics inside the GEMM (no statistics kernel): when h
-    is at most STATS_IN_GEMM_MAX_BYTES, the rows' re-reads by a row block's N / BLOCK_N tiles come
-    from L2 and cost less than a launch (small batches). A function of the shape only: eager, a
-    graph capture and every rank decide alike."""
+def stats_in_kernel(h: torch.Tensor, config=None) -> bool:
+    """Whether path (a) computes the row statistics inside the GEMM (no statistics kernel): as a
+    tuned config says (its STATS_IN_KERNEL, when `fastlego.tune` timed both ways), else when h is
+    at most STATS_IN_GEMM_MAX_BYTES: the statistics pass doubles the A tiles' reads (from L2 for
+    so small an h), less than the statistics kernel's launch at a batch of one or two. A function
+    of the shape and the tuning table only: eager, a graph capture and every rank decide alike."""
+    if config is not None and "STATS_IN_KERNEL" in config.kwargs:
+        return bool(config.kwargs["STATS_IN_KERNEL"])
     return h.numel() * h.element_size() <= STATS_IN_GEMM_MAX_BYTES
+
+
+def _tuning_candidates(args: tuple) -> list:
+    """The configs `fastlego.tune` times for path (a): the tile configs that fit, each also with the
+    statistics inside the GEMM when h is small enough for that to be worth timing."""
+    import triton as _triton
+
+    h = args[0]
+    base = tuning_configs(h, args[3])
+    if h.numel() * h.element_size() > STATS_IN_GEMM_TUNE_BYTES:
+        return base
+    both = []
+    for c in base:
+        if c is None:   # the interpreter's fixed config: the rule decides
+            both.append(c)
+            continue
+        for inline in (0, 1):
+            both.append(_triton.Config({**c.kwargs, "STATS_IN_KERNEL": inline}, num_warps=c.num_warps,
+                                       num_stages=c.num_stages))
+    return both
 
 
 def _modulated_linear(h, shift, scale, weight, bias, activation=None, *, out=None, config=None,
@@ -223,7 +249,10 @@ def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype, s
     x2d = rows(h)
     w = cast_weight(weight, dtype)   # a no-op unless autocast casts it (as F.linear does)
     out2d = out.view(M, N)
-    inline = stats_in_kernel(h) if stats_in_gemm is None else stats_in_gemm
+    inline = stats_in_kernel(h, config) if stats_in_gemm is None else stats_in_gemm
+    if config is not None and "STATS_IN_KERNEL" in config.kwargs:   # the meta below says it
+        config = triton.Config({k: v for k, v in config.kwargs.items() if k != "STATS_IN_KERNEL"},
+                               num_warps=config.num_warps, num_stages=config.num_stages)
     mean, rstd = (x2d, x2d) if inline else _row_stats(x2d)   # inline: the kernel does not read them
     args = (x2d, mean, rstd, shift, scale, w, bias if bias is not None else w, out2d,
             M, N, K, M // shift.shape[0], LN_EPS,
@@ -262,7 +291,7 @@ def _cublas_path(h, shift, scale, weight, bias, activation, out, dtype):
 
 # The candidates `fastlego.tune` times (arguments as the public launcher takes them).
 tuning.register_gemm("modulated_linear", fused=lambda *a, config: _modulated_linear(*a, config=config),
-                     cublas=lambda *a: modulated_linear_cublas(*a), configs=lambda a: tuning_configs(a[0], a[3]))
+                     cublas=lambda *a: modulated_linear_cublas(*a), configs=_tuning_candidates)
 
 
 def modulated_linear(h, shift, scale, weight, bias, activation: Optional[str] = None, *, out=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import fastlego
 from fastlego import dispatch
@@ -63,6 +64,27 @@ def test_small_h_has_its_statistics_in_the_gemm(monkeypatch):
     assert not ML.stats_in_kernel(h)
     check(h, shift, scale, w, b, "gelu_tanh")
     assert launched == [(40, 32)]
+    # a tuned config's STATS_IN_KERNEL overrides the size rule, both ways
+    for inline in (1, 0):
+        launched.clear()
+        config = triton.Config({**gemm.INTERPRETER_CONFIG, "STATS_IN_KERNEL": inline}, num_warps=4, num_stages=1)
+        assert ML.stats_in_kernel(h, config) == bool(inline)
+        check(h, shift, scale, w, b, "gelu_tanh", config=config)
+        assert launched == ([] if inline else [(40, 32)])
+
+
+def test_tune_times_both_ways_for_small_h(monkeypatch):
+    """`fastlego.tune`'s candidates for path (a): every tile config, and for h up to
+    STATS_IN_GEMM_TUNE_BYTES each also with the statistics inside the GEMM."""
+    tiles = [gemm.GEMM_CONFIGS[0], gemm.GEMM_CONFIGS[1]]
+    monkeypatch.setattr(ML, "tuning_configs", lambda x, w: list(tiles))
+    h, shift, scale, w, b = modulated_inputs(2, 5, 4, 32, 48, torch.float32)
+    both = ML._tuning_candidates((h, shift, scale, w, b, None))
+    assert [c.kwargs.get("STATS_IN_KERNEL") for c in both] == [0, 1, 0, 1]
+    assert all({k: v for k, v in c.kwargs.items() if k != "STATS_IN_KERNEL"} == tiles[i // 2].kwargs
+               and c.num_warps == tiles[i // 2].num_warps for i, c in enumerate(both))
+    monkeypatch.setattr(ML, "STATS_IN_GEMM_TUNE_BYTES", h.numel() * h.element_size() - 1)
+    assert ML._tuning_candidates((h, shift, scale, w, b, None)) == tiles
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
