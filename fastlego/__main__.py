@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int("--log-every"), default=50,
                    help="append the mean loss of the last N steps to metrics.jsonl every N steps (default: %(default)s)")
     p.add_argument("--workers", type=_number(int, "--workers", lo=0), default=0,
-                   help="data-loading processes for image files; 0 loads in this process (default: %(default)s)")
+                   help="data-loading processes for image files (into pinned memory on a GPU); 0 loads in this "
+                        "process. The bundled digits are held on the GPU and need none (default: %(default)s)")
     _add_run_options(p, checkpointing="", step="the whole training step")
     p.set_defaults(func=cmd_train)
 
