@@ -293,6 +293,33 @@ def test_train_end_to_end_reads_the_runs_steady_rate(monkeypatch, capsys):
     assert e2e.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_fp8_training_emulation_rounds_each_gemm_operand_along_its_reduced_axis():
+    """bench/fp8_training_quality.py: e4m3 rounding with one scale per slice of the reduced axis
+    (an exact e4m3 value times a power of two survives; a zero slice stays zero), the linear's
+    forward and three gradients within e4m3's few-percent error of the exact ones (so not exact:
+    the rounding is applied), and the patch reaches exactly the block GEMMs' shapes."""
+    q = _bench_script("fp8_training_quality")
+    t = torch.tensor([[1.0, -0.5, 448.0], [0.0, 0.0, 0.0]])
+    assert torch.equal(q.fake_e4m3(t, 1), t)
+    # 3 mantissa bits: 17 lies halfway between 16 and 18 and rounds to even (16); per-slice scales
+    rows = torch.tensor([[448.0, 17.0], [896.0, 34.0], [0.0, 0.0]])   # scales 1, 2 (exact), none
+    assert torch.equal(q.fake_e4m3(rows, 1), torch.tensor([[448.0, 16.0], [896.0, 32.0], [0.0, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    w = torch.randn(96, 64, generator=g, requires_grad=True)
+    b = torch.randn(96, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 96, generator=g)
+    y = q.FP8RowwiseLinear.apply(x, w, b)
+    got = [y] + list(torch.autograd.grad(y, (x, w, b), grad))
+    y_exact = torch.nn.functional.linear(x, w, b)
+    exact = [y_exact] + list(torch.autograd.grad(y_exact, (x, w, b), grad))
+    for name, a, e in zip(("y", "dx", "dw"), got, exact):
+        rel = ((a - e).norm() / e.norm()).item()
+        assert 1e-3 < rel < 0.06, (name, rel)
+    assert torch.allclose(got[3], exact[3])   # the bias gradient has no GEMM
+    assert q.block_gemm_shapes("8:w128p4h4:1,16:w128p8h4:2") == {(384, 128), (128, 128), (512, 128), (128, 512)}
+
+
 def test_dispatch_record_observer_sees_each_call_that_ran():
     """The site recorder's hook, `dispatch.record(on_call=...)`: each op call reported once, after
     it returned, with the decision that ran (a backend that failed at run time is not reported,
