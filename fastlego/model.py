@@ -8,6 +8,7 @@ conditioning. Every computation runs through `fastlego.ops`, i.e. through the di
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -193,8 +194,7 @@ def stacked_modulations(owner: nn.Module, layers: Sequence[nn.Linear], c: torch.
         return None
     sizes = [lin.out_features for lin in layers]
     if rows is not None:
-        ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
-        sizes = [n for n, end in zip(sizes, ends) if rows.start < end <= rows.stop]
+        sizes = [n for n, end in zip(sizes, itertools.accumulate(sizes)) if rows.start < end <= rows.stop]
         weight, bias = weight[rows], bias[rows]
     return list(adaln_modulation(c, weight, bias).split(sizes, dim=1))
 
@@ -379,9 +379,7 @@ class LegoBackbone(nn.Module):
         if not weight_cache.frozen() or list(run) != list(range(run[0], run[-1] + 1)):
             return None
         per_brick = [brick.modulation_layers() for brick in self.model]
-        offsets = [0]
-        for layers in per_brick:
-            offsets.append(offsets[-1] + sum(lin.out_features for lin in layers))
+        offsets = [0, *itertools.accumulate(sum(lin.out_features for lin in layers) for layers in per_brick)]
         flat = stacked_modulations(self, [lin for layers in per_brick for lin in layers], c,
                                    rows=slice(offsets[run[0]], offsets[run[-1] + 1]))
         if flat is None:

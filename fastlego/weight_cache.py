@@ -132,7 +132,7 @@ def constant(owner: object, name: str, device: torch.device, make: Callable[[], 
     if hit is not None:
         return hit[1]
     value = make()
-    if value.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(value):
         return value
     with _lock:
         if _depth:

@@ -213,8 +213,6 @@ def stats_in_kernel(h: torch.Tensor, config=None) -> bool:
 def _tuning_candidates(args: tuple) -> list:
     """The configs `fastlego.tune` times for path (a): the tile configs that fit, each also with the
     statistics inside the GEMM when h is small enough for that to be worth timing."""
-    import triton as _triton
-
     h = args[0]
     base = tuning_configs(h, args[3])
     if h.numel() * h.element_size() > STATS_IN_GEMM_TUNE_BYTES:
@@ -225,7 +223,7 @@ def _tuning_candidates(args: tuple) -> list:
             both.append(c)
             continue
         for inline in (0, 1):
-            both.append(_triton.Config({**c.kwargs, "STATS_IN_KERNEL": inline}, num_warps=c.num_warps,
+            both.append(triton.Config({**c.kwargs, "STATS_IN_KERNEL": inline}, num_warps=c.num_warps,
                                        num_stages=c.num_stages))
     return both
 
@@ -250,17 +248,20 @@ def _fused_path(h, shift, scale, weight, bias, activation, out, config, dtype, s
     w = cast_weight(weight, dtype)   # a no-op unless autocast casts it (as F.linear does)
     out2d = out.view(M, N)
     inline = stats_in_kernel(h, config) if stats_in_gemm is None else stats_in_gemm
-    if config is not None and "STATS_IN_KERNEL" in config.kwargs:   # the meta below says it
+    carried = config is not None and "STATS_IN_KERNEL" in config.kwargs   # a tuned config says it itself
+    if carried and bool(config.kwargs["STATS_IN_KERNEL"]) != inline:     # overridden (tests, benchmarks)
         config = triton.Config({k: v for k, v in config.kwargs.items() if k != "STATS_IN_KERNEL"},
                                num_warps=config.num_warps, num_stages=config.num_stages)
+        carried = False
     mean, rstd = (x2d, x2d) if inline else _row_stats(x2d)   # inline: the kernel does not read them
     args = (x2d, mean, rstd, shift, scale, w, bias if bias is not None else w, out2d,
             M, N, K, M // shift.shape[0], LN_EPS,
             x2d.stride(0), x2d.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out2d.stride(0), out2d.stride(1),
             next_power_of_2(M))
-    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype),
-                STATS_IN_KERNEL=inline)
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], INPUT_PRECISION=dot_precision(dtype))
+    if not carried:
+        meta["STATS_IN_KERNEL"] = inline
     launch_gemm(_modulated_linear_fixed, _modulated_linear_tuned, M, N, args, meta, config)
     return out
 
